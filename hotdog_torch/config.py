@@ -1,0 +1,242 @@
+"""The one typed schema of a training run, read from YAML plus dotted overrides.
+
+Every key, its type, its default and what it does is written here, in the
+dataclasses below; configs/hotdog.yaml is the default run and sets each of them.
+
+    python -m hotdog_torch.train --config configs/hotdog.yaml optim.lr=0.5 model.hidden=[256,64]
+
+An override is `section.key=value`, the value parsed as YAML.  Anything a user
+can get wrong (a YAML syntax error, an unknown key, a wrong type, a value out of
+range) raises UserError with one plain sentence; the command line turns that
+into exit code 2.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+
+
+class UserError(Exception):
+    """A mistake the user can fix: reported as one sentence and exit code 2."""
+
+
+@dataclass
+class Data:
+    root: str = "data/hotdog-synth"  # an ImageFolder tree: root/{class}/... or root/{train,val,test}/{class}/...
+    generate: bool = False  # draw the synthetic set (hotdog_torch.synth, the seed's numbers) into root when root is missing
+    image_size: int = 128  # images are resized to image_size x image_size
+    channels: int = 1  # 1 = grayscale (128*128 = 16384 inputs), 3 = RGB
+    val_fraction: float = 0.2  # stratified share of train held out for validation when there is no val/ folder
+    cache_dir: Optional[str] = None  # decoded-tensor cache; null = $XDG_CACHE_HOME/hotdog_torch (~/.cache/hotdog_torch)
+    workers: Optional[int] = None  # decoding processes; null = every core
+
+
+@dataclass
+class Model:
+    hidden: list[int] = field(default_factory=lambda: [256])  # widths of the hidden layers; [] = one layer of perceptrons
+    activation: Literal["sigmoid", "relu", "tanh"] = "sigmoid"  # of the hidden layers; the output is always a sigmoid
+
+
+@dataclass
+class Optim:
+    lr: float = 0.05  # the learning rate of gradient descent
+    batch_size: Optional[int] = 64  # images per step; null = full-batch gradient descent; clamped to the training set
+    momentum: float = 0.0  # 0 = plain gradient descent
+
+
+@dataclass
+class Train:
+    epochs: int = 30  # at most this many passes over the training set
+    target_accuracy: Optional[float] = 0.99  # stop once validation accuracy reaches it; null = run every epoch
+
+
+@dataclass
+class Log:
+    dir: str = "runs"  # runs are written to dir/run_name/
+    run_name: Optional[str] = None  # null = <config file stem>-<timestamp>; an existing run gets a -2, -3, ... suffix
+
+
+@dataclass
+class Config:
+    data: Data = field(default_factory=Data)
+    model: Model = field(default_factory=Model)
+    optim: Optim = field(default_factory=Optim)
+    train: Train = field(default_factory=Train)
+    log: Log = field(default_factory=Log)
+    seed: int = 0  # seeds torch, the split and the batch order: a seeded CPU run is reproducible
+    device: str = "auto"  # auto (cuda when there is one, else cpu) | cpu | cuda | cuda:N
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Config)
+    return {name: t for name, t in hints.items() if dataclasses.is_dataclass(t)}
+
+
+def valid_keys() -> list[str]:
+    keys = []
+    for name, t in typing.get_type_hints(Config).items():
+        if dataclasses.is_dataclass(t):
+            keys += [f"{name}.{k}" for k in typing.get_type_hints(t)]
+        else:
+            keys.append(name)
+    return keys
+
+
+def _unknown(key: str) -> UserError:
+    close = difflib.get_close_matches(key, valid_keys() + list(_sections()), n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return UserError(f"unknown config key '{key}'{hint}")
+
+
+def _type_name(t) -> str:
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Union:
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(t, str(t))
+
+
+def _coerce(value, t):
+    """`value` as type t, or raise TypeError."""
+    origin, args = typing.get_origin(t), typing.get_args(t)
+    if origin is typing.Union:
+        for a in args:
+            if a is type(None) and value is None:
+                return None
+        for a in args:
+            if a is not type(None):
+                try:
+                    return _coerce(value, a)
+                except TypeError:
+                    pass
+        raise TypeError
+    if origin is Literal:
+        if value in args:
+            return value
+        raise TypeError
+    if origin is list:
+        if not isinstance(value, list):
+            raise TypeError
+        return [_coerce(v, args[0]) for v in value]
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+        raise TypeError
+    if t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise TypeError
+    if t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise TypeError
+    if t is str:
+        if isinstance(value, str):
+            return value
+        raise TypeError
+    raise AssertionError(f"schema type {t} has no coercion")
+
+
+def _set(cfg: Config, key: str, value) -> None:
+    parts = key.split(".")
+    sections = _sections()
+    if len(parts) == 1 and parts[0] in sections:
+        if not isinstance(value, dict):
+            raise UserError(f"config key '{key}' must be a mapping of its keys, got {value!r}")
+        for k, v in value.items():
+            _set(cfg, f"{key}.{k}", v)
+        return
+    if len(parts) == 1:
+        owner, name, hints = cfg, parts[0], typing.get_type_hints(Config)
+    elif len(parts) == 2 and parts[0] in sections:
+        owner, name = getattr(cfg, parts[0]), parts[1]
+        hints = typing.get_type_hints(sections[parts[0]])
+    else:
+        raise _unknown(key)
+    if name not in hints or dataclasses.is_dataclass(hints[name]):
+        raise _unknown(key)
+    try:
+        setattr(owner, name, _coerce(value, hints[name]))
+    except TypeError:
+        raise UserError(f"config key '{key}' must be {_type_name(hints[name])}, got {value!r}") from None
+
+
+def _check_ranges(cfg: Config) -> None:
+    d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
+    checks = [
+        (8 <= d.image_size <= 1024, f"data.image_size must be between 8 and 1024 pixels, got {d.image_size}"),
+        (d.channels in (1, 3), f"data.channels must be 1 (grayscale) or 3 (RGB), got {d.channels}"),
+        (0 < d.val_fraction < 1, f"data.val_fraction must lie strictly between 0 and 1, got {d.val_fraction}"),
+        (d.workers is None or d.workers >= 1, f"data.workers must be at least 1 or null, got {d.workers}"),
+        (all(h >= 1 for h in m.hidden), f"model.hidden widths must be at least 1, got {m.hidden}"),
+        (o.lr > 0, f"optim.lr must be greater than 0, got {o.lr}"),
+        (o.batch_size is None or o.batch_size >= 1, f"optim.batch_size must be at least 1 or null, got {o.batch_size}"),
+        (0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}"),
+        (t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}"),
+        (t.target_accuracy is None or 0 < t.target_accuracy <= 1, f"train.target_accuracy must be in (0, 1] or null, got {t.target_accuracy}"),
+        (cfg.device == "auto" or cfg.device == "cpu" or cfg.device == "cuda" or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),
+         f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    key, eq, raw = text.partition("=")
+    if not eq or not key:
+        raise UserError(f"an override must look like section.key=value, got {text!r}")
+    try:
+        return key.strip(), yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise UserError(f"the value of override {key!r} is not valid YAML: {raw!r}") from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"config file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"config file {path} cannot be read ({e.__class__.__name__})") from None
+    try:
+        doc = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or "syntax error"
+        raise UserError(f"config file {path} is not valid YAML{where}: {problem}") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise UserError(f"config file {path} must be a mapping of sections (data:, model:, ...), not a {type(doc).__name__}")
+    return doc
+
+
+def from_dict(doc: dict, overrides: list[str] = ()) -> Config:
+    cfg = Config()
+    for key, value in doc.items():
+        _set(cfg, str(key), value)
+    for text in overrides:
+        _set(cfg, *parse_override(text))
+    _check_ranges(cfg)
+    return cfg
+
+
+def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """The schema's defaults, then the YAML file, then the overrides, checked."""
+    return from_dict(read_yaml(path) if path else {}, overrides)
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,27 @@
+"""The feedforward network: Flatten -> (Linear + activation) per hidden width -> Linear -> sigmoid.
+
+Each Linear layer is a row of artificial neurons: every neuron takes a weighted
+sum of its inputs plus a bias and passes it through the activation.  With
+hidden=[] the network is one layer of perceptron-like sigmoid neurons reading
+the pixels directly.  There is one output neuron per class; its sigmoid output
+is that class's score in (0, 1).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
+
+
+def build_model(in_features: int, hidden: list[int], n_classes: int, activation: str = "sigmoid") -> nn.Sequential:
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for h in hidden:
+        layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
+        width = h
+    layers += [nn.Linear(width, n_classes), nn.Sigmoid()]
+    return nn.Sequential(*layers)
+
+
+def linear_layers(model: nn.Sequential) -> list[nn.Linear]:
+    return [m for m in model if isinstance(m, nn.Linear)]

@@ -1,0 +1,337 @@
+"""The procedurally drawn hot-dog / not-hot-dog image set.
+
+    python -m hotdog_torch.synth --out data/hotdog-synth
+
+writes an ImageFolder tree of JPEGs:
+
+    OUT/train/hot_dog/*.jpg      (default 1000)
+    OUT/train/not_hot_dog/*.jpg  (default 5000)
+    OUT/test/hot_dog/*.jpg       (default 200)
+    OUT/test/not_hot_dog/*.jpg   (default 1000)
+
+Hot dogs are a bun with a sausage in it (plain, ketchup, mustard, Chicago style,
+grilled).  The others are the seed's list: shoes, hamburgers, burritos, legs,
+sliced buns with no sausage (empty, or a Philly cheese steak) and sausages with
+no bun.  The bun-only and sausage-only negatives share every part of a hot dog
+but one, and every class is drawn on the same backgrounds (tables, plates,
+grills, napkins) under the same lighting, so neither the mean colour nor a
+single linear template separates the classes: the hidden layer has to learn
+"bun AND sausage".  Each image is drawn from its own seeded generator, so the
+set is identical whatever the number of worker processes.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+HOT_DOG, NOT_HOT_DOG = "hot_dog", "not_hot_dog"
+
+# What the negatives are made of, and how often (they sum to 1).
+OTHERS = {
+    "sliced_bun": 0.22,
+    "sausage": 0.22,
+    "burrito": 0.14,
+    "hamburger": 0.14,
+    "shoe": 0.14,
+    "legs": 0.14,
+}
+
+
+@dataclass(frozen=True)
+class Variation:
+    """How much the drawings vary; units are pixels of a 128-pixel image."""
+
+    shift: float = 2.0  # centre jitter, ± px
+    rotate: float = 4.0  # ± degrees
+    scale: float = 0.06  # ± fraction of the nominal size
+    clutter: int = 4  # at most this many unrelated small shapes
+    noise: float = 6.0  # max std of Gaussian pixel noise (0..255)
+    light: float = 0.25  # ± brightness change; also the strength of a gradient
+
+
+# ---------------------------------------------------------------- geometry
+
+
+def _place(points, cx, cy, angle):
+    c, s = math.cos(angle), math.sin(angle)
+    return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in points]
+
+
+def _capsule(length, width, n=8):
+    """A stadium centred on the origin along x: two half circles and a band."""
+    r, h = width / 2, max(length / 2 - width / 2, 0.0)
+    right = [(h + r * math.cos(t), r * math.sin(t)) for t in np.linspace(-math.pi / 2, math.pi / 2, n)]
+    left = [(-h - r * math.cos(t), -r * math.sin(t)) for t in np.linspace(-math.pi / 2, math.pi / 2, n)]
+    return right + left
+
+
+def _ellipse(rx, ry, n=28):
+    return [(rx * math.cos(t), ry * math.sin(t)) for t in np.linspace(0, 2 * math.pi, n, endpoint=False)]
+
+
+def _jitter_colour(rng, rgb, amount=18):
+    return tuple(int(np.clip(c + rng.uniform(-amount, amount), 0, 255)) for c in rgb)
+
+
+def _random_colour(rng):
+    return tuple(int(c) for c in rng.integers(0, 256, 3))
+
+
+# ---------------------------------------------------------------- the foods and things
+
+
+BUN, CRUST, CRUMB = (214, 162, 98), (168, 112, 58), (240, 222, 176)
+SAUSAGE = (150, 62, 42)
+KETCHUP, MUSTARD, RELISH = (200, 30, 25), (232, 196, 30), (60, 170, 60)
+
+
+def _bun(draw, rng, cx, cy, a, u, s):
+    L, W = 64 * u * s, 28 * u * s
+    draw.polygon(_place(_capsule(L, W), cx, cy, a), fill=_jitter_colour(rng, CRUST))
+    draw.polygon(_place(_capsule(L * 0.94, W * 0.8), cx, cy, a), fill=_jitter_colour(rng, BUN))
+    return L, W
+
+
+def _condiment(draw, rng, cx, cy, a, L, W, u):
+    kind = rng.choice(["none", "ketchup", "mustard", "both"])
+    colours = {"ketchup": [KETCHUP], "mustard": [MUSTARD], "both": [KETCHUP, MUSTARD], "none": []}[kind]
+    for k, colour in enumerate(colours):
+        n = int(rng.integers(5, 9))
+        xs = np.linspace(-L * 0.4, L * 0.4, n)
+        ys = [(1 if i % 2 else -1) * W * 0.12 + (k - 0.5) * W * 0.05 for i in range(n)]
+        draw.line(_place(list(zip(xs, ys)), cx, cy, a), fill=_jitter_colour(rng, colour, 12), width=max(1, round(2 * u)))
+
+
+def _sausage(draw, rng, cx, cy, a, L, W, u, grilled):
+    draw.polygon(_place(_capsule(L, W), cx, cy, a), fill=_jitter_colour(rng, SAUSAGE, 22))
+    if grilled:
+        for x in np.linspace(-L * 0.35, L * 0.35, int(rng.integers(3, 6))):
+            draw.line(_place([(x - W * 0.2, -W * 0.45), (x + W * 0.2, W * 0.45)], cx, cy, a), fill=(60, 25, 15), width=max(1, round(u)))
+
+
+def draw_hot_dog(draw, rng, cx, cy, a, u, s):
+    L, W = _bun(draw, rng, cx, cy, a, u, s)
+    style = rng.choice(["new_york", "chicago", "grilled", "plain"])
+    _sausage(draw, rng, cx, cy, a, L * rng.uniform(1.02, 1.15), W * 0.42, u, grilled=style == "grilled")
+    if style == "chicago":
+        for _ in range(int(rng.integers(6, 12))):
+            x, y = rng.uniform(-L * 0.4, L * 0.4), rng.uniform(-W * 0.18, W * 0.18)
+            draw.polygon(_place(_ellipse(1.5 * u, 1.5 * u, 6), *_place([(x, y)], cx, cy, a)[0], a), fill=_jitter_colour(rng, RELISH))
+        x = rng.uniform(-L * 0.2, L * 0.2)
+        draw.polygon(_place(_ellipse(5 * u, 2.5 * u, 10), *_place([(x, -W * 0.3)], cx, cy, a)[0], a), fill=_jitter_colour(rng, KETCHUP))
+    elif style != "plain":
+        _condiment(draw, rng, cx, cy, a, L, W, u)
+
+
+def draw_sliced_bun(draw, rng, cx, cy, a, u, s):
+    """A bun with no sausage: empty, or a Philly cheese steak."""
+    L, W = _bun(draw, rng, cx, cy, a, u, s)
+    draw.polygon(_place(_capsule(L * 0.86, W * 0.4), cx, cy, a), fill=_jitter_colour(rng, CRUMB))
+    if rng.random() < 0.5:  # cheese steak: chopped meat and melted cheese
+        for _ in range(int(rng.integers(8, 16))):
+            x, y = rng.uniform(-L * 0.38, L * 0.38), rng.uniform(-W * 0.14, W * 0.14)
+            colour = (120, 70, 40) if rng.random() < 0.6 else (240, 215, 120)
+            draw.polygon(_place(_ellipse(2.5 * u, 1.8 * u, 7), *_place([(x, y)], cx, cy, a)[0], a + rng.uniform(0, 3)), fill=_jitter_colour(rng, colour))
+    elif rng.random() < 0.5:
+        _condiment(draw, rng, cx, cy, a, L, W, u)
+
+
+def draw_sausage(draw, rng, cx, cy, a, u, s):
+    """A sausage with no bun, sometimes two side by side."""
+    L, W = 64 * u * s * rng.uniform(1.02, 1.15), 28 * u * s * 0.42
+    offsets = [0.0] if rng.random() < 0.6 else [-W * 0.6, W * 0.6]
+    for dy in offsets:
+        x, y = _place([(0, dy)], cx, cy, a)[0]
+        _sausage(draw, rng, x, y, a, L, W, u, grilled=rng.random() < 0.4)
+    if rng.random() < 0.4:
+        _condiment(draw, rng, cx, cy, a, L, W * 2.2, u)
+
+
+def draw_hamburger(draw, rng, cx, cy, a, u, s):
+    r = 27 * u * s
+    draw.polygon(_place(_ellipse(r * 1.1, r * 1.06), cx, cy, a), fill=_jitter_colour(rng, RELISH, 25))
+    draw.polygon(_place(_ellipse(r * 1.05, r * 1.02), cx, cy, a + 0.3), fill=_jitter_colour(rng, (110, 60, 35)))
+    draw.polygon(_place(_ellipse(r, r * 0.97), cx, cy, a), fill=_jitter_colour(rng, BUN))
+    for _ in range(int(rng.integers(8, 20))):
+        x, y = rng.uniform(-r * 0.7, r * 0.7, 2)
+        draw.polygon(_place(_ellipse(1.6 * u, 0.9 * u, 6), cx + x, cy + y, rng.uniform(0, 3)), fill=_jitter_colour(rng, (245, 235, 200), 10))
+
+
+def draw_burrito(draw, rng, cx, cy, a, u, s):
+    L, W = 66 * u * s, 32 * u * s
+    draw.polygon(_place(_capsule(L, W), cx, cy, a), fill=_jitter_colour(rng, (228, 200, 150)))
+    for x in np.linspace(-L * 0.3, L * 0.3, int(rng.integers(2, 4))):
+        draw.line(_place([(x, -W * 0.45), (x + W * 0.3, W * 0.45)], cx, cy, a), fill=_jitter_colour(rng, (190, 160, 110)), width=max(1, round(u)))
+    for _ in range(int(rng.integers(3, 9))):  # toasted spots
+        x, y = rng.uniform(-L * 0.4, L * 0.4), rng.uniform(-W * 0.35, W * 0.35)
+        draw.polygon(_place(_ellipse(2 * u, 1.5 * u, 6), *_place([(x, y)], cx, cy, a)[0], a), fill=_jitter_colour(rng, (170, 120, 70)))
+    if rng.random() < 0.5:  # cut open: the filling shows at one end
+        for _ in range(10):
+            x, y = rng.uniform(L * 0.32, L * 0.48), rng.uniform(-W * 0.3, W * 0.3)
+            colour = [(120, 70, 40), (200, 40, 30), (60, 160, 60), (240, 240, 230)][int(rng.integers(0, 4))]
+            draw.polygon(_place(_ellipse(1.8 * u, 1.8 * u, 6), *_place([(x, y)], cx, cy, a)[0], a), fill=colour)
+
+
+def draw_shoe(draw, rng, cx, cy, a, u, s):
+    L, H = 64 * u * s, 26 * u * s
+    upper = [(-L / 2, H * 0.3), (-L / 2, -H * 0.5), (-L * 0.1, -H * 0.5), (L * 0.1, -H * 0.1), (L / 2, H * 0.05), (L / 2, H * 0.3)]
+    sole = [(-L / 2, H * 0.3), (L / 2, H * 0.3), (L / 2, H * 0.5), (-L / 2, H * 0.5)]
+    draw.polygon(_place(upper, cx, cy, a), fill=_random_colour(rng))
+    draw.polygon(_place(sole, cx, cy, a), fill=_jitter_colour(rng, (40, 40, 40), 40))
+    for x in np.linspace(-L * 0.1, L * 0.08, 4):
+        draw.line(_place([(x - 3 * u, -H * 0.3), (x + 3 * u, -H * 0.1)], cx, cy, a), fill=(235, 235, 235), width=max(1, round(u)))
+
+
+def draw_legs(draw, rng, cx, cy, a, u, s):
+    skin = _jitter_colour(rng, [(235, 195, 160), (200, 150, 110), (150, 100, 70), (95, 65, 45)][int(rng.integers(0, 4))], 12)
+    for dx in (-9 * u * s, 9 * u * s):
+        x, y = _place([(0, dx)], cx, cy, a)[0]
+        draw.polygon(_place(_capsule(80 * u * s, 14 * u * s), x, y, a), fill=skin)
+    if rng.random() < 0.6:  # shorts over one end
+        draw.polygon(_place([(-44 * u * s, -20 * u * s), (-24 * u * s, -20 * u * s), (-24 * u * s, 20 * u * s), (-44 * u * s, 20 * u * s)], cx, cy, a), fill=_random_colour(rng))
+
+
+DRAW = {
+    HOT_DOG: draw_hot_dog,
+    "sliced_bun": draw_sliced_bun,
+    "sausage": draw_sausage,
+    "burrito": draw_burrito,
+    "hamburger": draw_hamburger,
+    "shoe": draw_shoe,
+    "legs": draw_legs,
+}
+
+
+# ---------------------------------------------------------------- scenes
+
+
+def _background(draw, rng, size, u):
+    """Table, plate, grill or napkin; the same for every class."""
+    draw.rectangle([0, 0, size, size], fill=_random_colour(rng))
+    for _ in range(int(rng.integers(0, 6))):  # wood grain / cloth texture
+        y = rng.uniform(0, size)
+        draw.line([(0, y), (size, y + rng.uniform(-20, 20) * u)], fill=_random_colour(rng), width=max(1, round(rng.uniform(1, 3) * u)))
+    kind = rng.choice(["table", "plate", "grill", "napkin"])
+    c = size / 2
+    if kind == "plate":
+        r = rng.uniform(48, 60) * u
+        draw.polygon(_place(_ellipse(r, r * rng.uniform(0.85, 1.0), 40), c, c, rng.uniform(0, math.pi)), fill=_jitter_colour(rng, (235, 235, 230), 25))
+    elif kind == "grill":
+        draw.rectangle([0, 0, size, size], fill=_jitter_colour(rng, (45, 45, 45), 20))
+        step = rng.uniform(9, 14) * u
+        for x in np.arange(-size, 2 * size, step):
+            draw.line(_place([(x, -size), (x, 2 * size)], c, c, rng.uniform(-0.3, 0.3)), fill=_jitter_colour(rng, (110, 110, 110), 30), width=max(1, round(3 * u)))
+    elif kind == "napkin":
+        colour, half = _random_colour(rng), rng.uniform(45, 62) * u
+        square = _place([(-half, -half), (half, -half), (half, half), (-half, half)], c, c, rng.uniform(0, math.pi))
+        draw.polygon(square, fill=(240, 240, 240))
+        if rng.random() < 0.5:  # checks
+            for k in np.arange(-half, half, 12 * u):
+                draw.line(_place([(k, -half), (k, half)], c, c, 0), fill=colour, width=max(1, round(4 * u)))
+
+
+def _clutter(draw, rng, size, u, n):
+    for _ in range(int(rng.integers(0, n + 1))):
+        x, y = rng.uniform(0, size, 2)
+        r = rng.uniform(2, 7) * u
+        if rng.random() < 0.5:
+            draw.polygon(_place(_ellipse(r, r * rng.uniform(0.5, 1)), x, y, rng.uniform(0, 3)), fill=_random_colour(rng))
+        else:
+            draw.line([(x, y), (x + rng.uniform(-15, 15) * u, y + rng.uniform(-15, 15) * u)], fill=_random_colour(rng), width=max(1, round(2 * u)))
+
+
+def _light(img, rng, v: Variation):
+    """Brightness, a lighting gradient, a colour cast and sensor noise."""
+    x = np.asarray(img, dtype=np.float32)
+    h, w, _ = x.shape
+    gain = 1 + rng.uniform(-v.light, v.light)
+    angle = rng.uniform(0, 2 * math.pi)
+    ramp = (np.cos(angle) * np.linspace(-0.5, 0.5, w)[None, :] + np.sin(angle) * np.linspace(-0.5, 0.5, h)[:, None])
+    x = x * (gain + rng.uniform(0, v.light) * ramp)[..., None] * rng.uniform(0.92, 1.08, 3)
+    x = x + rng.normal(0, rng.uniform(0, v.noise), x.shape)
+    return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
+
+
+def draw_image(kind: str, rng: np.random.Generator, size: int = 128, v: Variation = Variation()) -> Image.Image:
+    """One RGB picture of `kind` (a key of DRAW) on a random scene."""
+    u = size / 128
+    img = Image.new("RGB", (size, size))
+    draw = ImageDraw.Draw(img)
+    _background(draw, rng, size, u)
+    _clutter(draw, rng, size, u, v.clutter)
+    cx, cy = size / 2 + rng.uniform(-v.shift, v.shift, 2) * u
+    angle = math.radians(rng.uniform(-v.rotate, v.rotate)) + (math.pi if rng.random() < 0.5 else 0.0)
+    DRAW[kind](draw, rng, cx, cy, angle, u, 1 + rng.uniform(-v.scale, v.scale))
+    return _light(img, rng, v)
+
+
+# ---------------------------------------------------------------- writing the tree
+
+
+def _job_list(n_hot, n_other, seed, split):
+    split_id = {"train": 0, "test": 1}[split]
+    kinds = list(OTHERS)
+    counts = np.floor(np.array(list(OTHERS.values())) * n_other).astype(int)
+    counts[0] += n_other - counts.sum()  # rounding remainder goes to the first kind
+    jobs = [(HOT_DOG, HOT_DOG, i, (seed, split_id, 0, i)) for i in range(n_hot)]
+    i = 0
+    for kind, count in zip(kinds, counts):
+        for _ in range(count):
+            jobs.append((NOT_HOT_DOG, kind, i, (seed, split_id, 1, i)))
+            i += 1
+    return jobs
+
+
+def _write_one(job):
+    folder, kind, index, key, size, v = job
+    rng = np.random.default_rng(key)
+    path = Path(folder) / f"{kind}_{index:05d}.jpg"
+    draw_image(kind, rng, size, v).save(path, quality=int(rng.integers(80, 96)))
+
+
+def generate(out, hot_dogs=1000, others=5000, test_hot_dogs=200, test_others=1000, size=128, seed=0, variation=Variation(), workers=None, progress=True):
+    """Write the ImageFolder tree under `out`; returns `out` as a Path."""
+    out = Path(out)
+    jobs = []
+    for split, n_hot, n_other in (("train", hot_dogs, others), ("test", test_hot_dogs, test_others)):
+        if n_hot + n_other == 0:
+            continue
+        for cls in (HOT_DOG, NOT_HOT_DOG):
+            (out / split / cls).mkdir(parents=True, exist_ok=True)
+        for cls, kind, i, key in _job_list(n_hot, n_other, seed, split):
+            jobs.append((str(out / split / cls), kind, i, key, size, variation))
+    workers = workers or os.cpu_count() or 1
+    from tqdm import tqdm
+
+    with ProcessPoolExecutor(workers) as pool:
+        for _ in tqdm(pool.map(_write_one, jobs, chunksize=64), total=len(jobs), desc="drawing", unit="img", disable=not progress, file=sys.stderr):
+            pass
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m hotdog_torch.synth", description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True, help="folder to write the ImageFolder tree into")
+    p.add_argument("--hot-dogs", type=int, default=1000, help="training hot dogs (default 1000)")
+    p.add_argument("--others", type=int, default=5000, help="training not-hot-dogs (default 5000)")
+    p.add_argument("--test-hot-dogs", type=int, default=200, help="test hot dogs (default 200)")
+    p.add_argument("--test-others", type=int, default=1000, help="test not-hot-dogs (default 1000)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if min(a.hot_dogs, a.others, a.test_hot_dogs, a.test_others) < 0 or not 8 <= a.size <= 1024:
+        p.exit(2, "synth: counts must be >= 0 and --size between 8 and 1024.\n")
+    generate(a.out, a.hot_dogs, a.others, a.test_hot_dogs, a.test_others, a.size, a.seed)
+    print(f"wrote {a.hot_dogs + a.others} training and {a.test_hot_dogs + a.test_others} test images to {a.out}")
+
+
+if __name__ == "__main__":
+    main()

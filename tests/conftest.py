@@ -1,0 +1,41 @@
+"""Shared fixtures: real ImageFolder trees of real JPEG files, drawn by hotdog_torch.synth."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hotdog_torch import config, synth
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("cuda") and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+
+
+@pytest.fixture(scope="session")
+def tiny_tree(tmp_path_factory):
+    """train/{hot_dog,not_hot_dog} (30 + 60) and test/ (10 + 20) of 32x32 JPEGs."""
+    root = tmp_path_factory.mktemp("tiny") / "hotdog"
+    synth.generate(root, hot_dogs=30, others=60, test_hot_dogs=10, test_others=20, size=32, seed=1, workers=1, progress=False)
+    return root
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    """make_config(root, "optim.lr=0.1", ...): a config for seconds of CPU training, writing under tmp_path."""
+
+    def make(root, *overrides) -> config.Config:
+        return config.from_dict(tiny_doc(root, tmp_path), list(overrides))
+
+    return make
+
+
+def tiny_doc(root, tmp_path) -> dict:
+    return {
+        "data": {"root": str(root), "image_size": 32, "channels": 1, "cache_dir": str(tmp_path / "cache"), "workers": 1},
+        "model": {"hidden": [16], "activation": "sigmoid"},
+        "optim": {"lr": 0.5, "batch_size": 16, "momentum": 0.9},
+        "train": {"epochs": 3, "target_accuracy": None},
+        "log": {"dir": str(tmp_path / "runs"), "run_name": "tiny"},
+        "device": "cpu",
+    }

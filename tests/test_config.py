@@ -1,0 +1,124 @@
+"""Config: YAML + dotted overrides, and one plain sentence with exit code 2 for every user mistake."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from hotdog_torch import config, train
+from hotdog_torch.config import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def cli(*args, cwd=None):
+    """Run the real command line in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "hotdog_torch.train", *args], capture_output=True, text=True, cwd=cwd or REPO, timeout=300)
+
+
+def assert_one_sentence(result):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    return lines[0]
+
+
+def test_default_config_sets_every_schema_key():
+    doc = yaml.safe_load((REPO / "configs/hotdog.yaml").read_text())
+    flat = {f"{s}.{k}" for s, sec in doc.items() if isinstance(sec, dict) for k in sec} | {s for s, sec in doc.items() if not isinstance(sec, dict)}
+    assert flat == set(config.valid_keys())
+    cfg = config.load(REPO / "configs/hotdog.yaml")
+    assert cfg.data.image_size == 128 and cfg.data.channels == 1  # the seed's 16384 input neurons
+    assert cfg.train.target_accuracy == 0.99
+
+
+def test_overrides_are_parsed_as_yaml_and_win():
+    cfg = config.load(REPO / "configs/hotdog.yaml", ["optim.lr=0.5", "model.hidden=[256,64]", "optim.batch_size=null", "seed=7"])
+    assert cfg.optim.lr == 0.5 and cfg.model.hidden == [256, 64] and cfg.optim.batch_size is None and cfg.seed == 7
+    assert isinstance(config.load(None, ["optim.lr=1"]).optim.lr, float)
+
+
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ("optim.lrr=0.1", ["unknown config key 'optim.lrr'", "did you mean 'optim.lr'"]),
+        ("modle.hidden=[3]", ["unknown config key 'modle.hidden'"]),
+        ("optim.lr=fast", ["optim.lr", "must be a number", "'fast'"]),
+        ("model.hidden=12", ["model.hidden", "a list of an integer"]),
+        ("model.activation=softplus", ["model.activation", "one of 'sigmoid', 'relu', 'tanh'"]),
+        ("train.epochs=2.5", ["train.epochs", "an integer"]),
+        ("optim.lr=0", ["optim.lr must be greater than 0"]),
+        ("optim.lr=-1", ["optim.lr must be greater than 0"]),
+        ("data.val_fraction=1.5", ["data.val_fraction"]),
+        ("data.val_fraction=0", ["data.val_fraction"]),
+        ("data.image_size=4", ["data.image_size"]),
+        ("data.channels=2", ["data.channels"]),
+        ("device=gpu", ["device must be"]),
+        ("optim.lr", ["section.key=value"]),
+    ],
+)
+def test_bad_values_name_the_key(override, words):
+    with pytest.raises(UserError) as e:
+        config.load(REPO / "configs/hotdog.yaml", [override])
+    for w in words:
+        assert w in str(e.value)
+
+
+def test_unknown_key_in_the_file_is_named(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("optim:\n  learning_rate: 0.1\n")
+    line = assert_one_sentence(cli("--config", str(f)))
+    assert "optim.learning_rate" in line
+
+
+def test_yaml_syntax_error_points_at_the_line(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  root: x\noptim:\n  lr: [0.1\n")
+    with pytest.raises(UserError, match=r"not valid YAML at line \d+"):
+        config.load(f)
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "just a string\n", "42\n"])
+def test_top_level_must_be_a_mapping(tmp_path, text):
+    f = tmp_path / "c.yaml"
+    f.write_text(text)
+    with pytest.raises(UserError, match="must be a mapping"):
+        config.load(f)
+
+
+def test_missing_config_file():
+    line = assert_one_sentence(cli("--config", "no/such/file.yaml"))
+    assert "does not exist" in line
+
+
+def test_wrong_type_from_the_command_line():
+    line = assert_one_sentence(cli("--config", "configs/hotdog.yaml", "optim.lr=fast"))
+    assert "optim.lr" in line
+
+
+def test_missing_data_folder(tmp_path):
+    line = assert_one_sentence(cli("--config", "configs/hotdog.yaml", f"data.root={tmp_path}/nothing", "data.generate=false", f"log.dir={tmp_path}/runs"))
+    assert "does not exist" in line
+
+
+def test_fewer_than_two_classes(tmp_path, tiny_tree):
+    one = tmp_path / "one"
+    (one / "hot_dog").mkdir(parents=True)
+    for p in sorted((tiny_tree / "train" / "hot_dog").iterdir())[:4]:
+        (one / "hot_dog" / p.name).write_bytes(p.read_bytes())
+    line = assert_one_sentence(cli("--config", "configs/hotdog.yaml", f"data.root={one}", f"data.cache_dir={tmp_path}/c", f"log.dir={tmp_path}/runs"))
+    assert "at least two" in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_asked_for_but_absent(tmp_path):
+    line = assert_one_sentence(cli("--config", "configs/hotdog.yaml", "device=cuda", f"log.dir={tmp_path}/runs"))
+    assert "no usable CUDA" in line
+    with pytest.raises(UserError):
+        train.resolve_device("cuda:0")
+    assert train.resolve_device("auto").type == "cpu"

@@ -39,3 +39,11 @@ def tiny_doc(root, tmp_path) -> dict:
         "log": {"dir": str(tmp_path / "runs"), "run_name": "tiny"},
         "device": "cpu",
     }
+
+
+@pytest.fixture(scope="session")
+def small_tree(tmp_path_factory):
+    """300 training (100 hot dogs) and 60 test 32x32 JPEGs: enough for a tiny run to learn."""
+    root = tmp_path_factory.mktemp("small") / "hotdog"
+    synth.generate(root, hot_dogs=100, others=200, test_hot_dogs=20, test_others=40, size=32, seed=3, workers=1, progress=False)
+    return root

@@ -1,0 +1,143 @@
+"""Data: ImageFolder discovery, the decode-once cache and its invalidation, splits, normalisation."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hotdog_torch import config, data
+from hotdog_torch.config import UserError
+
+
+def settings(tmp_path, **kw):
+    return config.Data(**{"cache_dir": str(tmp_path / "cache"), "image_size": 32, "channels": 1, "workers": 1, **kw})
+
+
+def fresh_decode(split, d):
+    return torch.from_numpy(np.stack([data.decode(p, d.image_size, d.channels) for p in split.paths]))
+
+
+def copy_tree(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_cache_equals_a_fresh_decode_and_is_hit_the_second_time(tmp_path, tiny_tree, monkeypatch):
+    d = settings(tmp_path)
+    classes, first, skipped = data.load_folder(tiny_tree / "train", d, progress=False)
+    assert classes == ["hot_dog", "not_hot_dog"] and skipped == []
+    assert first.images.dtype == torch.uint8 and first.images.shape == (90, 1, 32, 32)
+    assert torch.equal(first.images, fresh_decode(first, d))
+    assert torch.bincount(first.labels).tolist() == [30, 60]
+
+    def no_decoding(*a, **k):
+        raise AssertionError("a cache hit must not decode")
+
+    monkeypatch.setattr(data, "_decode_all", no_decoding)
+    _, second, _ = data.load_folder(tiny_tree / "train", d, progress=False)
+    assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
+    assert second.paths == first.paths
+
+
+def test_image_settings_are_part_of_the_key(tmp_path, tiny_tree):
+    _, gray, _ = data.load_folder(tiny_tree / "test", settings(tmp_path), progress=False)
+    _, rgb, _ = data.load_folder(tiny_tree / "test", settings(tmp_path, channels=3, image_size=16), progress=False)
+    assert gray.images.shape[1:] == (1, 32, 32) and rgb.images.shape[1:] == (3, 16, 16)
+
+
+def test_a_changed_added_or_removed_file_invalidates_the_cache(tmp_path, tiny_tree):
+    root = copy_tree(tiny_tree / "test", tmp_path / "tree")
+    d = settings(tmp_path)
+    _, before, _ = data.load_folder(root, d, progress=False)
+
+    changed = root / "hot_dog" / "hot_dog_00000.jpg"
+    Image.new("RGB", (32, 32), (255, 255, 255)).save(changed)
+    _, after, _ = data.load_folder(root, d, progress=False)
+    i = after.paths.index(str(changed))
+    assert after.images[i].min() > 240  # the new white picture, not the cached hot dog
+    assert not torch.equal(before.images[i], after.images[i])
+    assert torch.equal(after.images, fresh_decode(after, d))
+
+    Image.new("RGB", (40, 40), (0, 0, 0)).save(root / "not_hot_dog" / "new.png")
+    _, added, _ = data.load_folder(root, d, progress=False)
+    assert len(added) == len(before) + 1
+
+    os.remove(root / "not_hot_dog" / "new.png")
+    (root / "hot_dog" / "hot_dog_00001.jpg").unlink()
+    _, removed, _ = data.load_folder(root, d, progress=False)
+    assert len(removed) == len(before) - 1
+    assert torch.equal(removed.images, fresh_decode(removed, d))
+
+
+def test_a_damaged_cache_entry_is_rebuilt(tmp_path, tiny_tree):
+    d = settings(tmp_path)
+    _, first, _ = data.load_folder(tiny_tree / "test", d, progress=False)
+    for f in (tmp_path / "cache").glob("*.npy"):
+        f.write_bytes(f.read_bytes()[:100])  # truncated, as a crash or a full disk might leave it
+    _, again, _ = data.load_folder(tiny_tree / "test", d, progress=False)
+    assert torch.equal(first.images, again.images)
+
+
+def test_splits_layout_uses_train_and_test_and_a_stratified_val(tmp_path, tiny_tree):
+    ds = data.load_dataset(settings(tmp_path, root=str(tiny_tree), val_fraction=0.2), seed=0, progress=False)
+    assert ds.layout == "splits" and ds.classes == ["hot_dog", "not_hot_dog"]
+    assert torch.bincount(ds.val.labels).tolist() == [6, 12]  # round(0.2 * 30), round(0.2 * 60)
+    assert torch.bincount(ds.train.labels).tolist() == [24, 48]
+    assert not set(ds.val.paths) & set(ds.train.paths)
+    assert len(ds.test) == 30
+    again = data.load_dataset(settings(tmp_path, root=str(tiny_tree), val_fraction=0.2), seed=0, progress=False)
+    assert again.val.paths == ds.val.paths  # the split is seeded
+    other = data.load_dataset(settings(tmp_path, root=str(tiny_tree), val_fraction=0.2), seed=1, progress=False)
+    assert other.val.paths != ds.val.paths
+
+
+def test_class_folders_layout_and_any_number_of_classes(tmp_path, tiny_tree):
+    root = tmp_path / "three"
+    for name in ("a", "b", "c"):
+        (root / name).mkdir(parents=True)
+    for i, p in enumerate(sorted((tiny_tree / "train" / "not_hot_dog").iterdir())[:30]):
+        shutil.copy(p, root / "abc"[i % 3] / p.name)
+    ds = data.load_dataset(settings(tmp_path, root=str(root), val_fraction=0.3), seed=0, progress=False)
+    assert ds.layout == "folders" and ds.classes == ["a", "b", "c"] and ds.test is None
+    assert torch.bincount(ds.val.labels).tolist() == [3, 3, 3]
+
+
+def test_an_explicit_val_folder_is_used_as_is(tmp_path, tiny_tree):
+    root = copy_tree(tiny_tree, tmp_path / "t")
+    shutil.copytree(root / "test", root / "val")
+    ds = data.load_dataset(settings(tmp_path, root=str(root)), seed=0, progress=False)
+    assert len(ds.train) == 90 and len(ds.val) == 30
+
+
+def test_mismatched_classes_between_splits(tmp_path, tiny_tree):
+    root = copy_tree(tiny_tree, tmp_path / "t")
+    (root / "test" / "not_hot_dog").rename(root / "test" / "pizza")
+    with pytest.raises(UserError, match="must match"):
+        data.load_dataset(settings(tmp_path, root=str(root)), seed=0, progress=False)
+
+
+def test_normalise_gives_zero_mean_unit_std():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8, generator=g)
+    mean, std = data.normalisation(images, chunk=7)
+    x = images.double() / 255
+    assert torch.allclose(mean.double(), x.mean(dim=(0, 2, 3)), atol=1e-6)
+    assert torch.allclose(std.double(), x.permute(1, 0, 2, 3).reshape(3, -1).std(dim=1, unbiased=False), atol=1e-5)
+    z = data.normalise(images, mean, std)
+    assert torch.allclose(z.mean(dim=(0, 2, 3)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(z.std(dim=(0, 2, 3), unbiased=False), torch.ones(3), atol=1e-4)
+
+
+def test_decode_brings_any_mode_and_size_to_the_input(tmp_path):
+    rgba = tmp_path / "a.png"
+    Image.new("RGBA", (50, 20), (255, 0, 0, 128)).save(rgba)
+    pal = tmp_path / "p.png"
+    Image.new("RGB", (7, 9), (0, 0, 255)).convert("P").save(pal)
+    for p in (rgba, pal):
+        assert data.decode(p, 16, 1).shape == (1, 16, 16)
+        assert data.decode(p, 16, 3).shape == (3, 16, 16)
+    assert tuple(data.decode(rgba, 16, 3)[:, 0, 0]) == (255, 0, 0)

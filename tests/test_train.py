@@ -1,0 +1,84 @@
+"""The loop end to end: a tiny run learns, logs a falling cost, writes its outputs, and repeats itself exactly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from hotdog_torch import checkpoint, data, train
+
+
+def scalars(run_dir):
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc
+
+
+def test_a_tiny_run_reaches_its_target(small_tree, make_config):
+    cfg = make_config(small_tree, "train.epochs=60", "train.target_accuracy=0.9", "model.hidden=[32]", "optim.lr=0.2")
+    run_dir = train.run(cfg, progress=False)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["stopped_because"] == "target_accuracy"
+    assert m["val_accuracy"] >= 0.9 and m["epochs"] < 60
+    for key in ("val_accuracy", "val_error_rate", "val_cost", "train_cost", "test_accuracy", "epochs", "steps", "seconds", "train_images_per_second"):
+        assert key in m
+    assert abs(m["val_error_rate"] + m["val_accuracy"] - 1) < 1e-9
+    assert m["steps"] == m["epochs"] * -(-240 // 16)  # 240 training images in batches of 16
+
+
+def test_the_event_file_holds_a_falling_cost(small_tree, make_config):
+    run_dir = train.run(make_config(small_tree, "train.epochs=8", "optim.lr=0.2", "model.hidden=[32]"), progress=False)
+    acc = scalars(run_dir)
+    tags = set(acc.Tags()["scalars"])
+    assert {"cost/train", "cost/train_epoch", "cost/val", "error_rate/train", "error_rate/val", "accuracy/val"} <= tags
+    cost = [e.value for e in acc.Scalars("cost/train")]
+    assert [e.step for e in acc.Scalars("cost/train")] == list(range(8 * 15))
+    first, last = sum(cost[:15]) / 15, sum(cost[-15:]) / 15
+    assert last < 0.6 * first, (first, last)
+    per_epoch = [e.value for e in acc.Scalars("cost/train_epoch")]
+    assert per_epoch[-1] < per_epoch[0]
+    assert {"config", "dataset"} <= {t.split("/")[0] for t in acc.Tags()["tensors"]}
+
+
+def test_outputs_and_checkpoints_predict_without_the_config(small_tree, make_config):
+    cfg = make_config(small_tree, "train.epochs=4")
+    run_dir = train.run(cfg, progress=False)
+    assert (run_dir / "config.yaml").is_file()
+    m = json.loads((run_dir / "metrics.json").read_text())
+    ckpt = checkpoint.load(run_dir / "checkpoints" / "best.pt")
+    assert ckpt["classes"] == ["hot_dog", "not_hot_dog"] and ckpt["image_size"] == 32 and ckpt["channels"] == 1
+    model = checkpoint.model_from(ckpt)
+    ds = data.load_dataset(cfg.data, cfg.seed, progress=False)
+    mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
+    test = train.evaluate(model, ds.test.images, ds.test.labels, mean, std, 2)
+    assert test["accuracy"] == pytest.approx(m["test_accuracy"])
+    assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"] == 4
+
+
+def test_an_existing_run_is_never_overwritten(tiny_tree, make_config):
+    first = train.run(make_config(tiny_tree, "train.epochs=1"), progress=False)
+    second = train.run(make_config(tiny_tree, "train.epochs=1"), progress=False)
+    assert first != second and second.name == "tiny-2"
+    assert (first / "metrics.json").is_file() and (second / "metrics.json").is_file()
+
+
+def test_seeded_cpu_runs_are_reproducible(tiny_tree, make_config):
+    a = checkpoint.load(train.run(make_config(tiny_tree, "train.epochs=2", "log.run_name=a"), progress=False) / "checkpoints/last.pt")
+    b = checkpoint.load(train.run(make_config(tiny_tree, "train.epochs=2", "log.run_name=b"), progress=False) / "checkpoints/last.pt")
+    c = checkpoint.load(train.run(make_config(tiny_tree, "train.epochs=2", "log.run_name=c", "seed=1"), progress=False) / "checkpoints/last.pt")
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k])
+    assert any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
+
+
+def test_full_batch_gradient_descent_takes_one_step_per_epoch(tiny_tree, make_config):
+    run_dir = train.run(make_config(tiny_tree, "train.epochs=3", "optim.batch_size=null", "optim.momentum=0"), progress=False)
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 3
+
+
+def test_a_batch_larger_than_the_training_set_is_clamped(tiny_tree, make_config):
+    with pytest.warns(UserWarning, match="full-batch"):
+        run_dir = train.run(make_config(tiny_tree, "train.epochs=2", "optim.batch_size=100000"), progress=False)
+    assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 2

@@ -27,6 +27,10 @@ from .cost import half_mse, one_hot
 LINEAR_LRS = (0.003, 0.01, 0.03)
 
 
+def images_of(split: data.Split) -> torch.Tensor:
+    return split.batch(torch.arange(len(split)))
+
+
 def majority_accuracy(ds: data.Dataset) -> float:
     counts = torch.bincount(ds.val.labels, minlength=len(ds.classes))
     return counts.max().item() / len(ds.val)
@@ -37,7 +41,7 @@ def mean_colour_accuracy(cfg: Config, epochs: int = 60) -> float:
     d = copy.deepcopy(cfg.data)
     d.channels, d.image_size = 3, min(cfg.data.image_size, 32)  # the mean colour barely depends on the size
     ds = data.load_dataset(d, cfg.seed, progress=False)
-    features = {s: getattr(ds, s).images.float().mean(dim=(2, 3)) / 255 for s in ("train", "val")}
+    features = {s: images_of(getattr(ds, s)).float().mean(dim=(2, 3)) / 255 for s in ("train", "val")}
     mu, sd = features["train"].mean(0), features["train"].std(0)
     x_train, x_val = (features["train"] - mu) / sd, (features["val"] - mu) / sd
     torch.manual_seed(cfg.seed)

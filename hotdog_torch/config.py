@@ -35,6 +35,7 @@ class Data:
     val_fraction: float = 0.2  # stratified share of train held out for validation when there is no val/ folder
     cache_dir: Optional[str] = None  # decoded-tensor cache; null = $XDG_CACHE_HOME/hotdog_torch (~/.cache/hotdog_torch)
     workers: Optional[int] = None  # decoding processes; null = every core
+    memory_budget: Optional[int] = None  # bytes of decoded images held in (device) memory; null = half the free RAM (CPU) or GPU memory (CUDA); a larger set is memory-mapped from the cache and streamed in batches
 
 
 @dataclass
@@ -48,12 +49,15 @@ class Optim:
     lr: float = 0.05  # the learning rate of gradient descent
     batch_size: Optional[int] = 64  # images per step; null = full-batch gradient descent; clamped to the training set
     momentum: float = 0.0  # 0 = plain gradient descent
+    fused: bool = True  # plain SGD in fp32 (momentum 0): fold w <- w - lr*dC/dw into the weight-gradient matmul (same weights, ~2x faster on CPU); false = autograd + torch.optim.SGD
 
 
 @dataclass
 class Train:
     epochs: int = 30  # at most this many passes over the training set
     target_accuracy: Optional[float] = 0.99  # stop once validation accuracy reaches it; null = run every epoch
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on the CPU
+    compile: bool = False  # torch.compile the network (autograd path)
 
 
 @dataclass
@@ -177,6 +181,7 @@ def _check_ranges(cfg: Config) -> None:
         (d.channels in (1, 3), f"data.channels must be 1 (grayscale) or 3 (RGB), got {d.channels}"),
         (0 < d.val_fraction < 1, f"data.val_fraction must lie strictly between 0 and 1, got {d.val_fraction}"),
         (d.workers is None or d.workers >= 1, f"data.workers must be at least 1 or null, got {d.workers}"),
+        (d.memory_budget is None or d.memory_budget >= 0, f"data.memory_budget must be a number of bytes >= 0 or null, got {d.memory_budget}"),
         (all(h >= 1 for h in m.hidden), f"model.hidden widths must be at least 1, got {m.hidden}"),
         (o.lr > 0, f"optim.lr must be greater than 0, got {o.lr}"),
         (o.batch_size is None or o.batch_size >= 1, f"optim.batch_size must be at least 1 or null, got {o.batch_size}"),

@@ -33,15 +33,28 @@ SPLITS = ("train", "val", "test")
 
 @dataclass
 class Split:
-    images: torch.Tensor  # (N, C, S, S) uint8
-    labels: torch.Tensor  # (N,) int64, indices into Dataset.classes
+    """Some images of a pool, by index: a shard or a split is just a subset of indices.
+
+    images is the pool: every decoded image of one folder, (N, C, S, S) uint8, held
+    on the training device, or memory-mapped from the cache file when the data
+    set is larger than data.memory_budget.  Splits cut from one folder share it.
+    """
+
+    images: torch.Tensor
+    index: torch.Tensor  # (n,) int64 rows of images that belong to this split
+    labels: torch.Tensor  # (n,) int64 indices into Dataset.classes, on the device of index
     paths: list[str]
+    mapped: bool = False  # images is a memory-mapped cache file, not a tensor in memory
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: torch.Tensor) -> "Split":
-        return Split(self.images[index], self.labels[index], [self.paths[i] for i in index.tolist()])
+    def subset(self, positions: torch.Tensor) -> "Split":
+        return Split(self.images, self.index[positions], self.labels[positions], [self.paths[i] for i in positions.tolist()], self.mapped)
+
+    def batch(self, positions: torch.Tensor) -> torch.Tensor:
+        """uint8 images at these positions of the split (a gather from the pool)."""
+        return self.images[self.index[positions]]
 
 
 @dataclass
@@ -53,18 +66,38 @@ class Dataset:
     skipped: list[str]  # files found but not decodable
     layout: str  # "folders" (root/{class}) or "splits" (root/{train,val,test}/{class})
 
+    def splits(self) -> dict[str, Split]:
+        return {name: getattr(self, name) for name in SPLITS if getattr(self, name) is not None}
+
+    def to(self, device: torch.device) -> "Dataset":
+        """Each pool moved to the device once (memory-mapped pools stay mapped; their batches move)."""
+        moved: dict[int, torch.Tensor] = {}
+        out = {}
+        for name, s in self.splits().items():
+            if s.mapped:
+                out[name] = s
+                continue
+            pool = moved.setdefault(id(s.images), s.images.to(device))
+            out[name] = Split(pool, s.index.to(device), s.labels.to(device), s.paths)
+        return Dataset(self.classes, out["train"], out["val"], out.get("test"), self.skipped, self.layout)
+
     def summary(self) -> str:
         lines = [f"classes: {', '.join(self.classes)} ({self.layout} layout)"]
-        for name in SPLITS:
-            split = getattr(self, name)
-            if split is not None:
-                counts = torch.bincount(split.labels, minlength=len(self.classes)).tolist()
-                lines.append(f"{name}: {len(split)} images (" + ", ".join(f"{c} {n}" for c, n in zip(self.classes, counts)) + ")")
+        for name, split in self.splits().items():
+            counts = torch.bincount(split.labels.cpu(), minlength=len(self.classes)).tolist()
+            lines.append(f"{name}: {len(split)} images (" + ", ".join(f"{c} {n}" for c, n in zip(self.classes, counts)) + ")")
         lines.append(f"skipped: {len(self.skipped)} undecodable files" + (": " + ", ".join(self.skipped[:5]) if self.skipped else ""))
         return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- decoding one image
+
+
+def open_scaled(path, size: int, mode: str) -> Image.Image:
+    """Image.open, with a JPEG larger than size x size set to decode at 1/2, 1/4 or 1/8 scale (Pillow's draft mode)."""
+    im = Image.open(path)
+    im.draft(mode, (size, size))  # libjpeg scales in the DCT: decoding 512x512 for a 128x128 input costs about 1/16
+    return im
 
 
 def decode(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
@@ -73,8 +106,7 @@ def decode(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
     Raises OSError (or a subclass Pillow uses) for a file that is not a decodable image.
     """
     mode = "L" if channels == 1 else "RGB"
-    with Image.open(path) as im:
-        im.draft(mode, (size, size))  # JPEG: let libjpeg scale down by 2, 4 or 8 while decoding
+    with open_scaled(path, size, mode) as im:
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: keep the top 8 bits rather than clipping
             im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8))
         im = im.convert(mode).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
@@ -82,12 +114,24 @@ def decode(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
-def _decode_or_none(args):
-    path, size, channels = args
-    try:
-        return decode(path, size, channels)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, RecursionError):
-        return None
+_FILES: dict[str, int] = {}  # per process: the cache file being written, opened once
+
+
+def _decode_block(job) -> list[int]:
+    """Decode consecutive rows into one buffer and write it into the .npy with one pwrite; returns the undecodable rows."""
+    paths, first_row, out_file, offset, size, channels = job
+    buffer = np.zeros((len(paths), channels, size, size), np.uint8)
+    bad = []
+    for k, path in enumerate(paths):
+        try:
+            buffer[k] = decode(path, size, channels)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, RecursionError):
+            bad.append(first_row + k)
+    fd = _FILES.get(out_file)
+    if fd is None:
+        fd = _FILES[out_file] = os.open(out_file, os.O_WRONLY)
+    os.pwrite(fd, buffer.data, offset + first_row * buffer[0].nbytes)
+    return bad
 
 
 # ---------------------------------------------------------------- a folder of classes, decoded and cached
@@ -116,48 +160,103 @@ def _scan(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
     return found.classes, found.samples
 
 
-def _decode_all(samples, data: Data, progress: bool, desc: str):
+def _decode_all(samples, data: Data, out_file: Path, offset: int, progress: bool, desc: str) -> set[int]:
+    """Decode sample i into row i of out_file (an .npy whose data starts at offset) on data.workers processes.
+
+    Work goes out in blocks of 32 consecutive rows; each block is one write, so the
+    processes share no memory and send back only the rows they could not decode.
+    """
     from tqdm import tqdm
 
-    jobs = [(path, data.image_size, data.channels) for path, _ in samples]
-    workers = data.workers or os.cpu_count() or 1
-    bar = dict(total=len(jobs), desc=desc, unit="img", disable=not progress, file=sys.stderr, leave=False)
-    if workers == 1 or len(jobs) < 64:
-        return [_decode_or_none(j) for j in tqdm(jobs, **bar)]
-    with ProcessPoolExecutor(workers) as pool:
-        return list(tqdm(pool.map(_decode_or_none, jobs, chunksize=max(1, min(256, len(jobs) // (4 * workers)))), **bar))
+    block = 32
+    jobs = [([p for p, _ in samples[i : i + block]], i, str(out_file), offset, data.image_size, data.channels) for i in range(0, len(samples), block)]
+    workers = min(data.workers or os.cpu_count() or 1, len(jobs))
+    bar = tqdm(total=len(samples), desc=desc, unit="img", disable=not progress, file=sys.stderr, leave=False)
+    bad: set[int] = set()
+    try:
+        if workers <= 1:
+            results = map(_decode_block, jobs)
+        else:
+            pool = ProcessPoolExecutor(workers)
+            results = pool.map(_decode_block, jobs)
+        for job, rows in zip(jobs, results):
+            bad.update(rows)
+            bar.update(len(job[0]))
+    finally:
+        bar.close()
+        if workers > 1:
+            pool.shutdown()
+        fd = _FILES.pop(str(out_file), None)
+        if fd is not None:
+            os.close(fd)
+    return bad
 
 
-def load_folder(folder: Path, data: Data, progress: bool = True, scanned=None) -> tuple[list[str], Split, list[str]]:
-    """(classes, every decodable image of folder, skipped paths), through the cache."""
+def _build_entry(samples, classes, data: Data, images_file: Path, meta_file: Path, progress: bool, desc: str) -> None:
+    """Decode into a temporary .npy, fsync, rename into place; then the .json that marks the entry complete."""
+    shape = (len(samples), data.channels, data.image_size, data.image_size)
+    tmp = images_file.with_name(f".{images_file.name}.{os.getpid()}.tmp")
+    try:
+        empty = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)  # header + room for every row
+        offset = empty.offset
+        del empty
+        bad = _decode_all(samples, data, tmp, offset, progress, desc)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, images_file)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    rows = [i for i in range(len(samples)) if i not in bad]
+    meta = dict(
+        version=CACHE_VERSION, shape=list(shape), classes=classes, rows=rows,
+        labels=[samples[i][1] for i in rows], paths=[samples[i][0] for i in rows],
+        skipped=[samples[i][0] for i in sorted(bad)],
+    )
+    atomic_write(meta_file, lambda f: f.write(json.dumps(meta).encode()))
+
+
+def _read_entry(images_file: Path, meta_file: Path, classes, in_memory: bool):
+    """(pool, meta) of a complete, undamaged cache entry, else None."""
+    try:
+        meta = json.loads(meta_file.read_text())
+        pool = np.load(images_file, mmap_mode=None if in_memory else "c")
+        if pool.shape != tuple(meta["shape"]) or meta["classes"] != classes or meta.get("version") != CACHE_VERSION:
+            return None
+        if in_memory and not pool.flags.writeable:
+            pool = pool.copy()
+        return pool, meta
+    except (OSError, ValueError, KeyError, TypeError, EOFError, json.JSONDecodeError):
+        return None  # missing, truncated or damaged: decoded afresh and rewritten
+
+
+def decoded_bytes(n_images: int, data: Data) -> int:
+    return n_images * data.channels * data.image_size**2
+
+
+def load_folder(folder: Path, data: Data, progress: bool = True, scanned=None, in_memory: bool = True) -> tuple[list[str], Split, list[str]]:
+    """(classes, every decodable image of folder, skipped paths), through the cache.
+
+    in_memory=False leaves the pool memory-mapped from the cache file (bigger-than-memory data).
+    """
     classes, samples = scanned or _scan(folder)
     key = _cache_key(samples, data)
     root = _cache_root(data)
     images_file, meta_file = root / f"{key}.npy", root / f"{key}.json"
-    if meta_file.exists() and images_file.exists():
+    entry = _read_entry(images_file, meta_file, classes, in_memory)
+    if entry is None:
         try:
-            meta = json.loads(meta_file.read_text())
-            images = np.load(images_file)
-            if images.shape == tuple(meta["shape"]) and meta["classes"] == classes:
-                split = Split(torch.from_numpy(images), torch.tensor(meta["labels"], dtype=torch.int64), meta["paths"])
-                return classes, split, meta["skipped"]
-        except (OSError, ValueError, KeyError, json.JSONDecodeError):
-            pass  # a damaged cache entry is decoded afresh and rewritten
-    decoded = _decode_all(samples, data, progress, f"decoding {folder}")
-    keep = [i for i, arr in enumerate(decoded) if arr is not None]
-    skipped = [samples[i][0] for i, arr in enumerate(decoded) if arr is None]
-    shape = (len(keep), data.channels, data.image_size, data.image_size)
-    images = np.stack([decoded[i] for i in keep]) if keep else np.zeros(shape, np.uint8)
-    labels = [samples[i][1] for i in keep]
-    paths = [samples[i][0] for i in keep]
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        atomic_write(images_file, lambda f: np.save(f, images))
-        meta = dict(shape=list(shape), classes=classes, labels=labels, paths=paths, skipped=skipped)
-        atomic_write(meta_file, lambda f: f.write(json.dumps(meta).encode()))  # written last: it marks the entry complete
-    except OSError as e:
-        warnings.warn(f"could not write the decode cache in {root} ({e.strerror}); decoding again next time")
-    return classes, Split(torch.from_numpy(images), torch.tensor(labels, dtype=torch.int64), paths), skipped
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create the decode cache folder {root} ({e.strerror}); set data.cache_dir to a writable folder") from None
+        _build_entry(samples, classes, data, images_file, meta_file, progress, f"decoding {folder}")
+        entry = _read_entry(images_file, meta_file, classes, in_memory)
+        if entry is None:
+            raise OSError(f"the decode cache entry {images_file} could not be read back after writing it")
+    pool, meta = entry
+    rows, labels = torch.tensor(meta["rows"], dtype=torch.int64), torch.tensor(meta["labels"], dtype=torch.int64)
+    split = Split(torch.from_numpy(pool), rows, labels, meta["paths"], mapped=not in_memory)
+    return classes, split, meta["skipped"]
 
 
 # ---------------------------------------------------------------- the dataset
@@ -176,7 +275,12 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     return torch.cat(train).sort().values, torch.cat(val).sort().values
 
 
-def load_dataset(data: Data, seed: int, progress: bool = True) -> Dataset:
+def load_dataset(data: Data, seed: int, progress: bool = True, memory_budget: int | None = None) -> Dataset:
+    """The train, val and (if present) test splits of data.root.
+
+    When the decoded images exceed memory_budget bytes (None: no limit), the pools
+    stay memory-mapped from the cache files and batches are read from them.
+    """
     root = Path(data.root)
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist")
@@ -189,9 +293,11 @@ def load_dataset(data: Data, seed: int, progress: bool = True) -> Dataset:
     for name, (other, _) in scanned.items():
         if other != classes:
             raise UserError(f"{folders[name]} has classes {other}, but {folders['train']} has {classes}; they must match")
+    total = decoded_bytes(sum(len(samples) for _, samples in scanned.values()), data)
+    in_memory = memory_budget is None or total <= memory_budget
     loaded, skipped = {}, []
     for name, folder in folders.items():
-        loaded[name] = load_folder(folder, data, progress, scanned[name])[1:]
+        loaded[name] = load_folder(folder, data, progress, scanned[name], in_memory)[1:]
         skipped += loaded[name][1]
     train = loaded["train"][0]
     if skipped:
@@ -214,23 +320,35 @@ def load_dataset(data: Data, seed: int, progress: bool = True) -> Dataset:
 # ---------------------------------------------------------------- on the device
 
 
-def normalisation(images: torch.Tensor, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of a uint8 (N, C, S, S) tensor, as floats in [0, 1] units."""
-    c = images.shape[1]
-    total = torch.zeros(c, dtype=torch.float64, device=images.device)
-    squares = torch.zeros(c, dtype=torch.float64, device=images.device)
-    for i in range(0, len(images), chunk):
-        x = images[i : i + chunk].to(torch.float64) / 255
+def normalisation(split: Split, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of a split's images, as floats in [0, 1] units."""
+    c = split.images.shape[1]
+    total = torch.zeros(c, dtype=torch.float64, device=split.index.device)
+    squares = torch.zeros(c, dtype=torch.float64, device=split.index.device)
+    for i in range(0, len(split), chunk):
+        x = split.batch(torch.arange(i, min(i + chunk, len(split)), device=split.index.device)).to(total.device, torch.float64) / 255
         total += x.sum(dim=(0, 2, 3))
         squares += (x * x).sum(dim=(0, 2, 3))
-    n = len(images) * images.shape[2] * images.shape[3]
+    n = len(split) * split.images.shape[2] * split.images.shape[3]
     mean = total / n
     std = (squares / n - mean * mean).clamp_min(1e-12).sqrt()
     return mean.float(), std.float()
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Half the free GPU memory on CUDA, half the available RAM on the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0] // 2
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024 // 2
+    except (OSError, KeyError, ValueError):
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
 
 def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """uint8 (B, C, S, S) -> float (B, C, S, S): x/255, then (x - mean)/std per channel."""
     scale = (1 / (255 * std)).view(1, -1, 1, 1)
     shift = (mean / std).view(1, -1, 1, 1)
-    return images.float() * scale - shift
+    return images.float().mul_(scale).sub_(shift)  # in place on the fresh float copy: no extra temporaries

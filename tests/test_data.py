@@ -21,6 +21,10 @@ def fresh_decode(split, d):
     return torch.from_numpy(np.stack([data.decode(p, d.image_size, d.channels) for p in split.paths]))
 
 
+def images_of(split):
+    return split.batch(torch.arange(len(split)))
+
+
 def copy_tree(src, dst):
     shutil.copytree(src, dst)
     return dst
@@ -30,8 +34,8 @@ def test_cache_equals_a_fresh_decode_and_is_hit_the_second_time(tmp_path, tiny_t
     d = settings(tmp_path)
     classes, first, skipped = data.load_folder(tiny_tree / "train", d, progress=False)
     assert classes == ["hot_dog", "not_hot_dog"] and skipped == []
-    assert first.images.dtype == torch.uint8 and first.images.shape == (90, 1, 32, 32)
-    assert torch.equal(first.images, fresh_decode(first, d))
+    assert first.images.dtype == torch.uint8 and images_of(first).shape == (90, 1, 32, 32)
+    assert torch.equal(images_of(first), fresh_decode(first, d))
     assert torch.bincount(first.labels).tolist() == [30, 60]
 
     def no_decoding(*a, **k):
@@ -39,14 +43,14 @@ def test_cache_equals_a_fresh_decode_and_is_hit_the_second_time(tmp_path, tiny_t
 
     monkeypatch.setattr(data, "_decode_all", no_decoding)
     _, second, _ = data.load_folder(tiny_tree / "train", d, progress=False)
-    assert torch.equal(first.images, second.images) and torch.equal(first.labels, second.labels)
+    assert torch.equal(images_of(first), images_of(second)) and torch.equal(first.labels, second.labels)
     assert second.paths == first.paths
 
 
 def test_image_settings_are_part_of_the_key(tmp_path, tiny_tree):
     _, gray, _ = data.load_folder(tiny_tree / "test", settings(tmp_path), progress=False)
     _, rgb, _ = data.load_folder(tiny_tree / "test", settings(tmp_path, channels=3, image_size=16), progress=False)
-    assert gray.images.shape[1:] == (1, 32, 32) and rgb.images.shape[1:] == (3, 16, 16)
+    assert images_of(gray).shape[1:] == (1, 32, 32) and images_of(rgb).shape[1:] == (3, 16, 16)
 
 
 def test_a_changed_added_or_removed_file_invalidates_the_cache(tmp_path, tiny_tree):
@@ -58,9 +62,9 @@ def test_a_changed_added_or_removed_file_invalidates_the_cache(tmp_path, tiny_tr
     Image.new("RGB", (32, 32), (255, 255, 255)).save(changed)
     _, after, _ = data.load_folder(root, d, progress=False)
     i = after.paths.index(str(changed))
-    assert after.images[i].min() > 240  # the new white picture, not the cached hot dog
-    assert not torch.equal(before.images[i], after.images[i])
-    assert torch.equal(after.images, fresh_decode(after, d))
+    assert images_of(after)[i].min() > 240  # the new white picture, not the cached hot dog
+    assert not torch.equal(images_of(before)[i], images_of(after)[i])
+    assert torch.equal(images_of(after), fresh_decode(after, d))
 
     Image.new("RGB", (40, 40), (0, 0, 0)).save(root / "not_hot_dog" / "new.png")
     _, added, _ = data.load_folder(root, d, progress=False)
@@ -70,7 +74,7 @@ def test_a_changed_added_or_removed_file_invalidates_the_cache(tmp_path, tiny_tr
     (root / "hot_dog" / "hot_dog_00001.jpg").unlink()
     _, removed, _ = data.load_folder(root, d, progress=False)
     assert len(removed) == len(before) - 1
-    assert torch.equal(removed.images, fresh_decode(removed, d))
+    assert torch.equal(images_of(removed), fresh_decode(removed, d))
 
 
 def test_a_damaged_cache_entry_is_rebuilt(tmp_path, tiny_tree):
@@ -79,7 +83,7 @@ def test_a_damaged_cache_entry_is_rebuilt(tmp_path, tiny_tree):
     for f in (tmp_path / "cache").glob("*.npy"):
         f.write_bytes(f.read_bytes()[:100])  # truncated, as a crash or a full disk might leave it
     _, again, _ = data.load_folder(tiny_tree / "test", d, progress=False)
-    assert torch.equal(first.images, again.images)
+    assert torch.equal(images_of(first), images_of(again))
 
 
 def test_splits_layout_uses_train_and_test_and_a_stratified_val(tmp_path, tiny_tree):
@@ -122,8 +126,11 @@ def test_mismatched_classes_between_splits(tmp_path, tiny_tree):
 
 def test_normalise_gives_zero_mean_unit_std():
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (50, 3, 8, 8), dtype=torch.uint8, generator=g)
-    mean, std = data.normalisation(images, chunk=7)
+    pool = torch.randint(0, 256, (60, 3, 8, 8), dtype=torch.uint8, generator=g)
+    index = torch.randperm(60, generator=g)[:50]  # a split is a subset of the pool's rows
+    split = data.Split(pool, index, torch.zeros(50, dtype=torch.int64), [""] * 50)
+    mean, std = data.normalisation(split, chunk=7)
+    images = pool[index]
     x = images.double() / 255
     assert torch.allclose(mean.double(), x.mean(dim=(0, 2, 3)), atol=1e-6)
     assert torch.allclose(std.double(), x.permute(1, 0, 2, 3).reshape(3, -1).std(dim=1, unbiased=False), atol=1e-5)
@@ -141,3 +148,31 @@ def test_decode_brings_any_mode_and_size_to_the_input(tmp_path):
         assert data.decode(p, 16, 1).shape == (1, 16, 16)
         assert data.decode(p, 16, 3).shape == (3, 16, 16)
     assert tuple(data.decode(rgba, 16, 3)[:, 0, 0]) == (255, 0, 0)
+
+
+def test_large_jpegs_decode_in_draft_mode(tmp_path):
+    from hotdog_torch import synth
+
+    big = tmp_path / "big.jpg"
+    synth.draw_image("hot_dog", np.random.default_rng(0), size=512).save(big, quality=92)
+    with data.open_scaled(big, 128, "RGB") as im:
+        assert im.size == (128, 128)  # libjpeg decoded at 1/4 scale
+    with data.open_scaled(big, 200, "RGB") as im:
+        assert im.size == (256, 256)  # the smallest scale still >= the target
+    png = tmp_path / "big.png"
+    Image.open(big).save(png)
+    with data.open_scaled(png, 128, "RGB") as im:
+        assert im.size == (512, 512)  # not a JPEG: no draft
+    fast, full = data.decode(big, 128, 3).astype(int), data.decode(png, 128, 3).astype(int)
+    assert np.abs(fast - full).mean() < 4  # the same picture, within JPEG and scaling error
+
+
+def test_parallel_decode_equals_one_process_and_skips_bad_files(tmp_path, tiny_tree):
+    root = copy_tree(tiny_tree / "train", tmp_path / "t")
+    (root / "hot_dog" / "notes.jpg").write_text("not a picture")
+    (root / "not_hot_dog" / "empty.png").write_bytes(b"")
+    _, one, skipped = data.load_folder(root, settings(tmp_path, workers=1, cache_dir=str(tmp_path / "c1")), progress=False)
+    _, two, skipped2 = data.load_folder(root, settings(tmp_path, workers=2, cache_dir=str(tmp_path / "c2")), progress=False)
+    assert sorted(os.path.basename(p) for p in skipped) == ["empty.png", "notes.jpg"] and skipped2 == skipped
+    assert len(one) == 90 and one.paths == two.paths
+    assert torch.equal(images_of(one), images_of(two))

@@ -52,7 +52,7 @@ def test_outputs_and_checkpoints_predict_without_the_config(small_tree, make_con
     model = checkpoint.model_from(ckpt)
     ds = data.load_dataset(cfg.data, cfg.seed, progress=False)
     mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
-    test = train.evaluate(model, ds.test.images, ds.test.labels, mean, std, 2)
+    test = train.evaluate(model, ds.test, mean, std, 2)
     assert test["accuracy"] == pytest.approx(m["test_accuracy"])
     assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"] == 4
 

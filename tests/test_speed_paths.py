@@ -1,0 +1,77 @@
+"""The fast paths compute the same thing as the plain ones."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+from hotdog_torch import checkpoint, config, cost, train
+from hotdog_torch.model import build_model
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh"])
+@pytest.mark.parametrize("hidden", [[], [7], [9, 5]])
+def test_fused_sgd_step_equals_autograd_and_torch_optim(activation, hidden):
+    torch.manual_seed(0)
+    a = build_model(12, hidden, 3, activation).double()
+    b = copy.deepcopy(a)
+    optimizer = torch.optim.SGD(b.parameters(), lr=0.3, momentum=0.0)
+    cfg = config.load(None, ["optim.lr=0.3", "optim.momentum=0", "optim.fused=false", f"model.activation={activation}"])
+    autograd_step, name = train.make_step(b, optimizer, cfg, torch.device("cpu"))
+    assert name.startswith("autograd")
+    for _ in range(5):
+        x = torch.randn(8, 12, dtype=torch.float64)
+        t = cost.one_hot(torch.randint(0, 3, (8,)), 3, torch.float64)
+        c1, out1 = train.fused_sgd_step(a, x, t, 0.3, activation)
+        c2, out2 = autograd_step(x, t)
+        assert torch.allclose(c1, c2, atol=1e-12) and torch.allclose(out1, out2, atol=1e-12)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-12)
+        assert not torch.equal(pa, torch.zeros_like(pa))
+
+
+def test_fused_and_autograd_runs_end_with_the_same_weights(small_tree, make_config):
+    runs = {}
+    for fused in (True, False):
+        cfg = make_config(small_tree, "optim.momentum=0", f"optim.fused={str(fused).lower()}", f"log.run_name=fused-{fused}", "train.epochs=3")
+        run_dir = train.run(cfg, progress=False)
+        m = json.loads((run_dir / "metrics.json").read_text())
+        assert m["step"].startswith("fused" if fused else "autograd")
+        runs[fused] = checkpoint.load(run_dir / "checkpoints/last.pt")["model"]
+    for k in runs[True]:
+        assert torch.allclose(runs[True][k], runs[False][k], atol=1e-5), k
+
+
+def test_momentum_or_bf16_use_autograd():
+    cpu = torch.device("cpu")
+    model = build_model(4, [3], 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert train.make_step(model, opt, config.load(None, ["optim.momentum=0.9"]), cpu)[1].startswith("autograd")
+    assert "bf16" in train.make_step(model, opt, config.load(None, ["optim.momentum=0", "train.precision=bf16"]), cpu)[1]
+    assert train.make_step(model, opt, config.load(None, ["optim.momentum=0"]), cpu)[1].startswith("fused")
+
+
+def test_memory_mapped_data_gives_the_same_weights(small_tree, make_config):
+    weights = {}
+    for budget in ("null", "0"):
+        run_dir = train.run(make_config(small_tree, f"data.memory_budget={budget}", f"log.run_name=budget-{budget}", "train.epochs=3"), progress=False)
+        weights[budget] = checkpoint.load(run_dir / "checkpoints/last.pt")["model"]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert metrics["peak_memory_bytes"] > 0
+    for k in weights["null"]:
+        assert torch.equal(weights["null"][k], weights["0"][k]), k
+
+
+def test_a_zero_budget_keeps_the_pool_memory_mapped(small_tree, tmp_path):
+    from hotdog_torch import data
+
+    d = config.Data(root=str(small_tree), image_size=32, channels=1, cache_dir=str(tmp_path / "c"), workers=1)
+    mapped = data.load_dataset(d, 0, progress=False, memory_budget=0)
+    resident = data.load_dataset(d, 0, progress=False, memory_budget=None)
+    assert mapped.train.mapped and not resident.train.mapped
+    moved = mapped.to(torch.device("cpu"))
+    assert moved.train.images is mapped.train.images  # stays mapped: no copy into memory
+    pos = torch.tensor([5, 0, 17])
+    assert torch.equal(mapped.train.batch(pos), resident.train.batch(pos))

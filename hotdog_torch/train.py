@@ -102,7 +102,7 @@ def make_step(model, optimizer, cfg: Config, device: torch.device):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             outputs = forward(x)
         cost = half_mse(outputs.float(), targets)  # C = ½ · mean_batch Σ_outputs (a − y)²
-        optimizer.zero_grad(set_to_none=False)  # reuse the gradient buffers rather than allocate them anew
+        optimizer.zero_grad()  # set_to_none: measured faster here than zeroing and accumulating into old buffers
         cost.backward()
         optimizer.step()  # w <- w − lr · ∂C/∂w  (plus momentum when optim.momentum > 0)
         return cost.detach(), outputs.detach()

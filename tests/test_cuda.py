@@ -1,0 +1,49 @@
+"""CUDA checks: skipped on a machine without a GPU (CI); scripts/gpu_check.sh runs them on one."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hotdog_torch import checkpoint, data, train
+from hotdog_torch.model import build_model
+
+pytestmark = pytest.mark.cuda
+
+
+def test_data_lives_on_the_gpu_as_uint8(small_tree, make_config):
+    cfg = make_config(small_tree, "device=cuda")
+    ds = data.load_dataset(cfg.data, cfg.seed, progress=False).to(torch.device("cuda"))
+    assert ds.train.images.device.type == "cuda" and ds.train.images.dtype == torch.uint8
+    assert ds.train.images is ds.val.images  # one pool, moved once
+
+
+def test_an_epoch_never_waits_for_the_host(small_tree, make_config):
+    cfg = make_config(small_tree, "device=cuda")
+    device = torch.device("cuda")
+    ds = data.load_dataset(cfg.data, cfg.seed, progress=False).to(device)
+    model = build_model(32 * 32, [16], 2).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    step, name = train.make_step(model, optimizer, cfg, device)
+    assert "bf16" in name  # auto precision on CUDA
+    mean, std = (t.to(device) for t in data.normalisation(ds.train))
+    generator = torch.Generator(device=device).manual_seed(0)
+    train.train_one_epoch(step, ds.train, mean, std, 16, 2, generator, device)  # warm-up
+    torch.cuda.set_sync_debug_mode("error")  # any host synchronisation inside the epoch raises
+    try:
+        costs, wrongs = train.train_one_epoch(step, ds.train, mean, std, 16, 2, generator, device)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(costs).all()
+
+
+@pytest.mark.parametrize("extra", [[], ["train.precision=fp32", "optim.momentum=0"], ["optim.batch_size=null", "optim.lr=2", "train.epochs=60"], ["train.compile=true"]])
+def test_a_tiny_run_learns_on_the_gpu(small_tree, make_config, extra):
+    cfg = make_config(small_tree, "device=cuda", "train.epochs=40", "train.target_accuracy=0.85", "model.hidden=[32]", "optim.lr=0.2", *extra)
+    run_dir = train.run(cfg, progress=False)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["device"].startswith("cuda") and m["val_accuracy"] >= 0.85, m
+    assert m["peak_memory_bytes"] > 0
+    model = checkpoint.model_from(checkpoint.load(run_dir / "checkpoints/best.pt"))  # loads back on the CPU
+    assert next(model.parameters()).device.type == "cpu"

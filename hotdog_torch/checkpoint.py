@@ -22,7 +22,8 @@ from .model import build_model
 FORMAT = 1
 
 
-def save(path: str | Path, *, model, optimizer, config: dict, classes: list[str], mean, std, epoch: int, step: int, metrics: dict) -> None:
+def save(path: str | Path, *, model, optimizer, config: dict, classes: list[str], mean, std, epoch: int, step: int, metrics: dict, state: dict | None = None) -> None:
+    """state: the loop's own (counters, best so far, history, RNG states, mid-epoch position) for --resume."""
     payload = {
         "format": FORMAT,
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -36,6 +37,7 @@ def save(path: str | Path, *, model, optimizer, config: dict, classes: list[str]
         "epoch": epoch,
         "step": step,
         "metrics": metrics,
+        "state": state,
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)

@@ -58,6 +58,7 @@ class Train:
     target_accuracy: Optional[float] = 0.99  # stop once validation accuracy reaches it; null = run every epoch
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the network (autograd path)
+    checkpoint_every_epochs: int = 1  # write checkpoints/last.pt every this many epochs (and at the end; Ctrl-C/SIGTERM always saves)
 
 
 @dataclass
@@ -187,6 +188,7 @@ def _check_ranges(cfg: Config) -> None:
         (o.batch_size is None or o.batch_size >= 1, f"optim.batch_size must be at least 1 or null, got {o.batch_size}"),
         (0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}"),
         (t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}"),
+        (t.checkpoint_every_epochs >= 1, f"train.checkpoint_every_epochs must be at least 1, got {t.checkpoint_every_epochs}"),
         (t.target_accuracy is None or 0 < t.target_accuracy <= 1, f"train.target_accuracy must be in (0, 1] or null, got {t.target_accuracy}"),
         (cfg.device == "auto" or cfg.device == "cpu" or cfg.device == "cuda" or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),
          f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),

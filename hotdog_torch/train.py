@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import random
+import signal
 import sys
 import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 
@@ -110,24 +113,34 @@ def make_step(model, optimizer, cfg: Config, device: torch.device):
     return step, f"autograd + torch.optim.SGD ({precision}{', compiled' if cfg.train.compile else ''})"
 
 
-def train_one_epoch(step, split: data.Split, mean, std, batch_size, n_classes, generator, device):
-    """One pass over the training split in shuffled batches; returns per-step costs and wrong counts.
+def train_one_epoch(step, split: data.Split, mean, std, batch_size, n_classes, generator, device, resume=None, should_stop=lambda: False):
+    """One pass over the training split in shuffled batches.
 
-    Both stay on the device until the caller asks for them: no host sync inside the epoch.
+    Returns {"order", "next", "costs", "wrongs"}: the epoch's batch order, the
+    number of steps taken (all of them unless should_stop() said stop), and the
+    per-step costs and wrong counts.  These stay on the device until the caller
+    asks for them: no host sync inside the epoch.  resume, a dict of the same
+    form saved mid-epoch, continues that epoch where it stopped.
     """
     n = len(split)
-    order = torch.randperm(n, generator=generator, device=split.index.device)
     n_steps = math.ceil(n / batch_size)
-    costs = torch.empty(n_steps, device=device)
-    wrongs = torch.empty(n_steps, dtype=torch.int64, device=device)
-    for i in range(n_steps):
+    costs = torch.zeros(n_steps, device=device)
+    wrongs = torch.zeros(n_steps, dtype=torch.int64, device=device)
+    if resume is None:
+        order, start = torch.randperm(n, generator=generator, device=split.index.device), 0
+    else:
+        order, start = resume["order"].to(split.index.device), resume["next"]
+        costs[:start], wrongs[:start] = resume["costs"].to(device), resume["wrongs"].to(device)
+    for i in range(start, n_steps):
+        if should_stop():
+            return {"order": order, "next": i, "costs": costs[:i], "wrongs": wrongs[:i]}
         pos = order[i * batch_size : (i + 1) * batch_size]
         x = data.normalise(split.batch(pos).to(device, non_blocking=True), mean, std)
         y = split.labels[pos].to(device, non_blocking=True)
         cost, outputs = step(x, one_hot(y, n_classes))
         costs[i] = cost
         wrongs[i] = wrong(outputs, y)
-    return costs, wrongs
+    return {"order": order, "next": n_steps, "costs": costs, "wrongs": wrongs}
 
 
 @torch.no_grad()
@@ -169,12 +182,66 @@ def prepare_data(cfg: Config, progress: bool = True, memory_budget: int | None =
     return data.load_dataset(cfg.data, cfg.seed, progress, memory_budget)
 
 
-def run(cfg: Config, config_name: str = "run", progress: bool = True) -> Path:
-    """Train one run from a checked config; returns its folder under log.dir."""
+class StopRequest:
+    """Ctrl-C or SIGTERM: finish the current step, save, and exit; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def __enter__(self):
+        self._old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in self._old:
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+def _rng_state(generator) -> dict:
+    """Every random number generator's state, as plain data and tensors (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    return {
+        "batches": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]), "has_gauss": int(np_state[3]), "gauss": float(np_state[4])},
+        "python": list(random.getstate()[1]) + [random.getstate()[0]],
+    }
+
+
+def _set_rng_state(generator, state: dict) -> None:
+    generator.set_state(state["batches"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    *keys, version = state["python"]
+    random.setstate((version, tuple(keys), None))
+
+
+def _better(m: dict, best: dict | None) -> bool:
+    """Higher validation accuracy, then lower validation cost."""
+    return best is None or (m["val_accuracy"], -m["val_cost"]) > (best["val_accuracy"], -best["val_cost"])
+
+
+def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir: str | Path | None = None) -> Path:
+    """Train one run from a checked config, or continue the run in resume_dir; returns its folder."""
     device = resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 for whatever runs in fp32
         torch.backends.cudnn.allow_tf32 = True
+    resumed = checkpoint.load(Path(resume_dir) / "checkpoints" / "last.pt") if resume_dir else None
     budget = cfg.data.memory_budget if cfg.data.memory_budget is not None else data.default_memory_budget(device)
     ds = prepare_data(cfg, progress, budget).to(device)
     n_classes = len(ds.classes)
@@ -183,59 +250,103 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True) -> Path:
         warnings.warn(f"optim.batch_size {batch_size} is larger than the {len(ds.train)} training images; using full-batch gradient descent")
         batch_size = len(ds.train)
 
-    run_dir = make_run_dir(cfg.log.dir, cfg.log.run_name or f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    (run_dir / "checkpoints").mkdir()
     resolved = config.to_dict(cfg)
     config_yaml = yaml.safe_dump(resolved, sort_keys=False)
+    if resumed is None:
+        run_dir = make_run_dir(cfg.log.dir, cfg.log.run_name or f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        (run_dir / "checkpoints").mkdir()
+    else:
+        run_dir = Path(resume_dir)
+        if resumed["classes"] != ds.classes:
+            raise UserError(f"{run_dir} was trained on classes {resumed['classes']}, but {cfg.data.root} has {ds.classes}")
     atomic_write_text(run_dir / "config.yaml", config_yaml)
     print(f"run {run_dir}: {len(ds.train)} train, {len(ds.val)} val" + (f", {len(ds.test)} test" if ds.test else "") + f" images of {n_classes} classes on {device}", flush=True)
 
     torch.manual_seed(cfg.seed)
     model = build_model(cfg.data.channels * cfg.data.image_size**2, cfg.model.hidden, n_classes, cfg.model.activation).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-    step_fn, step_name = make_step(model, optimizer, cfg, device)
     generator = torch.Generator(device=ds.train.index.device).manual_seed(cfg.seed)
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
+    state = {"epoch": 0, "step": 0, "logged_step": 0, "best": None, "history": [], "stopped_because": None,
+             "seconds": 0.0, "train_seconds": 0.0, "train_images": 0, "epoch_progress": None}
+    if resumed is not None:
+        try:
+            model.load_state_dict(resumed["model"])
+            if resumed["optimizer"] is not None:
+                optimizer.load_state_dict(resumed["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:
+            raise UserError(f"{run_dir}/checkpoints/last.pt does not fit this config's model ({str(e).splitlines()[0][:100]})") from None
+        state = resumed["state"]
+        _set_rng_state(generator, state["rng"])
+        if state["stopped_because"] is not None and not (state["stopped_because"] == "epochs" and cfg.train.epochs > state["epoch"]):
+            print(f"{run_dir} already finished ({state['stopped_because']}); nothing to resume. To train on, pass train.epochs=N above {state['epoch']}.")
+            return run_dir
+        state["stopped_because"] = None
+        where = f"epoch {state['epoch'] + 1}, step {state['epoch_progress']['next'] + 1} of it" if state["epoch_progress"] else f"the end of epoch {state['epoch']}"
+        print(f"resuming from {where} (global step {state['step']})", flush=True)
+    step_fn, step_name = make_step(model, optimizer, cfg, device)
     print(f"step: {step_name}; data " + ("memory-mapped from the cache (larger than data.memory_budget)" if ds.train.mapped else f"resident on {device}"), flush=True)
 
-    writer = board.open_writer(run_dir)
-    board.log_text(writer, config_yaml, ds.summary())
-    step, best, history = 0, None, []
-    stopped_because = "epochs"
-    started = time.perf_counter()
-    train_seconds, train_images = 0.0, 0
-    for epoch in range(1, cfg.train.epochs + 1):
-        t0 = time.perf_counter()
-        costs, wrongs = train_one_epoch(step_fn, ds.train, mean, std, batch_size, n_classes, generator, device)
-        costs, n_wrong = costs.tolist(), int(wrongs.sum())  # the epoch's one transfer to the host
-        seconds = time.perf_counter() - t0
-        if epoch > 1 or cfg.train.epochs == 1:  # steady state: the first epoch pays for warm-up
-            train_seconds += seconds
-            train_images += len(ds.train)
-        val = evaluate(model, ds.val, mean, std, n_classes)
-        m = {
-            "epoch": epoch,
-            "train_cost": sum(costs) / len(costs),
-            "train_error_rate": n_wrong / len(ds.train),
-            "val_cost": val["cost"],
-            "val_error_rate": val["error_rate"],
-            "val_accuracy": val["accuracy"],
-        }
-        board.log_steps(writer, "cost/train", costs, step)
-        step += len(costs)
-        board.log_epoch(writer, epoch, m)
-        _print_epoch(epoch, cfg.train.epochs, m, len(ds.train) / seconds)
-        history.append(m)
-        save = dict(model=model, optimizer=optimizer, config=resolved, classes=ds.classes, mean=mean.tolist(), std=std.tolist(), epoch=epoch, step=step, metrics=m)
-        checkpoint.save(run_dir / "checkpoints" / "last.pt", **save)
-        if best is None or (m["val_accuracy"], -m["val_cost"]) > (best["val_accuracy"], -best["val_cost"]):
-            best = m
-            checkpoint.save(run_dir / "checkpoints" / "best.pt", **save)
-        if cfg.train.target_accuracy is not None and m["val_accuracy"] >= cfg.train.target_accuracy:
-            stopped_because = "target_accuracy"
-            break
+    # purge_step: on resume, TensorBoard drops whatever was logged after the checkpoint, so no step appears twice
+    writer = board.open_writer(run_dir, purge_step=state["logged_step"] + 1 if resumed is not None else None)
+    if resumed is None:
+        board.log_text(writer, config_yaml, ds.summary())
+
+    def save(path, m, progress=None):
+        state["epoch_progress"] = None if progress is None else {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in progress.items()}
+        state["rng"] = _rng_state(generator)
+        checkpoint.save(path, model=model, optimizer=optimizer, config=resolved, classes=ds.classes, mean=mean.tolist(), std=std.tolist(),
+                        epoch=state["epoch"], step=state["step"], metrics=m, state=state)
+
+    session_start = time.perf_counter()
+    seconds_before = state["seconds"]
+    with StopRequest() as stop:
+        for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
+            t0 = time.perf_counter()
+            done = train_one_epoch(step_fn, ds.train, mean, std, batch_size, n_classes, generator, device, state["epoch_progress"], stop)
+            state["seconds"] = seconds_before + time.perf_counter() - session_start
+            if stop():  # save where the epoch stopped; the resumed run continues from that very step
+                save(run_dir / "checkpoints" / "last.pt", state["history"][-1] if state["history"] else {}, done)
+                name = "SIGTERM" if stop.signal == signal.SIGTERM else "Ctrl-C"
+                print(f"\n{name}: saved {run_dir}/checkpoints/last.pt at epoch {epoch}, step {done['next']} of {math.ceil(len(ds.train) / batch_size)}. "
+                      f"Resume with: python -m hotdog_torch.train --resume {run_dir}", file=sys.stderr, flush=True)
+                raise Interrupted(128 + stop.signal)
+            costs, n_wrong = done["costs"].tolist(), int(done["wrongs"].sum())  # the epoch's one transfer to the host
+            seconds = time.perf_counter() - t0
+            if epoch > 1 or cfg.train.epochs == 1:  # steady state: the first epoch pays for warm-up
+                state["train_seconds"] += seconds
+                state["train_images"] += len(ds.train)
+            val = evaluate(model, ds.val, mean, std, n_classes)
+            m = {
+                "epoch": epoch,
+                "train_cost": sum(costs) / len(costs),
+                "train_error_rate": n_wrong / len(ds.train),
+                "val_cost": val["cost"],
+                "val_error_rate": val["error_rate"],
+                "val_accuracy": val["accuracy"],
+            }
+            board.log_steps(writer, "cost/train", costs, state["step"] + 1)
+            state["step"] += len(costs)
+            state["epoch"] = epoch
+            board.log_epoch(writer, state["step"], m)
+            state["logged_step"] = state["step"]
+            _print_epoch(epoch, cfg.train.epochs, m, len(ds.train) / seconds)
+            state["history"].append(m)
+            reached = cfg.train.target_accuracy is not None and m["val_accuracy"] >= cfg.train.target_accuracy
+            if reached:
+                state["stopped_because"] = "target_accuracy"
+            elif epoch == cfg.train.epochs:
+                state["stopped_because"] = "epochs"
+            if _better(m, state["best"]):
+                state["best"] = m
+                save(run_dir / "checkpoints" / "best.pt", m)
+            if epoch % cfg.train.checkpoint_every_epochs == 0 or state["stopped_because"]:
+                save(run_dir / "checkpoints" / "last.pt", m)
+            if reached:
+                break
     writer.close()
 
+    best, history = state["best"], state["history"]
     metrics = {
         "val_accuracy": best["val_accuracy"],
         "val_error_rate": best["val_error_rate"],
@@ -243,12 +354,12 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True) -> Path:
         "train_cost": best["train_cost"],
         "best_epoch": best["epoch"],
         "epochs": len(history),
-        "steps": step,
-        "seconds": time.perf_counter() - started,
-        "train_images_per_second": train_images / train_seconds if train_seconds else None,
+        "steps": state["step"],
+        "seconds": state["seconds"],
+        "train_images_per_second": state["train_images"] / state["train_seconds"] if state["train_seconds"] else None,
         "peak_memory_bytes": peak_memory_bytes(device),
         "step": step_name,
-        "stopped_because": stopped_because,
+        "stopped_because": state["stopped_because"],
         "device": str(device),
         "classes": ds.classes,
         "skipped_files": len(ds.skipped),
@@ -259,15 +370,23 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True) -> Path:
         metrics.update(test_accuracy=test["accuracy"], test_error_rate=test["error_rate"], test_cost=test["cost"])
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
-    why = f"reached the target validation accuracy {cfg.train.target_accuracy:.2%} at epoch {len(history)}" if stopped_because == "target_accuracy" else f"ran all {cfg.train.epochs} epochs"
+    why = f"reached the target validation accuracy {cfg.train.target_accuracy:.2%} at epoch {len(history)}" if state["stopped_because"] == "target_accuracy" else f"ran all {cfg.train.epochs} epochs"
     test_text = f", test accuracy {metrics['test_accuracy']:.2%}" if ds.test is not None else ""
     print(f"stopped: {why}. best epoch {best['epoch']}: val accuracy {best['val_accuracy']:.2%}{test_text}. wrote {run_dir}", flush=True)
     return run_dir
 
 
+class Interrupted(Exception):
+    """Training stopped by a signal after saving; carries the exit code."""
+
+    def __init__(self, code: int):
+        self.code = code
+
+
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="python -m hotdog_torch.train", description="Train the hot-dog MLP from a YAML config.")
     p.add_argument("--config", help="YAML config (keys: hotdog_torch/config.py); without it, the schema's defaults")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue runs/<name> from its checkpoints/last.pt, with its config.yaml (overrides still apply)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides, values parsed as YAML, e.g. optim.lr=0.5 model.hidden=[256,64]")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p.parse_args(argv)
@@ -276,11 +395,20 @@ def parse_args(argv):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = config.load(args.config, args.overrides)
-        run(cfg, Path(args.config).stem if args.config else "run", progress=not args.no_progress)
+        if args.resume:
+            if args.config:
+                raise UserError("--resume takes the run's own config.yaml; pass changes as overrides, not --config")
+            if not (Path(args.resume) / "config.yaml").is_file():
+                raise UserError(f"{args.resume} is not a run folder (it has no config.yaml)")
+            cfg = config.load(Path(args.resume) / "config.yaml", args.overrides)
+        else:
+            cfg = config.load(args.config, args.overrides)
+        run(cfg, Path(args.config).stem if args.config else "run", progress=not args.no_progress, resume_dir=args.resume)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:
+        return e.code
     except KeyboardInterrupt:
         print("interrupted; the checkpoints already written are kept", file=sys.stderr)
         return 130

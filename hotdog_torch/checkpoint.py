@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -51,8 +50,11 @@ def load(path: str | Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        raise UserError(f"checkpoint {path} holds something other than weights and plain data, so it was not loaded ({str(e).splitlines()[0][:120]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError):
+        refused = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
+        if refused is None:  # the unpickler met bytes it cannot read at all
+            raise UserError(f"checkpoint {path} is damaged or not a hotdog_torch checkpoint") from None
+        raise UserError(f"checkpoint {path} holds code or objects other than weights and plain data, so it was not loaded ({refused})") from None
+    except Exception:  # noqa: BLE001 - whatever the unpickler trips on in a file that is not ours, the file is at fault
         raise UserError(f"checkpoint {path} is damaged or not a hotdog_torch checkpoint") from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise UserError(f"checkpoint {path} is not a hotdog_torch checkpoint")

@@ -96,7 +96,7 @@ def valid_keys() -> list[str]:
 def _unknown(key: str) -> UserError:
     close = difflib.get_close_matches(key, valid_keys() + list(_sections()), n=1, cutoff=0.5)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return UserError(f"unknown config key '{key}'{hint}")
+    return UserError(f"unknown config key {key!r}{hint}")
 
 
 def _type_name(t) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import struct
 import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -28,6 +29,8 @@ from .config import Data, UserError
 from .files import atomic_write
 
 CACHE_VERSION = 1
+# What Pillow's decoders raise for a file that is not a (whole, sane) image; such a file is skipped and counted.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, ZeroDivisionError, RecursionError, Image.DecompressionBombError)
 SPLITS = ("train", "val", "test")
 
 
@@ -86,7 +89,7 @@ class Dataset:
         for name, split in self.splits().items():
             counts = torch.bincount(split.labels.cpu(), minlength=len(self.classes)).tolist()
             lines.append(f"{name}: {len(split)} images (" + ", ".join(f"{c} {n}" for c, n in zip(self.classes, counts)) + ")")
-        lines.append(f"skipped: {len(self.skipped)} undecodable files" + (": " + ", ".join(self.skipped[:5]) if self.skipped else ""))
+        lines.append(f"skipped: {len(self.skipped)} undecodable files" + (": " + ", ".join(shown(p) for p in self.skipped[:5]) if self.skipped else ""))
         return "\n".join(lines)
 
 
@@ -125,7 +128,7 @@ def _decode_block(job) -> list[int]:
     for k, path in enumerate(paths):
         try:
             buffer[k] = decode(path, size, channels)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, RecursionError):
+        except DECODE_ERRORS:
             bad.append(first_row + k)
     fd = _FILES.get(out_file)
     if fd is None:
@@ -148,16 +151,28 @@ def _cache_key(samples, data: Data) -> str:
     h.update(json.dumps([CACHE_VERSION, data.image_size, data.channels]).encode())
     for path, label in samples:
         st = os.stat(path)
-        h.update(f"\0{os.path.abspath(path)}\0{label}\0{st.st_size}\0{st.st_mtime_ns}".encode())
+        h.update(os.fsencode(os.path.abspath(path)) + f"\0{label}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
     return h.hexdigest()[:32]
 
 
 def _scan(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
+    """ImageFolder's classes and (path, class) samples; a file reached twice through symlinks counts once."""
     try:
         found = ImageFolder(str(folder), loader=str, allow_empty=True)
     except FileNotFoundError:
         raise UserError(f"{folder} holds no class folders: expected {folder}/<class name>/<images>") from None
-    return found.classes, found.samples
+    seen, samples = set(), []
+    for path, label in found.samples:
+        real = os.path.realpath(path)
+        if real not in seen:
+            seen.add(real)
+            samples.append((path, label))
+    return found.classes, samples
+
+
+def shown(path: str) -> str:
+    """A path as text that can be printed and logged (file names need not be UTF-8)."""
+    return path.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def _decode_all(samples, data: Data, out_file: Path, offset: int, progress: bool, desc: str) -> set[int]:
@@ -301,7 +316,7 @@ def load_dataset(data: Data, seed: int, progress: bool = True, memory_budget: in
         skipped += loaded[name][1]
     train = loaded["train"][0]
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} undecodable files, first: {', '.join(skipped[:3])}")
+        warnings.warn(f"skipped {len(skipped)} files that are not decodable images, first: {', '.join(shown(p) for p in skipped[:3])}")
     counts = torch.bincount(train.labels, minlength=len(classes))
     empty = [c for c, n in zip(classes, counts.tolist()) if n == 0]
     if empty:

@@ -392,8 +392,13 @@ def parse_args(argv):
     return p.parse_args(argv)
 
 
+def _plain_warnings(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=file or sys.stderr)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    warnings.showwarning = _plain_warnings  # a user reads "warning: ...", not a source line
     try:
         if args.resume:
             if args.config:

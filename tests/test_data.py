@@ -84,6 +84,11 @@ def test_a_damaged_cache_entry_is_rebuilt(tmp_path, tiny_tree):
         f.write_bytes(f.read_bytes()[:100])  # truncated, as a crash or a full disk might leave it
     _, again, _ = data.load_folder(tiny_tree / "test", d, progress=False)
     assert torch.equal(images_of(first), images_of(again))
+    for f in (tmp_path / "cache").glob("*.json"):
+        f.write_text("{not json")
+    _, third, _ = data.load_folder(tiny_tree / "test", d, progress=False)
+    assert torch.equal(images_of(first), images_of(third))
+    assert not list((tmp_path / "cache").glob(".*.tmp"))  # no temporary file left behind
 
 
 def test_splits_layout_uses_train_and_test_and_a_stratified_val(tmp_path, tiny_tree):

@@ -1,0 +1,141 @@
+"""Broken files, odd images and damaged checkpoints: each is used, skipped and counted, or refused in one sentence."""
+from __future__ import annotations
+
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from hotdog_torch import checkpoint, config, data, train
+from hotdog_torch.config import UserError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def png_claiming(width, height) -> bytes:
+    """A tiny PNG whose header claims width x height pixels: a decompression bomb for Pillow's guard."""
+    def chunk(kind, body):
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+@pytest.fixture
+def messy_tree(tmp_path, tiny_tree):
+    root = tmp_path / "messy"
+    shutil.copytree(tiny_tree / "train", root)
+    hot, other = root / "hot_dog", root / "not_hot_dog"
+    good = sorted(hot.glob("*.jpg"))[0].read_bytes()
+    (hot / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (hot / "zero.jpg").write_bytes(b"")
+    (hot / "notes.jpg").write_text("this is not a picture\n")
+    (other / "bomb.png").write_bytes(png_claiming(30000, 30000))
+    Image.new("CMYK", (40, 40), (0, 255, 255, 0)).save(other / "cmyk.jpg")
+    Image.fromarray(np.full((20, 20), 40000, np.uint16)).save(other / "sixteen.png")
+    Image.new("RGB", (30, 30), (10, 200, 10)).convert("P").save(other / "palette.png")
+    Image.new("RGBA", (30, 30), (200, 10, 10, 100)).save(other / "alpha.png")
+    Image.new("LA", (30, 30), (90, 50)).save(other / "gray_alpha.png")
+    (other / "README.txt").write_text("not an image extension: ImageFolder ignores it")
+    (other / ".DS_Store").write_bytes(b"\0\1\2")
+    os.symlink(other, other / "loop")  # a directory that contains itself
+    with open(os.fsencode(other) + b"/caf\xe9.jpg", "wb") as f:  # a Latin-1 file name, not UTF-8
+        f.write(sorted(other.glob("*.jpg"))[0].read_bytes())
+    return root
+
+
+def test_every_kind_of_bad_file_is_used_or_skipped_and_counted(messy_tree, tmp_path):
+    d = config.Data(root=str(messy_tree), image_size=16, channels=1, cache_dir=str(tmp_path / "c"), workers=2)
+    classes, split, skipped = data.load_folder(messy_tree, d, progress=False)
+    names = sorted(os.path.basename(p) for p in skipped)
+    assert names == ["bomb.png", "notes.jpg", "truncated.jpg", "zero.jpg"]
+    used = {os.path.basename(p): i for i, p in enumerate(split.paths)}
+    for name in ("cmyk.jpg", "sixteen.png", "palette.png", "alpha.png", "gray_alpha.png"):
+        assert name in used
+    assert len(split) == 90 + 6  # the good set, 5 odd-but-valid images and the non-UTF-8 name, each once despite the loop
+    image = lambda name: split.batch(torch.tensor([used[name]]))[0]  # noqa: E731
+    assert int(image("sixteen.png").float().mean()) == 40000 >> 8  # 16-bit: the top 8 bits, not clipped to white
+    assert not any("README" in p or "DS_Store" in p for p in split.paths)
+
+
+def test_a_messy_tree_trains_and_says_what_it_skipped(messy_tree, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "hotdog_torch.train", "--no-progress", f"data.root={messy_tree}", "data.image_size=16",
+                        f"data.cache_dir={tmp_path}/c", f"log.dir={tmp_path}/runs", "train.epochs=1", "model.hidden=[4]", "device=cpu"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "warning: skipped 4 files that are not decodable images" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_a_class_left_empty_stops_with_a_message(tmp_path, tiny_tree):
+    root = tmp_path / "t"
+    shutil.copytree(tiny_tree / "train", root)
+    for p in (root / "hot_dog").iterdir():
+        p.write_bytes(b"broken")
+    d = config.Data(root=str(root), image_size=16, cache_dir=str(tmp_path / "c"), workers=1)
+    with pytest.raises(UserError, match="hot_dog .* hold no decodable images"):
+        data.load_dataset(d, 0, progress=False)
+    (root / "empty").mkdir()
+    with pytest.raises(UserError, match="no decodable images"):
+        data.load_dataset(d, 0, progress=False)
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory, small_tree):
+    tmp = tmp_path_factory.mktemp("ckpt")
+    cfg = config.from_dict({"data": {"root": str(small_tree), "image_size": 32, "cache_dir": str(tmp / "c"), "workers": 1},
+                            "model": {"hidden": [8]}, "train": {"epochs": 1}, "log": {"dir": str(tmp / "runs"), "run_name": "r"}, "device": "cpu"})
+    return train.run(cfg, progress=False) / "checkpoints" / "last.pt"
+
+
+def test_checkpoints_load_with_weights_only(good_checkpoint, tmp_path):
+    ckpt = checkpoint.load(good_checkpoint)
+    assert ckpt["format"] == checkpoint.FORMAT
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": checkpoint.FORMAT, "model": Payload()}, evil)
+    with pytest.raises(UserError, match="other than weights and plain data.*GLOBAL posix.system"):
+        checkpoint.load(evil)
+
+
+def test_damaged_and_foreign_checkpoints_are_refused_in_one_sentence(good_checkpoint, tmp_path):
+    raw = good_checkpoint.read_bytes()
+    cases = {
+        "truncated.pt": raw[: len(raw) // 3],
+        "garbage.pt": os.urandom(4096),
+        "empty.pt": b"",
+    }
+    for name, content in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UserError, match="damaged or not a hotdog_torch checkpoint"):
+            checkpoint.load(tmp_path / name)
+    old = checkpoint.load(good_checkpoint)
+    old["format"] = 99
+    torch.save(old, tmp_path / "future.pt")
+    with pytest.raises(UserError, match="format version 99"):
+        checkpoint.load(tmp_path / "future.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="not a hotdog_torch checkpoint"):
+        checkpoint.load(tmp_path / "other.pt")
+
+
+def test_resume_from_a_corrupt_checkpoint_exits_2(good_checkpoint, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(good_checkpoint.parent.parent, run_dir)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"PK\3\4 not really")
+    r = subprocess.run([sys.executable, "-m", "hotdog_torch.train", "--resume", str(run_dir)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [f"error: checkpoint {run_dir}/checkpoints/last.pt is damaged or not a hotdog_torch checkpoint"]

@@ -81,9 +81,27 @@ def test_a_class_left_empty_stops_with_a_message(tmp_path, tiny_tree):
     d = config.Data(root=str(root), image_size=16, cache_dir=str(tmp_path / "c"), workers=1)
     with pytest.raises(UserError, match="hot_dog .* hold no decodable images"):
         data.load_dataset(d, 0, progress=False)
-    (root / "empty").mkdir()
-    with pytest.raises(UserError, match="no decodable images"):
-        data.load_dataset(d, 0, progress=False)
+    fresh = tmp_path / "fresh"
+    shutil.copytree(tiny_tree / "train", fresh)
+    (fresh / "pizza").mkdir()  # an empty class folder
+    with pytest.raises(UserError, match="pizza .* hold no decodable images"):
+        data.load_dataset(config.Data(root=str(fresh), image_size=16, cache_dir=str(tmp_path / "c"), workers=1), 0, progress=False)
+
+
+def test_a_crash_mid_write_leaves_the_old_file(tmp_path):
+    from hotdog_torch.files import atomic_write, atomic_write_text
+
+    target = tmp_path / "metrics.json"
+    atomic_write_text(target, "old")
+
+    def crash(f):
+        f.write(b"half of the new")
+        raise RuntimeError("power cut")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(target, crash)
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
 # ---------------------------------------------------------------- checkpoints

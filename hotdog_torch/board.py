@@ -1,10 +1,18 @@
 """Everything written to TensorBoard.
 
 The x axis is always the optimiser step (1 = after the first update).
-Per step:                        cost/train
-Per epoch (at its last step):    epoch, cost/train_epoch, cost/val, error_rate/train,
-                                 error_rate/val, accuracy/val
-Text:                            config (the resolved YAML), dataset (class counts, skipped files)
+
+Scalars, every step:            cost/train (½·MSE of the batch)
+Scalars, every log.every_steps: lr, weight_norm/layerN, grad_norm/layerN (on a fixed probe batch)
+Scalars, every epoch:           epoch, cost/train_epoch, cost/val, error_rate/train, error_rate/val,
+                                accuracy/val, balanced_accuracy/val, precision|recall|f1/val/<class>
+Histograms, every epoch:        weights/layerN, gradients/layerN, scores/<class>/true_<class>
+Images, every log.images_every_epochs and at the end:
+                                neurons/layer1 (each first-layer neuron's weights as an input image),
+                                misclassified/val (captioned), confusion_matrix/val
+PR curves, with the images:     pr_curve/<class>
+Text, once:                     config, dataset
+HParams, at the end:            the config's knobs against hparam/* final metrics
 
 The error rate is the seed's first cost function, # wrongly identified / total:
 it is logged beside the smooth cost ½·MSE that gradient descent follows.
@@ -13,7 +21,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import hparams as hparams_summary
+from torchvision.utils import make_grid
+
+HISTOGRAM_SAMPLE = 1 << 16  # larger tensors are histogrammed from a fixed random sample of this many entries
 
 
 def open_writer(run_dir: str | Path, purge_step: int | None = None) -> SummaryWriter:
@@ -32,7 +47,12 @@ def log_steps(writer: SummaryWriter, tag: str, values: list[float], first_step: 
         writer.add_scalar(tag, v, first_step + i)
 
 
-def log_epoch(writer: SummaryWriter, step: int, metrics: dict) -> None:
+def log_scalars(writer: SummaryWriter, step: int, values: dict[str, float]) -> None:
+    for tag, v in values.items():
+        writer.add_scalar(tag, v, step)
+
+
+def log_epoch(writer: SummaryWriter, step: int, metrics: dict, report: dict) -> None:
     """Epoch metrics at the global step the epoch ended on (as Lightning does), so every curve shares one x axis."""
     writer.add_scalar("epoch", metrics["epoch"], step)
     writer.add_scalar("cost/train_epoch", metrics["train_cost"], step)
@@ -40,4 +60,103 @@ def log_epoch(writer: SummaryWriter, step: int, metrics: dict) -> None:
     writer.add_scalar("cost/val", metrics["val_cost"], step)
     writer.add_scalar("error_rate/val", metrics["val_error_rate"], step)
     writer.add_scalar("accuracy/val", metrics["val_accuracy"], step)
-    writer.flush()
+    writer.add_scalar("balanced_accuracy/val", report["balanced_accuracy"], step)
+    for name, r in report["classes"].items():
+        for what in ("precision", "recall", "f1"):
+            writer.add_scalar(f"{what}/val/{name}", r[what], step)
+
+
+def _sample(t: torch.Tensor) -> torch.Tensor:
+    flat = t.detach().flatten()
+    if flat.numel() <= HISTOGRAM_SAMPLE:
+        return flat.float().cpu()
+    g = torch.Generator().manual_seed(0)
+    return flat[torch.randint(0, flat.numel(), (HISTOGRAM_SAMPLE,), generator=g).to(flat.device)].float().cpu()
+
+
+def log_histograms(writer: SummaryWriter, step: int, layers, grads, outputs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> None:
+    for i, (layer, g) in enumerate(zip(layers, grads), start=1):
+        writer.add_histogram(f"weights/layer{i}", _sample(layer.weight), step)
+        writer.add_histogram(f"gradients/layer{i}", _sample(g), step)
+    scores, labels = outputs.float().cpu(), labels.cpu()
+    for k, name in enumerate(classes):
+        for j, truth in enumerate(classes):
+            picked = scores[labels == j, k]
+            if len(picked):
+                writer.add_histogram(f"scores/{name}/true_{truth}", picked, step)
+
+
+# ---------------------------------------------------------------- pictures
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: one bitmap size
+        return ImageFont.load_default()
+
+
+def neuron_images(weight: torch.Tensor, channels: int, size: int, limit: int = 64) -> torch.Tensor:
+    """Each first-layer neuron's weights reshaped into the input image, scaled to [0, 1] per neuron: what it looks for."""
+    w = weight.detach()[:limit].float().cpu().view(-1, channels, size, size)
+    lo = w.flatten(1).min(dim=1).values.view(-1, 1, 1, 1)
+    hi = w.flatten(1).max(dim=1).values.view(-1, 1, 1, 1)
+    return make_grid((w - lo) / (hi - lo).clamp_min(1e-12), nrow=8, padding=2, pad_value=1.0)
+
+
+def captioned_grid(images: torch.Tensor, captions: list[str], columns: int = 6, scale: int = 2) -> torch.Tensor:
+    """uint8 (N, C, S, S) images, each with its caption below, as one (3, H, W) float image."""
+    n, c, s, _ = images.shape
+    cell_w, text_h = max(s * scale, 150), 30
+    rows = (n + columns - 1) // columns
+    sheet = Image.new("RGB", (columns * cell_w, rows * (s * scale + text_h)), "white")
+    draw = ImageDraw.Draw(sheet)
+    font = _font(11)
+    for i in range(n):
+        arr = images[i].cpu().numpy()
+        tile = Image.fromarray(arr[0] if c == 1 else arr.transpose(1, 2, 0)).convert("RGB").resize((s * scale, s * scale), Image.Resampling.NEAREST)
+        x, y = (i % columns) * cell_w, (i // columns) * (s * scale + text_h)
+        sheet.paste(tile, (x, y))
+        draw.multiline_text((x + 2, y + s * scale + 1), captions[i], fill="black", font=font, spacing=1)
+    return torch.from_numpy(np.asarray(sheet).copy()).permute(2, 0, 1).float() / 255
+
+
+def confusion_image(confusion: torch.Tensor, classes: list[str]) -> torch.Tensor:
+    """The confusion matrix as a picture: rows = true class, columns = predicted, shade = share of the row."""
+    k = len(classes)
+    cell, margin = 124, 118
+    img = Image.new("RGB", (margin + k * cell, margin + k * cell), "white")
+    draw = ImageDraw.Draw(img)
+    font = _font(13)
+    rows = confusion.double().sum(dim=1, keepdim=True).clamp_min(1)
+    share = (confusion.double() / rows).cpu()
+    for i in range(k):
+        draw.text((4, margin + i * cell + cell // 2 - 7), f"true {classes[i]}"[:16], fill="black", font=font)
+        draw.text((margin + i * cell + 4, margin - 22), f"pred {classes[i]}"[:17], fill="black", font=font)
+        for j in range(k):
+            shade = int(255 - 200 * share[i, j])
+            x, y = margin + j * cell, margin + i * cell
+            draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=(shade, shade, 255), outline="gray")
+            draw.text((x + 8, y + cell // 2 - 8), f"{int(confusion[i, j])}", fill="black" if shade > 120 else "white", font=font)
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
+
+
+def log_pictures(writer: SummaryWriter, step: int, first_layer: torch.Tensor, channels: int, size: int,
+                 wrong_images: torch.Tensor, wrong_captions: list[str], confusion: torch.Tensor,
+                 outputs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> None:
+    writer.add_image("neurons/layer1", neuron_images(first_layer, channels, size), step)
+    if len(wrong_images):
+        writer.add_image("misclassified/val", captioned_grid(wrong_images, wrong_captions), step)
+    writer.add_image("confusion_matrix/val", confusion_image(confusion, classes), step)
+    scores, labels = outputs.float().cpu(), labels.cpu()
+    for k, name in enumerate(classes):
+        writer.add_pr_curve(f"pr_curve/{name}", (labels == k).int(), scores[:, k].clamp(0, 1), step)
+
+
+def log_hparams(writer: SummaryWriter, hparams: dict, metrics: dict) -> None:
+    """The HParams dashboard: this run's knobs against its final metrics, in this run's own event file."""
+    metrics = {f"hparam/{k}": float(v) for k, v in metrics.items() if v is not None}
+    for summary in hparams_summary(hparams, metrics):
+        writer._get_file_writer().add_summary(summary)
+    for tag, v in metrics.items():
+        writer.add_scalar(tag, v, 0)

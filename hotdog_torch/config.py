@@ -65,6 +65,8 @@ class Train:
 class Log:
     dir: str = "runs"  # runs are written to dir/run_name/
     run_name: Optional[str] = None  # null = <config file stem>-<timestamp>; an existing run gets a -2, -3, ... suffix
+    every_steps: int = 50  # lr, weight and gradient norms per layer every this many steps; 0 = never (cost/train is logged every step)
+    images_every_epochs: int = 5  # neuron images, misclassified images, confusion matrix, PR curves, histograms: every this many epochs and at the end; 0 = only at the end
 
 
 @dataclass
@@ -188,6 +190,8 @@ def _check_ranges(cfg: Config) -> None:
         (o.batch_size is None or o.batch_size >= 1, f"optim.batch_size must be at least 1 or null, got {o.batch_size}"),
         (0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}"),
         (t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}"),
+        (cfg.log.every_steps >= 0, f"log.every_steps must be 0 (never) or more, got {cfg.log.every_steps}"),
+        (cfg.log.images_every_epochs >= 0, f"log.images_every_epochs must be 0 (only at the end) or more, got {cfg.log.images_every_epochs}"),
         (t.checkpoint_every_epochs >= 1, f"train.checkpoint_every_epochs must be at least 1, got {t.checkpoint_every_epochs}"),
         (t.target_accuracy is None or 0 < t.target_accuracy <= 1, f"train.target_accuracy must be in (0, 1] or null, got {t.target_accuracy}"),
         (cfg.device == "auto" or cfg.device == "cpu" or cfg.device == "cuda" or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),

@@ -26,7 +26,7 @@ import yaml
 
 from . import board, checkpoint, config, data, synth
 from .config import Config, UserError
-from .cost import error_rate, half_mse, one_hot, wrong
+from .cost import confusion_matrix, error_rate, half_mse, one_hot, per_class, wrong
 from .files import atomic_write_text
 from .model import ACTIVATIONS, build_model, linear_layers
 
@@ -113,14 +113,16 @@ def make_step(model, optimizer, cfg: Config, device: torch.device):
     return step, f"autograd + torch.optim.SGD ({precision}{', compiled' if cfg.train.compile else ''})"
 
 
-def train_one_epoch(step, split: data.Split, mean, std, batch_size, n_classes, generator, device, resume=None, should_stop=lambda: False):
+def train_one_epoch(step, split: data.Split, mean, std, batch_size, n_classes, generator, device, resume=None, should_stop=lambda: False,
+                    first_step=0, log_every=0, on_log=None):
     """One pass over the training split in shuffled batches.
 
     Returns {"order", "next", "costs", "wrongs"}: the epoch's batch order, the
     number of steps taken (all of them unless should_stop() said stop), and the
     per-step costs and wrong counts.  These stay on the device until the caller
-    asks for them: no host sync inside the epoch.  resume, a dict of the same
-    form saved mid-epoch, continues that epoch where it stopped.
+    asks for them: no host sync inside the epoch, except on_log(global_step),
+    called every log_every steps.  resume, a dict of the same form saved
+    mid-epoch, continues that epoch where it stopped.
     """
     n = len(split)
     n_steps = math.ceil(n / batch_size)
@@ -140,6 +142,8 @@ def train_one_epoch(step, split: data.Split, mean, std, batch_size, n_classes, g
         cost, outputs = step(x, one_hot(y, n_classes))
         costs[i] = cost
         wrongs[i] = wrong(outputs, y)
+        if log_every and (first_step + i + 1) % log_every == 0:
+            on_log(first_step + i + 1)
     return {"order": order, "next": n_steps, "costs": costs, "wrongs": wrongs}
 
 
@@ -180,6 +184,31 @@ def prepare_data(cfg: Config, progress: bool = True, memory_budget: int | None =
         print(f"{root} is missing: drawing the synthetic hot-dog set there (1000 hot dogs and 5000 others to train, 200 and 1000 to test, {cfg.data.image_size}x{cfg.data.image_size})", flush=True)
         synth.generate(root, size=cfg.data.image_size, seed=0, progress=progress)
     return data.load_dataset(cfg.data, cfg.seed, progress, memory_budget)
+
+
+def probe_gradients(model, x, targets):
+    """dC/dW of every layer on a fixed batch, leaving the model's own .grad alone."""
+    layers = linear_layers(model)
+    with torch.enable_grad():
+        cost = half_mse(model(x).float(), targets)
+        return torch.autograd.grad(cost, [layer.weight for layer in layers])
+
+
+def norms(model, grads) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, (layer, g) in enumerate(zip(linear_layers(model), grads), start=1):
+        out[f"weight_norm/layer{i}"] = layer.weight.detach().norm()
+        out[f"grad_norm/layer{i}"] = g.norm()
+    return out
+
+
+def misclassified(split: data.Split, outputs, classes, limit=24):
+    """Up to `limit` wrongly identified images of a split, with captions: true class, predicted class and its score."""
+    predicted = outputs.argmax(dim=1)
+    where = torch.nonzero(predicted != split.labels.to(outputs.device)).flatten()[:limit]
+    pos = where.to(split.index.device)
+    captions = [f"true {classes[int(split.labels[p])]}\npred {classes[int(predicted[w])]} {float(outputs[w, predicted[w]]):.2f}" for p, w in zip(pos.tolist(), where.tolist())]
+    return split.batch(pos), captions
 
 
 class StopRequest:
@@ -267,7 +296,7 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
     generator = torch.Generator(device=ds.train.index.device).manual_seed(cfg.seed)
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
-    state = {"epoch": 0, "step": 0, "logged_step": 0, "best": None, "history": [], "stopped_because": None,
+    state = {"epoch": 0, "step": 0, "best": None, "history": [], "stopped_because": None,
              "seconds": 0.0, "train_seconds": 0.0, "train_images": 0, "epoch_progress": None}
     if resumed is not None:
         try:
@@ -288,7 +317,7 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
     print(f"step: {step_name}; data " + ("memory-mapped from the cache (larger than data.memory_budget)" if ds.train.mapped else f"resident on {device}"), flush=True)
 
     # purge_step: on resume, TensorBoard drops whatever was logged after the checkpoint, so no step appears twice
-    writer = board.open_writer(run_dir, purge_step=state["logged_step"] + 1 if resumed is not None else None)
+    writer = board.open_writer(run_dir, purge_step=state["step"] + 1 if resumed is not None else None)
     if resumed is None:
         board.log_text(writer, config_yaml, ds.summary())
 
@@ -298,14 +327,25 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
         checkpoint.save(path, model=model, optimizer=optimizer, config=resolved, classes=ds.classes, mean=mean.tolist(), std=std.tolist(),
                         epoch=state["epoch"], step=state["step"], metrics=m, state=state)
 
+    probe_pos = torch.arange(min(len(ds.train), batch_size, 256), device=ds.train.index.device)
+    probe_x = data.normalise(ds.train.batch(probe_pos).to(device), mean, std)
+    probe_t = one_hot(ds.train.labels[probe_pos].to(device), n_classes)
+
+    def log_norms(global_step):  # one transfer to the host per log interval
+        values = {k: v.item() for k, v in norms(model, probe_gradients(model, probe_x, probe_t)).items()}
+        board.log_scalars(writer, global_step, {"lr": optimizer.param_groups[0]["lr"], **values})
+
     session_start = time.perf_counter()
     seconds_before = state["seconds"]
     with StopRequest() as stop:
         for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
             t0 = time.perf_counter()
-            done = train_one_epoch(step_fn, ds.train, mean, std, batch_size, n_classes, generator, device, state["epoch_progress"], stop)
+            first = state["step"] - (state["epoch_progress"] or {}).get("next", 0)  # the epoch's first step, also when resumed mid-epoch
+            done = train_one_epoch(step_fn, ds.train, mean, std, batch_size, n_classes, generator, device, state["epoch_progress"], stop,
+                                   first_step=first, log_every=cfg.log.every_steps, on_log=log_norms)
             state["seconds"] = seconds_before + time.perf_counter() - session_start
             if stop():  # save where the epoch stopped; the resumed run continues from that very step
+                state["step"] = first + done["next"]
                 save(run_dir / "checkpoints" / "last.pt", state["history"][-1] if state["history"] else {}, done)
                 name = "SIGTERM" if stop.signal == signal.SIGTERM else "Ctrl-C"
                 print(f"\n{name}: saved {run_dir}/checkpoints/last.pt at epoch {epoch}, step {done['next']} of {math.ceil(len(ds.train) / batch_size)}. "
@@ -325,18 +365,28 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
                 "val_error_rate": val["error_rate"],
                 "val_accuracy": val["accuracy"],
             }
-            board.log_steps(writer, "cost/train", costs, state["step"] + 1)
-            state["step"] += len(costs)
+            board.log_steps(writer, "cost/train", costs, first + 1)
+            state["step"] = first + len(costs)
+            state["epoch_progress"] = None
             state["epoch"] = epoch
-            board.log_epoch(writer, state["step"], m)
-            state["logged_step"] = state["step"]
-            _print_epoch(epoch, cfg.train.epochs, m, len(ds.train) / seconds)
-            state["history"].append(m)
+            confusion = confusion_matrix(val["outputs"], ds.val.labels.to(device), n_classes)
+            board.log_epoch(writer, state["step"], m, per_class(confusion, ds.classes))
             reached = cfg.train.target_accuracy is not None and m["val_accuracy"] >= cfg.train.target_accuracy
             if reached:
                 state["stopped_because"] = "target_accuracy"
             elif epoch == cfg.train.epochs:
                 state["stopped_because"] = "epochs"
+            every = cfg.log.images_every_epochs
+            if state["stopped_because"] or (every and epoch % every == 0):
+                layers = linear_layers(model)
+                board.log_histograms(writer, state["step"], layers, probe_gradients(model, probe_x, probe_t), val["outputs"], ds.val.labels, ds.classes)
+                wrong_images, captions = misclassified(ds.val, val["outputs"], ds.classes)
+                board.log_pictures(writer, state["step"], layers[0].weight, cfg.data.channels, cfg.data.image_size,
+                                   wrong_images, captions, confusion, val["outputs"], ds.val.labels, ds.classes)
+            writer.flush()
+            m["seconds"] = time.perf_counter() - t0  # the whole epoch: training, evaluation and logging
+            _print_epoch(epoch, cfg.train.epochs, m, len(ds.train) / seconds)
+            state["history"].append(m)
             if _better(m, state["best"]):
                 state["best"] = m
                 save(run_dir / "checkpoints" / "best.pt", m)
@@ -344,8 +394,6 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
                 save(run_dir / "checkpoints" / "last.pt", m)
             if reached:
                 break
-    writer.close()
-
     best, history = state["best"], state["history"]
     metrics = {
         "val_accuracy": best["val_accuracy"],
@@ -368,12 +416,28 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
         best_model = checkpoint.model_from(checkpoint.load(run_dir / "checkpoints" / "best.pt")).to(device)
         test = evaluate(best_model, ds.test, mean, std, n_classes)
         metrics.update(test_accuracy=test["accuracy"], test_error_rate=test["error_rate"], test_cost=test["cost"])
+    board.log_hparams(writer, hparams(cfg), {k: metrics.get(k) for k in ("val_accuracy", "val_cost", "test_accuracy", "epochs")})
+    writer.close()
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
 
     why = f"reached the target validation accuracy {cfg.train.target_accuracy:.2%} at epoch {len(history)}" if state["stopped_because"] == "target_accuracy" else f"ran all {cfg.train.epochs} epochs"
     test_text = f", test accuracy {metrics['test_accuracy']:.2%}" if ds.test is not None else ""
     print(f"stopped: {why}. best epoch {best['epoch']}: val accuracy {best['val_accuracy']:.2%}{test_text}. wrote {run_dir}", flush=True)
     return run_dir
+
+
+def hparams(cfg: Config) -> dict:
+    """The knobs the HParams dashboard compares runs by (plain numbers and strings)."""
+    return {
+        "lr": cfg.optim.lr,
+        "batch_size": cfg.optim.batch_size or 0,  # 0 = full batch
+        "momentum": cfg.optim.momentum,
+        "hidden": str(cfg.model.hidden),
+        "activation": cfg.model.activation,
+        "image_size": cfg.data.image_size,
+        "channels": cfg.data.channels,
+        "seed": cfg.seed,
+    }
 
 
 class Interrupted(Exception):

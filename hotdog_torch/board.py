@@ -19,14 +19,15 @@ it is logged beside the smooth cost ½·MSE that gradient descent follows.
 """
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
-from torchvision.utils import make_grid
 
 HISTOGRAM_SAMPLE = 1 << 16  # larger tensors are histogrammed from a fixed random sample of this many entries
 
@@ -96,17 +97,34 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def neuron_images(weight: torch.Tensor, channels: int, size: int, limit: int = 64) -> torch.Tensor:
-    """Each first-layer neuron's weights reshaped into the input image, scaled to [0, 1] per neuron: what it looks for."""
+def neuron_images(weight: torch.Tensor, channels: int, size: int, limit: int = 64, columns: int = 8) -> Image.Image:
+    """Each first-layer neuron's weights reshaped into the input image, scaled to 0..255 per neuron: what it looks for."""
     w = weight.detach()[:limit].float().cpu().view(-1, channels, size, size)
     lo = w.flatten(1).min(dim=1).values.view(-1, 1, 1, 1)
     hi = w.flatten(1).max(dim=1).values.view(-1, 1, 1, 1)
-    return make_grid((w - lo) / (hi - lo).clamp_min(1e-12), nrow=8, padding=2, pad_value=1.0)
+    tiles = ((w - lo) / (hi - lo).clamp_min(1e-12) * 255).round().to(torch.uint8).numpy()
+    n, pad = len(tiles), 2
+    rows = (n + columns - 1) // columns
+    sheet = np.full((channels, rows * (size + pad) + pad, columns * (size + pad) + pad), 255, np.uint8)
+    for i, tile in enumerate(tiles):
+        y, x = pad + (i // columns) * (size + pad), pad + (i % columns) * (size + pad)
+        sheet[:, y : y + size, x : x + size] = tile
+    return Image.fromarray(sheet[0] if channels == 1 else sheet.transpose(1, 2, 0))
 
 
-def captioned_grid(images: torch.Tensor, captions: list[str], columns: int = 6, scale: int = 2) -> torch.Tensor:
-    """uint8 (N, C, S, S) images, each with its caption below, as one (3, H, W) float image."""
+def add_picture(writer: SummaryWriter, tag: str, picture: Image.Image, step: int) -> None:
+    """An image summary from a Pillow picture, PNG-encoded at a fast compression level (add_image's default is slow)."""
+    buffer = io.BytesIO()
+    picture.save(buffer, format="PNG", compress_level=1)
+    colourspace = {"L": 1, "RGB": 3, "RGBA": 4}[picture.mode]
+    image = Summary.Image(height=picture.height, width=picture.width, colorspace=colourspace, encoded_image_string=buffer.getvalue())
+    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+
+def captioned_grid(images: torch.Tensor, captions: list[str], columns: int = 6) -> Image.Image:
+    """uint8 (N, C, S, S) images, each with its caption below, as one picture (small images are enlarged)."""
     n, c, s, _ = images.shape
+    scale = max(1, 128 // s)
     cell_w, text_h = max(s * scale, 150), 30
     rows = (n + columns - 1) // columns
     sheet = Image.new("RGB", (columns * cell_w, rows * (s * scale + text_h)), "white")
@@ -118,10 +136,10 @@ def captioned_grid(images: torch.Tensor, captions: list[str], columns: int = 6, 
         x, y = (i % columns) * cell_w, (i // columns) * (s * scale + text_h)
         sheet.paste(tile, (x, y))
         draw.multiline_text((x + 2, y + s * scale + 1), captions[i], fill="black", font=font, spacing=1)
-    return torch.from_numpy(np.asarray(sheet).copy()).permute(2, 0, 1).float() / 255
+    return sheet
 
 
-def confusion_image(confusion: torch.Tensor, classes: list[str]) -> torch.Tensor:
+def confusion_image(confusion: torch.Tensor, classes: list[str]) -> Image.Image:
     """The confusion matrix as a picture: rows = true class, columns = predicted, shade = share of the row."""
     k = len(classes)
     cell, margin = 124, 118
@@ -138,16 +156,16 @@ def confusion_image(confusion: torch.Tensor, classes: list[str]) -> torch.Tensor
             x, y = margin + j * cell, margin + i * cell
             draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=(shade, shade, 255), outline="gray")
             draw.text((x + 8, y + cell // 2 - 8), f"{int(confusion[i, j])}", fill="black" if shade > 120 else "white", font=font)
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).float() / 255
+    return img
 
 
 def log_pictures(writer: SummaryWriter, step: int, first_layer: torch.Tensor, channels: int, size: int,
                  wrong_images: torch.Tensor, wrong_captions: list[str], confusion: torch.Tensor,
                  outputs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> None:
-    writer.add_image("neurons/layer1", neuron_images(first_layer, channels, size), step)
+    add_picture(writer, "neurons/layer1", neuron_images(first_layer, channels, size), step)
     if len(wrong_images):
-        writer.add_image("misclassified/val", captioned_grid(wrong_images, wrong_captions), step)
-    writer.add_image("confusion_matrix/val", confusion_image(confusion, classes), step)
+        add_picture(writer, "misclassified/val", captioned_grid(wrong_images, wrong_captions), step)
+    add_picture(writer, "confusion_matrix/val", confusion_image(confusion, classes), step)
     scores, labels = outputs.float().cpu(), labels.cpu()
     for k, name in enumerate(classes):
         writer.add_pr_curve(f"pr_curve/{name}", (labels == k).int(), scores[:, k].clamp(0, 1), step)

@@ -66,7 +66,7 @@ class Log:
     dir: str = "runs"  # runs are written to dir/run_name/
     run_name: Optional[str] = None  # null = <config file stem>-<timestamp>; an existing run gets a -2, -3, ... suffix
     every_steps: int = 50  # lr, weight and gradient norms per layer every this many steps; 0 = never (cost/train is logged every step)
-    images_every_epochs: int = 5  # neuron images, misclassified images, confusion matrix, PR curves, histograms: every this many epochs and at the end; 0 = only at the end
+    images_every_epochs: int = 10  # neuron images, misclassified images, confusion matrix, PR curves, histograms: every this many epochs and at the end; 0 = only at the end
 
 
 @dataclass

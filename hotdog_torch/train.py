@@ -202,7 +202,7 @@ def norms(model, grads) -> dict[str, torch.Tensor]:
     return out
 
 
-def misclassified(split: data.Split, outputs, classes, limit=24):
+def misclassified(split: data.Split, outputs, classes, limit=12):
     """Up to `limit` wrongly identified images of a split, with captions: true class, predicted class and its score."""
     predicted = outputs.argmax(dim=1)
     where = torch.nonzero(predicted != split.labels.to(outputs.device)).flatten()[:limit]
@@ -331,15 +331,20 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
     probe_x = data.normalise(ds.train.batch(probe_pos).to(device), mean, std)
     probe_t = one_hot(ds.train.labels[probe_pos].to(device), n_classes)
 
+    logging_seconds = [0.0]  # time spent in the optional summaries this epoch (norms, histograms, pictures)
+
     def log_norms(global_step):  # one transfer to the host per log interval
+        t = time.perf_counter()
         values = {k: v.item() for k, v in norms(model, probe_gradients(model, probe_x, probe_t)).items()}
         board.log_scalars(writer, global_step, {"lr": optimizer.param_groups[0]["lr"], **values})
+        logging_seconds[0] += time.perf_counter() - t
 
     session_start = time.perf_counter()
     seconds_before = state["seconds"]
     with StopRequest() as stop:
         for epoch in range(state["epoch"] + 1, cfg.train.epochs + 1):
             t0 = time.perf_counter()
+            logging_seconds[0] = 0.0
             first = state["step"] - (state["epoch_progress"] or {}).get("next", 0)  # the epoch's first step, also when resumed mid-epoch
             done = train_one_epoch(step_fn, ds.train, mean, std, batch_size, n_classes, generator, device, state["epoch_progress"], stop,
                                    first_step=first, log_every=cfg.log.every_steps, on_log=log_norms)
@@ -378,12 +383,15 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
                 state["stopped_because"] = "epochs"
             every = cfg.log.images_every_epochs
             if state["stopped_because"] or (every and epoch % every == 0):
+                t = time.perf_counter()
                 layers = linear_layers(model)
                 board.log_histograms(writer, state["step"], layers, probe_gradients(model, probe_x, probe_t), val["outputs"], ds.val.labels, ds.classes)
                 wrong_images, captions = misclassified(ds.val, val["outputs"], ds.classes)
                 board.log_pictures(writer, state["step"], layers[0].weight, cfg.data.channels, cfg.data.image_size,
                                    wrong_images, captions, confusion, val["outputs"], ds.val.labels, ds.classes)
+                logging_seconds[0] += time.perf_counter() - t
             writer.flush()
+            m["logging_seconds"] = logging_seconds[0]
             m["seconds"] = time.perf_counter() - t0  # the whole epoch: training, evaluation and logging
             _print_epoch(epoch, cfg.train.epochs, m, len(ds.train) / seconds)
             state["history"].append(m)

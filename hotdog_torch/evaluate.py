@@ -1,0 +1,89 @@
+"""Score a trained network on an ImageFolder tree:
+
+    python -m hotdog_torch.evaluate --checkpoint runs/<name>/checkpoints/best.pt --data data/hotdog-synth/test [--json OUT]
+
+Accuracy, error rate, cost (½·MSE), per-class precision, recall and F1, balanced
+accuracy and the confusion matrix.  --data is a class folder tree (DIR/<class>/...);
+given a tree with train/ val/ test/ splits, its test/ split is scored.  The images
+are decoded, resized and normalised exactly as in training, from the checkpoint alone.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from . import checkpoint, data
+from .config import Data, UserError
+from .cost import confusion_matrix, per_class
+from .train import evaluate as score_split
+
+
+def evaluate_folder(ckpt: dict, folder: Path, progress: bool = False) -> dict:
+    if not folder.is_dir():
+        raise UserError(f"data folder {folder} does not exist")
+    if {p.name for p in folder.iterdir() if p.is_dir()} <= set(data.SPLITS) and (folder / "test").is_dir():
+        folder = folder / "test"
+    settings = Data(root=str(folder), image_size=ckpt["image_size"], channels=ckpt["channels"])
+    classes, split, skipped = data.load_folder(folder, settings, progress)
+    if classes != ckpt["classes"]:
+        raise UserError(f"{folder} has classes {classes}, but the checkpoint was trained on {ckpt['classes']}")
+    if len(split) == 0:
+        raise UserError(f"{folder} holds no decodable images")
+    model = checkpoint.model_from(ckpt)
+    mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
+    r = score_split(model, split, mean, std, len(classes))
+    confusion = confusion_matrix(r["outputs"], split.labels, len(classes))
+    report = per_class(confusion, classes)
+    return {
+        "data": str(folder),
+        "images": len(split),
+        "skipped_files": len(skipped),
+        "accuracy": r["accuracy"],
+        "error_rate": r["error_rate"],
+        "cost": r["cost"],
+        "balanced_accuracy": report["balanced_accuracy"],
+        "per_class": report["classes"],
+        "confusion_matrix": {"rows_true_columns_predicted": classes, "counts": confusion.tolist()},
+    }
+
+
+def format_report(r: dict) -> str:
+    classes = r["confusion_matrix"]["rows_true_columns_predicted"]
+    lines = [
+        f"{r['data']}: {r['images']} images" + (f" ({r['skipped_files']} undecodable files skipped)" if r["skipped_files"] else ""),
+        f"accuracy {r['accuracy']:.2%}   error rate {r['error_rate']:.2%}   cost {r['cost']:.4f}   balanced accuracy {r['balanced_accuracy']:.2%}",
+        "",
+        f"{'class':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'images':>8}",
+    ]
+    for name, c in r["per_class"].items():
+        lines.append(f"{name:<16}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}{c['support']:>8}")
+    width = max(12, max(len(c) for c in classes) + 2)
+    lines += ["", "confusion matrix (rows: true class, columns: predicted)", " " * width + "".join(f"{c:>{width}}" for c in classes)]
+    for name, row in zip(classes, r["confusion_matrix"]["counts"]):
+        lines.append(f"{name:<{width}}" + "".join(f"{n:>{width}}" for n in row))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hotdog_torch.evaluate", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a checkpoints/best.pt or last.pt of a run")
+    p.add_argument("--data", required=True, help="an ImageFolder tree DIR/<class>/..., or a tree whose test/ split is scored")
+    p.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
+    a = p.parse_args(argv)
+    try:
+        r = evaluate_folder(checkpoint.load(a.checkpoint), Path(a.data), progress=sys.stderr.isatty())
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(format_report(r))
+    if a.json:
+        Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

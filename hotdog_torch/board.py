@@ -76,9 +76,10 @@ def _sample(t: torch.Tensor) -> torch.Tensor:
 
 
 def log_histograms(writer: SummaryWriter, step: int, layers, grads, outputs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> None:
-    for i, (layer, g) in enumerate(zip(layers, grads), start=1):
+    for i, layer in enumerate(layers, start=1):
         writer.add_histogram(f"weights/layer{i}", _sample(layer.weight), step)
-        writer.add_histogram(f"gradients/layer{i}", _sample(g), step)
+        if grads is not None:  # random search has none
+            writer.add_histogram(f"gradients/layer{i}", _sample(grads[i - 1]), step)
     scores, labels = outputs.float().cpu(), labels.cpu()
     for k, name in enumerate(classes):
         for j, truth in enumerate(classes):

@@ -46,6 +46,8 @@ class Model:
 
 @dataclass
 class Optim:
+    name: Literal["sgd", "random_search"] = "sgd"  # sgd: gradient descent; random_search: each pass draws every weight afresh from the init distribution and keeps the best (the seed's "shot in the dark")
+    cost: Literal["half_mse", "error_rate", "cross_entropy"] = "half_mse"  # what gradient descent minimises: the seed's ½·MSE; its first cost, the error rate (slope 0 almost everywhere); or cross-entropy (not the seed's, for comparison)
     lr: float = 0.05  # the learning rate of gradient descent
     batch_size: Optional[int] = 64  # images per step; null = full-batch gradient descent; clamped to the training set
     momentum: float = 0.0  # 0 = plain gradient descent
@@ -58,6 +60,8 @@ class Train:
     target_accuracy: Optional[float] = 0.99  # stop once validation accuracy reaches it; null = run every epoch
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the network (autograd path)
+    diverge_factor: float = 3.0  # stop with stopped_because "diverged" when the cost is NaN/inf, or its mean over the last diverge_steps steps ...
+    diverge_steps: int = 20  # ... stays above diverge_factor x the lowest such mean, and above the first such mean, for this many steps
     checkpoint_every_epochs: int = 1  # write checkpoints/last.pt every this many epochs (and at the end; Ctrl-C/SIGTERM always saves)
 
 
@@ -192,6 +196,8 @@ def _check_ranges(cfg: Config) -> None:
         (t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}"),
         (cfg.log.every_steps >= 0, f"log.every_steps must be 0 (never) or more, got {cfg.log.every_steps}"),
         (cfg.log.images_every_epochs >= 0, f"log.images_every_epochs must be 0 (only at the end) or more, got {cfg.log.images_every_epochs}"),
+        (t.diverge_factor > 1, f"train.diverge_factor must be greater than 1, got {t.diverge_factor}"),
+        (t.diverge_steps >= 1, f"train.diverge_steps must be at least 1, got {t.diverge_steps}"),
         (t.checkpoint_every_epochs >= 1, f"train.checkpoint_every_epochs must be at least 1, got {t.checkpoint_every_epochs}"),
         (t.target_accuracy is None or 0 < t.target_accuracy <= 1, f"train.target_accuracy must be in (0, 1] or null, got {t.target_accuracy}"),
         (cfg.device == "auto" or cfg.device == "cpu" or cfg.device == "cuda" or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),

@@ -52,3 +52,23 @@ def per_class(confusion: torch.Tensor, classes: list[str]) -> dict:
     out = {name: {"precision": precision[i].item(), "recall": recall[i].item(), "f1": f1[i].item(), "support": int(actual[i])} for i, name in enumerate(classes)}
     present = actual > 0
     return {"classes": out, "balanced_accuracy": recall[present].mean().item() if present.any() else 0.0}
+
+
+def error_rate_cost(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The seed's first cost, # wrong / total, written so that autograd can differentiate it.
+
+    An image is wrong when its true class's score is not above every other: wrong =
+    ceil(clamp(-margin, 0, 1)), a step function of the weights.  Its slope is 0
+    wherever it is defined, so gradient descent on it never moves: that is the lesson.
+    """
+    true_score = (outputs * targets).sum(dim=1)
+    best_other = (outputs - 2 * targets).max(dim=1).values  # the true class pushed out of the running
+    return torch.ceil(torch.clamp(best_other - true_score, 0, 1)).mean()
+
+
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Not the seed's cost: binary cross-entropy of each sigmoid output, summed over outputs, mean over the batch."""
+    return F.binary_cross_entropy(outputs, targets, reduction="sum") / len(outputs)
+
+
+COSTS = {"half_mse": half_mse, "error_rate": error_rate_cost, "cross_entropy": cross_entropy}

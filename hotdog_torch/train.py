@@ -11,6 +11,7 @@ last epoch.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import random
@@ -26,7 +27,7 @@ import yaml
 
 from . import board, checkpoint, config, data, synth
 from .config import Config, UserError
-from .cost import confusion_matrix, error_rate, half_mse, one_hot, per_class, wrong
+from .cost import COSTS, confusion_matrix, error_rate, half_mse, one_hot, per_class, wrong
 from .files import atomic_write_text
 from .model import ACTIVATIONS, build_model, linear_layers
 
@@ -97,20 +98,22 @@ def fused_sgd_step(model, x, targets, lr, activation):
 def make_step(model, optimizer, cfg: Config, device: torch.device):
     """The training step for this config: step(x, targets) -> (cost, outputs), both left on the device."""
     precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
-    if cfg.optim.fused and cfg.optim.momentum == 0 and precision == "fp32" and not cfg.train.compile:
+    if cfg.optim.fused and cfg.optim.momentum == 0 and precision == "fp32" and not cfg.train.compile and cfg.optim.cost == "half_mse":
         return lambda x, t: fused_sgd_step(model, x, t, cfg.optim.lr, cfg.model.activation), "fused SGD (fp32)"
     forward = torch.compile(model) if cfg.train.compile else model
+    cost_fn = COSTS[cfg.optim.cost]
 
     def step(x, targets):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             outputs = forward(x)
-        cost = half_mse(outputs.float(), targets)  # C = ½ · mean_batch Σ_outputs (a − y)²
+        cost = cost_fn(outputs.float(), targets)  # by default C = ½ · mean_batch Σ_outputs (a − y)²
         optimizer.zero_grad()  # set_to_none: measured faster here than zeroing and accumulating into old buffers
         cost.backward()
         optimizer.step()  # w <- w − lr · ∂C/∂w  (plus momentum when optim.momentum > 0)
         return cost.detach(), outputs.detach()
 
-    return step, f"autograd + torch.optim.SGD ({precision}{', compiled' if cfg.train.compile else ''})"
+    cost_name = "" if cfg.optim.cost == "half_mse" else f", cost {cfg.optim.cost}"
+    return step, f"autograd + torch.optim.SGD ({precision}{', compiled' if cfg.train.compile else ''}{cost_name})"
 
 
 def train_one_epoch(step, split: data.Split, mean, std, batch_size, n_classes, generator, device, resume=None, should_stop=lambda: False,
@@ -186,11 +189,11 @@ def prepare_data(cfg: Config, progress: bool = True, memory_budget: int | None =
     return data.load_dataset(cfg.data, cfg.seed, progress, memory_budget)
 
 
-def probe_gradients(model, x, targets):
+def probe_gradients(model, x, targets, cost_fn=half_mse):
     """dC/dW of every layer on a fixed batch, leaving the model's own .grad alone."""
     layers = linear_layers(model)
     with torch.enable_grad():
-        cost = half_mse(model(x).float(), targets)
+        cost = cost_fn(model(x).float(), targets)
         return torch.autograd.grad(cost, [layer.weight for layer in layers])
 
 
@@ -209,6 +212,57 @@ def misclassified(split: data.Split, outputs, classes, limit=12):
     pos = where.to(split.index.device)
     captions = [f"true {classes[int(split.labels[p])]}\npred {classes[int(predicted[w])]} {float(outputs[w, predicted[w]]):.2f}" for p, w in zip(pos.tolist(), where.tolist())]
     return split.batch(pos), captions
+
+
+class DivergenceWatch:
+    """Diverged: a NaN or infinite cost, or the mean cost of the last n steps above k x the lowest such mean
+    (and above the first such mean: back above where training started) for n steps running.
+
+    The second condition keeps the noise of small batches near a low cost from reading as divergence.
+    """
+
+    def __init__(self, k: float, n: int, state: dict | None = None):
+        self.k, self.n = k, n
+        self.window, self.best, self.first, self.above = (state["window"], state["best"], state["first"], state["above"]) if state else ([], None, None, 0)
+
+    def update(self, costs: list[float]) -> bool:
+        for c in costs:
+            if not math.isfinite(c):
+                return True
+            self.window = (self.window + [c])[-self.n :]
+            if len(self.window) == self.n:
+                mean = sum(self.window) / self.n
+                self.first = mean if self.first is None else self.first
+                self.best = mean if self.best is None else min(self.best, mean)
+                self.above = self.above + 1 if mean > self.k * self.best and mean > self.first else 0
+                if self.above >= self.n:
+                    return True
+        return False
+
+    def state(self) -> dict:
+        return {"window": self.window, "best": self.best, "first": self.first, "above": self.above}
+
+
+@torch.no_grad()
+def random_search_pass(model, candidate, split, mean, std, n_classes, kept):
+    """One pass of the shot in the dark: draw every weight and bias afresh from the initial distribution,
+    score the candidate on the whole training set, and keep it if its error rate (then cost) beats the best so far.
+
+    Returns (the candidate's score, the kept score).  No gradient is computed.
+    """
+    for layer in linear_layers(candidate):
+        layer.reset_parameters()
+    r = evaluate(candidate, split, mean, std, n_classes)
+    score = {"error_rate": r["error_rate"], "cost": r["cost"]}
+    if kept is None or (score["error_rate"], score["cost"]) < (kept["error_rate"], kept["cost"]):
+        model.load_state_dict(candidate.state_dict())
+        kept = score
+    return score, kept
+
+
+def _finite(metrics: dict) -> dict:
+    """NaN and inf as null, so metrics.json stays valid JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
 
 
 class StopRequest:
@@ -313,7 +367,15 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
         state["stopped_because"] = None
         where = f"epoch {state['epoch'] + 1}, step {state['epoch_progress']['next'] + 1} of it" if state["epoch_progress"] else f"the end of epoch {state['epoch']}"
         print(f"resuming from {where} (global step {state['step']})", flush=True)
+    searching = cfg.optim.name == "random_search"
     step_fn, step_name = make_step(model, optimizer, cfg, device)
+    if searching:
+        candidate = copy.deepcopy(model)
+        step_name = "random search (a fresh draw of every weight per pass, the best kept; no gradients)"
+    steps_per_pass = math.ceil(len(ds.train) / batch_size)
+    cost_fn = COSTS[cfg.optim.cost]
+    watch = DivergenceWatch(cfg.train.diverge_factor, cfg.train.diverge_steps, state.get("divergence"))
+    state.setdefault("search_kept", None)
     print(f"step: {step_name}; data " + ("memory-mapped from the cache (larger than data.memory_budget)" if ds.train.mapped else f"resident on {device}"), flush=True)
 
     # purge_step: on resume, TensorBoard drops whatever was logged after the checkpoint, so no step appears twice
@@ -335,7 +397,7 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
 
     def log_norms(global_step):  # one transfer to the host per log interval
         t = time.perf_counter()
-        values = {k: v.item() for k, v in norms(model, probe_gradients(model, probe_x, probe_t)).items()}
+        values = {k: v.item() for k, v in norms(model, probe_gradients(model, probe_x, probe_t, cost_fn)).items()}
         board.log_scalars(writer, global_step, {"lr": optimizer.param_groups[0]["lr"], **values})
         logging_seconds[0] += time.perf_counter() - t
 
@@ -346,17 +408,27 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
             t0 = time.perf_counter()
             logging_seconds[0] = 0.0
             first = state["step"] - (state["epoch_progress"] or {}).get("next", 0)  # the epoch's first step, also when resumed mid-epoch
-            done = train_one_epoch(step_fn, ds.train, mean, std, batch_size, n_classes, generator, device, state["epoch_progress"], stop,
-                                   first_step=first, log_every=cfg.log.every_steps, on_log=log_norms)
+            if searching:  # one candidate per pass, charged one pass like an epoch of gradient descent
+                if stop():
+                    done = {"next": 0}
+                else:
+                    candidate_score, state["search_kept"] = random_search_pass(model, candidate, ds.train, mean, std, n_classes, state["search_kept"])
+                    costs, n_wrong = [state["search_kept"]["cost"]], round(state["search_kept"]["error_rate"] * len(ds.train))
+                    advance = steps_per_pass  # the same x axis as gradient descent: pass k ends at step k * steps_per_pass
+            else:
+                done = train_one_epoch(step_fn, ds.train, mean, std, batch_size, n_classes, generator, device, state["epoch_progress"], stop,
+                                       first_step=first, log_every=cfg.log.every_steps, on_log=log_norms)
             state["seconds"] = seconds_before + time.perf_counter() - session_start
             if stop():  # save where the epoch stopped; the resumed run continues from that very step
                 state["step"] = first + done["next"]
-                save(run_dir / "checkpoints" / "last.pt", state["history"][-1] if state["history"] else {}, done)
+                save(run_dir / "checkpoints" / "last.pt", state["history"][-1] if state["history"] else {}, None if searching else done)
                 name = "SIGTERM" if stop.signal == signal.SIGTERM else "Ctrl-C"
-                print(f"\n{name}: saved {run_dir}/checkpoints/last.pt at epoch {epoch}, step {done['next']} of {math.ceil(len(ds.train) / batch_size)}. "
+                print(f"\n{name}: saved {run_dir}/checkpoints/last.pt at epoch {epoch}, step {done['next']} of {steps_per_pass}. "
                       f"Resume with: python -m hotdog_torch.train --resume {run_dir}", file=sys.stderr, flush=True)
                 raise Interrupted(128 + stop.signal)
-            costs, n_wrong = done["costs"].tolist(), int(done["wrongs"].sum())  # the epoch's one transfer to the host
+            if not searching:
+                costs, n_wrong = done["costs"].tolist(), int(done["wrongs"].sum())  # the epoch's one transfer to the host
+                advance = len(costs)
             seconds = time.perf_counter() - t0
             if epoch > 1 or cfg.train.epochs == 1:  # steady state: the first epoch pays for warm-up
                 state["train_seconds"] += seconds
@@ -370,14 +442,23 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
                 "val_error_rate": val["error_rate"],
                 "val_accuracy": val["accuracy"],
             }
-            board.log_steps(writer, "cost/train", costs, first + 1)
-            state["step"] = first + len(costs)
+            board.log_steps(writer, "cost/train", costs, first + advance - len(costs) + 1)
+            if searching:
+                board.log_scalars(writer, first + advance, {"random_search/candidate_error_rate": candidate_score["error_rate"],
+                                                            "random_search/candidate_cost": candidate_score["cost"]})
+            state["step"] = first + advance
             state["epoch_progress"] = None
             state["epoch"] = epoch
             confusion = confusion_matrix(val["outputs"], ds.val.labels.to(device), n_classes)
             board.log_epoch(writer, state["step"], m, per_class(confusion, ds.classes))
+            diverged = not searching and watch.update(costs)
+            state["divergence"] = watch.state()
             reached = cfg.train.target_accuracy is not None and m["val_accuracy"] >= cfg.train.target_accuracy
-            if reached:
+            if diverged:
+                state["stopped_because"] = "diverged"
+                print(f"the cost diverged at epoch {epoch} (NaN/inf, or its {cfg.train.diverge_steps}-step mean stayed above "
+                      f"{cfg.train.diverge_factor:g}x its lowest): lower optim.lr (now {cfg.optim.lr:g})", flush=True)
+            elif reached:
                 state["stopped_because"] = "target_accuracy"
             elif epoch == cfg.train.epochs:
                 state["stopped_because"] = "epochs"
@@ -385,7 +466,8 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
             if state["stopped_because"] or (every and epoch % every == 0):
                 t = time.perf_counter()
                 layers = linear_layers(model)
-                board.log_histograms(writer, state["step"], layers, probe_gradients(model, probe_x, probe_t), val["outputs"], ds.val.labels, ds.classes)
+                grads = None if searching else probe_gradients(model, probe_x, probe_t, cost_fn)
+                board.log_histograms(writer, state["step"], layers, grads, val["outputs"], ds.val.labels, ds.classes)
                 wrong_images, captions = misclassified(ds.val, val["outputs"], ds.classes)
                 board.log_pictures(writer, state["step"], layers[0].weight, cfg.data.channels, cfg.data.image_size,
                                    wrong_images, captions, confusion, val["outputs"], ds.val.labels, ds.classes)
@@ -395,12 +477,12 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
             m["seconds"] = time.perf_counter() - t0  # the whole epoch: training, evaluation and logging
             _print_epoch(epoch, cfg.train.epochs, m, len(ds.train) / seconds)
             state["history"].append(m)
-            if _better(m, state["best"]):
+            if math.isfinite(m["train_cost"]) and _better(m, state["best"]) or state["best"] is None:
                 state["best"] = m
                 save(run_dir / "checkpoints" / "best.pt", m)
             if epoch % cfg.train.checkpoint_every_epochs == 0 or state["stopped_because"]:
                 save(run_dir / "checkpoints" / "last.pt", m)
-            if reached:
+            if reached or diverged:
                 break
     best, history = state["best"], state["history"]
     metrics = {
@@ -426,9 +508,10 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
         metrics.update(test_accuracy=test["accuracy"], test_error_rate=test["error_rate"], test_cost=test["cost"])
     board.log_hparams(writer, hparams(cfg), {k: metrics.get(k) for k in ("val_accuracy", "val_cost", "test_accuracy", "epochs")})
     writer.close()
-    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(run_dir / "metrics.json", json.dumps(_finite(metrics), indent=2) + "\n")
 
-    why = f"reached the target validation accuracy {cfg.train.target_accuracy:.2%} at epoch {len(history)}" if state["stopped_because"] == "target_accuracy" else f"ran all {cfg.train.epochs} epochs"
+    why = {"target_accuracy": f"reached the target validation accuracy {cfg.train.target_accuracy or 0:.2%} at epoch {len(history)}",
+           "diverged": f"diverged at epoch {len(history)}"}.get(state["stopped_because"], f"ran all {cfg.train.epochs} epochs")
     test_text = f", test accuracy {metrics['test_accuracy']:.2%}" if ds.test is not None else ""
     print(f"stopped: {why}. best epoch {best['epoch']}: val accuracy {best['val_accuracy']:.2%}{test_text}. wrote {run_dir}", flush=True)
     return run_dir
@@ -437,6 +520,8 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
 def hparams(cfg: Config) -> dict:
     """The knobs the HParams dashboard compares runs by (plain numbers and strings)."""
     return {
+        "optimiser": cfg.optim.name,
+        "cost": cfg.optim.cost,
         "lr": cfg.optim.lr,
         "batch_size": cfg.optim.batch_size or 0,  # 0 = full batch
         "momentum": cfg.optim.momentum,

@@ -69,6 +69,7 @@ def log_epoch(writer: SummaryWriter, step: int, metrics: dict, report: dict) -> 
 
 def _sample(t: torch.Tensor) -> torch.Tensor:
     flat = t.detach().flatten()
+    flat = flat[torch.isfinite(flat)]  # a diverged run's NaN and inf have no place on a histogram
     if flat.numel() <= HISTOGRAM_SAMPLE:
         return flat.float().cpu()
     g = torch.Generator().manual_seed(0)
@@ -77,13 +78,15 @@ def _sample(t: torch.Tensor) -> torch.Tensor:
 
 def log_histograms(writer: SummaryWriter, step: int, layers, grads, outputs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> None:
     for i, layer in enumerate(layers, start=1):
-        writer.add_histogram(f"weights/layer{i}", _sample(layer.weight), step)
-        if grads is not None:  # random search has none
-            writer.add_histogram(f"gradients/layer{i}", _sample(grads[i - 1]), step)
+        for tag, values in ((f"weights/layer{i}", layer.weight), (f"gradients/layer{i}", None if grads is None else grads[i - 1])):
+            sample = None if values is None else _sample(values)  # random search has no gradients
+            if sample is not None and len(sample):
+                writer.add_histogram(tag, sample, step, bins="auto")  # the default bins stop at 1e12; a diverged run goes past that
     scores, labels = outputs.float().cpu(), labels.cpu()
     for k, name in enumerate(classes):
         for j, truth in enumerate(classes):
             picked = scores[labels == j, k]
+            picked = picked[torch.isfinite(picked)]
             if len(picked):
                 writer.add_histogram(f"scores/{name}/true_{truth}", picked, step)
 
@@ -167,7 +170,7 @@ def log_pictures(writer: SummaryWriter, step: int, first_layer: torch.Tensor, ch
     if len(wrong_images):
         add_picture(writer, "misclassified/val", captioned_grid(wrong_images, wrong_captions), step)
     add_picture(writer, "confusion_matrix/val", confusion_image(confusion, classes), step)
-    scores, labels = outputs.float().cpu(), labels.cpu()
+    scores, labels = torch.nan_to_num(outputs.float().cpu(), nan=0.0), labels.cpu()
     for k, name in enumerate(classes):
         writer.add_pr_curve(f"pr_curve/{name}", (labels == k).int(), scores[:, k].clamp(0, 1), step)
 

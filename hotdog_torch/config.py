@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,6 +117,9 @@ def _type_name(t) -> str:
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(t, str(t))
 
 
+_NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
 def _coerce(value, t):
     """`value` as type t, or raise TypeError."""
     origin, args = typing.get_origin(t), typing.get_args(t)
@@ -148,6 +152,8 @@ def _coerce(value, t):
         raise TypeError
     if t is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 (no dot) as a string
             return float(value)
         raise TypeError
     if t is str:

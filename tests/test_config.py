@@ -41,6 +41,8 @@ def test_overrides_are_parsed_as_yaml_and_win():
     cfg = config.load(REPO / "configs/hotdog.yaml", ["optim.lr=0.5", "model.hidden=[256,64]", "optim.batch_size=null", "seed=7"])
     assert cfg.optim.lr == 0.5 and cfg.model.hidden == [256, 64] and cfg.optim.batch_size is None and cfg.seed == 7
     assert isinstance(config.load(None, ["optim.lr=1"]).optim.lr, float)
+    assert config.load(None, ["optim.lr=1e-3"]).optim.lr == 0.001  # YAML 1.1 alone would read this as a string
+    assert config.load(None, ["optim.lr=2E+2"]).optim.lr == 200.0
 
 
 @pytest.mark.parametrize(

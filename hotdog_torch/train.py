@@ -184,8 +184,9 @@ def _print_epoch(epoch, epochs, m, images_per_second):
 def prepare_data(cfg: Config, progress: bool = True, memory_budget: int | None = None) -> data.Dataset:
     root = Path(cfg.data.root)
     if not root.exists() and cfg.data.generate:
-        print(f"{root} is missing: drawing the synthetic hot-dog set there (1000 hot dogs and 5000 others to train, 200 and 1000 to test, {cfg.data.image_size}x{cfg.data.image_size})", flush=True)
-        synth.generate(root, size=cfg.data.image_size, seed=0, progress=progress)
+        # always the seed's set at 128x128, whatever data.image_size this run resizes to: the folder is shared by every run
+        print(f"{root} is missing: drawing the synthetic hot-dog set there (1000 hot dogs and 5000 others to train, 200 and 1000 to test, 128x128)", flush=True)
+        synth.generate(root, seed=0, progress=progress)
     return data.load_dataset(cfg.data, cfg.seed, progress, memory_budget)
 
 

@@ -82,3 +82,18 @@ def test_a_batch_larger_than_the_training_set_is_clamped(tiny_tree, make_config)
     with pytest.warns(UserWarning, match="full-batch"):
         run_dir = train.run(make_config(tiny_tree, "train.epochs=2", "optim.batch_size=100000"), progress=False)
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 2
+
+
+def test_a_missing_synthetic_set_is_drawn_at_128_whatever_the_run_resizes_to(tmp_path, capsys):
+    from PIL import Image
+
+    from hotdog_torch import config
+
+    root = tmp_path / "hotdog-synth"
+    cfg = config.load("configs/hotdog.yaml", [f"data.root={root}", "data.image_size=16", f"data.cache_dir={tmp_path}/c"])
+    ds = train.prepare_data(cfg, progress=False)
+    assert "is missing: drawing the synthetic hot-dog set" in capsys.readouterr().out
+    assert len(ds.train) + len(ds.val) == 6000 and len(ds.test) == 1200
+    assert ds.train.images.shape[-1] == 16
+    with Image.open(next((root / "train" / "hot_dog").iterdir())) as im:
+        assert im.size == (128, 128)  # the shared folder holds the seed's images, not this run's size

@@ -52,7 +52,8 @@ class Optim:
     lr: float = 0.05  # the learning rate of gradient descent
     batch_size: Optional[int] = 64  # images per step; null = full-batch gradient descent; clamped to the training set
     momentum: float = 0.0  # 0 = plain gradient descent
-    fused: bool = True  # plain SGD in fp32 (momentum 0): fold w <- w - lr*dC/dw into the weight-gradient matmul (same weights, ~2x faster on CPU); false = autograd + torch.optim.SGD
+    fused: bool = True  # plain SGD in fp32 (momentum 0): backprop written out, w <- w - lr*dC/dw folded into the weight-gradient matmul; false = autograd + torch.optim.SGD
+    fused_window: int = 2  # with fused: apply the first layer's updates every this many steps in one GEMM (the same SGD; faster on the CPU); 1 = every step
 
 
 @dataclass
@@ -197,6 +198,7 @@ def _check_ranges(cfg: Config) -> None:
         (d.memory_budget is None or d.memory_budget >= 0, f"data.memory_budget must be a number of bytes >= 0 or null, got {d.memory_budget}"),
         (all(h >= 1 for h in m.hidden), f"model.hidden widths must be at least 1, got {m.hidden}"),
         (o.lr > 0, f"optim.lr must be greater than 0, got {o.lr}"),
+        (o.fused_window >= 1, f"optim.fused_window must be at least 1, got {o.fused_window}"),
         (o.batch_size is None or o.batch_size >= 1, f"optim.batch_size must be at least 1 or null, got {o.batch_size}"),
         (0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}"),
         (t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}"),

@@ -95,22 +95,79 @@ def fused_sgd_step(model, x, targets, lr, activation):
     return cost, out
 
 
+@torch.no_grad()
+def fused_sgd_window(model, X, T, sizes, lr, activation):
+    """Plain gradient descent over k consecutive batches, with the first layer's k updates deferred to one GEMM.
+
+    X and T hold the k batches one after another, sizes their lengths.
+    The math is the same k steps of SGD.  Let W be the first layer's weights at the
+    window's start and δ_s the gradient of step s's cost with respect to its
+    pre-activations.  Step j's first-layer input is then
+        z_j = x_j W_jᵀ + b_j = x_j Wᵀ − lr Σ_{s<j} (x_j x_sᵀ) δ_s + b_j,
+    so every batch's x_j Wᵀ is one (k·B)-row GEMM, the pending updates enter through
+    small Gram blocks x_j x_sᵀ, and after the window W ← W − lr Dᵀ X is one GEMM with
+    an inner dimension of k·B.  Those tall products run nearer the CPU's peak than k
+    separate 64-row ones (docs/BENCHMARKS.md).  The upper layers update every step.
+    """
+    layers = linear_layers(model)
+    first, upper = layers[0], layers[1:]
+    act = ACTIVATIONS[activation]() if upper else torch.sigmoid
+    X = X.flatten(1)
+    Z0 = X @ first.weight.t()  # every batch of the window against the window's starting weights
+    D = torch.empty(len(X), first.out_features, dtype=X.dtype, device=X.device)  # the δ_s, row-aligned with X
+    results, o = [], 0
+    for n in sizes:
+        t = T[o : o + n]
+        z = Z0[o : o + n] + first.bias
+        if o:  # the updates of this window's earlier steps, not yet applied to W
+            z.addmm_(X[o : o + n] @ X[:o].t(), D[:o], alpha=-lr)
+        a = act(z)
+        inputs = [None, a]  # inputs[i]: what layer i reads (layer 0 reads x)
+        for k, layer in enumerate(upper, start=1):
+            a = (torch.sigmoid if k == len(upper) else ACTIVATIONS[activation]())(torch.addmm(layer.bias, a, layer.weight.t()))
+            inputs.append(a)
+        out = a
+        cost = half_mse(out, t)  # C = ½ · mean_batch Σ_outputs (a − y)²
+        delta = (out - t) * out * (1 - out) / n  # ∂C/∂z of the output layer
+        for i in range(len(layers) - 1, 0, -1):
+            layer = layers[i]
+            below = (delta @ layer.weight) * DERIVATIVE[activation](inputs[i])  # before W moves
+            layer.weight.addmm_(delta.t(), inputs[i], alpha=-lr)  # W <- W − lr · δᵀ a
+            layer.bias.add_(delta.sum(0), alpha=-lr)
+            delta = below
+        first.bias.add_(delta.sum(0), alpha=-lr)
+        D[o : o + n] = delta
+        results.append((cost, out))
+        o += n
+    first.weight.addmm_(D.t(), X, alpha=-lr)  # the window's updates of the first layer in one GEMM: W <- W − lr Σ_s δ_sᵀ x_s
+    return results
+
+
 def make_step(model, optimizer, cfg: Config, device: torch.device):
-    """The training step for this config: step(x, targets) -> (cost, outputs), both left on the device."""
+    """The training step for this config: step(x, targets, sizes) -> [(cost, outputs)...], one pair per batch, for
+    step.window consecutive batches stacked in x (1 except for the windowed fused SGD), all left on the device."""
     precision = cfg.train.precision if cfg.train.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     if cfg.optim.fused and cfg.optim.momentum == 0 and precision == "fp32" and not cfg.train.compile and cfg.optim.cost == "half_mse":
-        return lambda x, t: fused_sgd_step(model, x, t, cfg.optim.lr, cfg.model.activation), "fused SGD (fp32)"
+        k = cfg.optim.fused_window
+        if k == 1:
+            step = lambda X, T, sizes: [fused_sgd_step(model, X, T, cfg.optim.lr, cfg.model.activation)]  # noqa: E731
+        else:
+            step = lambda X, T, sizes: fused_sgd_window(model, X, T, sizes, cfg.optim.lr, cfg.model.activation)  # noqa: E731
+        step.window = k
+        return step, f"fused SGD (fp32, first-layer updates in windows of {k} steps)" if k > 1 else "fused SGD (fp32)"
     forward = torch.compile(model) if cfg.train.compile else model
     cost_fn = COSTS[cfg.optim.cost]
 
-    def step(x, targets):
+    def step(x, targets, sizes):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             outputs = forward(x)
         cost = cost_fn(outputs.float(), targets)  # by default C = ½ · mean_batch Σ_outputs (a − y)²
         optimizer.zero_grad()  # set_to_none: measured faster here than zeroing and accumulating into old buffers
         cost.backward()
         optimizer.step()  # w <- w − lr · ∂C/∂w  (plus momentum when optim.momentum > 0)
-        return cost.detach(), outputs.detach()
+        return [(cost.detach(), outputs.detach())]
+
+    step.window = 1
 
     cost_name = "" if cfg.optim.cost == "half_mse" else f", cost {cfg.optim.cost}"
     return step, f"autograd + torch.optim.SGD ({precision}{', compiled' if cfg.train.compile else ''}{cost_name})"
@@ -136,17 +193,21 @@ def train_one_epoch(step, split: data.Split, mean, std, batch_size, n_classes, g
     else:
         order, start = resume["order"].to(split.index.device), resume["next"]
         costs[:start], wrongs[:start] = resume["costs"].to(device), resume["wrongs"].to(device)
-    for i in range(start, n_steps):
+    i = start
+    while i < n_steps:
         if should_stop():
             return {"order": order, "next": i, "costs": costs[:i], "wrongs": wrongs[:i]}
-        pos = order[i * batch_size : (i + 1) * batch_size]
+        steps = range(i, min(i + step.window, n_steps))
+        pos = order[i * batch_size : (steps[-1] + 1) * batch_size]  # the window's batches, one after another
         x = data.normalise(split.batch(pos).to(device, non_blocking=True), mean, std)
         y = split.labels[pos].to(device, non_blocking=True)
-        cost, outputs = step(x, one_hot(y, n_classes))
-        costs[i] = cost
-        wrongs[i] = wrong(outputs, y)
-        if log_every and (first_step + i + 1) % log_every == 0:
-            on_log(first_step + i + 1)
+        sizes = [min(batch_size, len(pos) - k * batch_size) for k in range(len(steps))]
+        for j, labels, (cost, outputs) in zip(steps, y.split(sizes), step(x, one_hot(y, n_classes), sizes)):
+            costs[j] = cost
+            wrongs[j] = wrong(outputs, labels)
+        i = steps[-1] + 1
+        if log_every and any((first_step + j + 1) % log_every == 0 for j in steps):
+            on_log(first_step + i)  # at the end of the window that held the log step
     return {"order": order, "next": n_steps, "costs": costs, "wrongs": wrongs}
 
 

@@ -24,14 +24,15 @@ from hotdog_torch.model import build_model  # noqa: E402
 
 
 def tutorial_step(model, optimizer, set_to_none=True):
-    def step(x, targets):
+    def step(x, targets, sizes):
         outputs = model(x)
         cost = half_mse(outputs, targets)
         optimizer.zero_grad(set_to_none=set_to_none)  # True: a fresh gradient tensor every step
         cost.backward()
         optimizer.step()
-        return cost.detach(), outputs.detach()
+        return [(cost.detach(), outputs.detach())]
 
+    step.window = 1
     return step
 
 
@@ -50,11 +51,13 @@ def main(argv=None):
     sub = ds.train.subset(torch.arange(min(len(ds.train), cfg.optim.batch_size * a.steps)))
     mean, std = data.normalisation(ds.train)
     k = len(ds.classes)
-    for label in ("fused SGD", "autograd, zero_grad(set_to_none=False)", "autograd, zero_grad() (hotdog_torch's autograd path, as in the tutorial)"):
+    for label in ("fused SGD, first-layer updates in windows of 2 steps", "fused SGD, every step", "autograd, zero_grad(set_to_none=False)",
+                  "autograd, zero_grad() (hotdog_torch's autograd path, as in the tutorial)"):
         torch.manual_seed(0)
         model = build_model(cfg.data.channels * cfg.data.image_size**2, cfg.model.hidden, k, cfg.model.activation)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
-        c = config.from_dict(config.to_dict(cfg), [f"optim.fused={'true' if label.startswith('fused') else 'false'}", "optim.momentum=0"])
+        c = config.from_dict(config.to_dict(cfg), [f"optim.fused={'true' if label.startswith('fused') else 'false'}", "optim.momentum=0",
+                                                    f"optim.fused_window={2 if 'windows' in label else 1}"])
         step = tutorial_step(model, optimizer) if "zero_grad()" in label else (zeroing_step(model, optimizer) if "False" in label else train.make_step(model, optimizer, c, device)[0])
         g = torch.Generator().manual_seed(0)
         train.train_one_epoch(step, sub, mean, std, cfg.optim.batch_size, k, g, device)  # warm-up

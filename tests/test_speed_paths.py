@@ -25,17 +25,40 @@ def test_fused_sgd_step_equals_autograd_and_torch_optim(activation, hidden):
         x = torch.randn(8, 12, dtype=torch.float64)
         t = cost.one_hot(torch.randint(0, 3, (8,)), 3, torch.float64)
         c1, out1 = train.fused_sgd_step(a, x, t, 0.3, activation)
-        c2, out2 = autograd_step(x, t)
+        ((c2, out2),) = autograd_step(x, t, [len(x)])
         assert torch.allclose(c1, c2, atol=1e-12) and torch.allclose(out1, out2, atol=1e-12)
     for pa, pb in zip(a.parameters(), b.parameters()):
         assert torch.allclose(pa, pb, atol=1e-12)
         assert not torch.equal(pa, torch.zeros_like(pa))
 
 
-def test_fused_and_autograd_runs_end_with_the_same_weights(small_tree, make_config):
+@pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh"])
+@pytest.mark.parametrize("hidden", [[], [7], [9, 5]])
+@pytest.mark.parametrize("window", [2, 3, 4])
+def test_windowed_first_layer_updates_are_the_same_sgd(activation, hidden, window):
+    torch.manual_seed(1)
+    a = build_model(12, hidden, 3, activation).double()
+    b = copy.deepcopy(a)
+    optimizer = torch.optim.SGD(b.parameters(), lr=0.4, momentum=0.0)
+    cfg = config.load(None, ["optim.lr=0.4", "optim.momentum=0", "optim.fused=false", f"model.activation={activation}"])
+    autograd_step, _ = train.make_step(b, optimizer, cfg, torch.device("cpu"))
+    sizes = [8] * (window - 1) + [5]  # the last batch of an epoch may be short
+    xs = [torch.randn(n, 12, dtype=torch.float64) for n in sizes]
+    ts = [cost.one_hot(torch.randint(0, 3, (n,)), 3, torch.float64) for n in sizes]
+    windowed = train.fused_sgd_window(a, torch.cat(xs), torch.cat(ts), sizes, 0.4, activation)
+    for (c1, out1), x, t in zip(windowed, xs, ts):
+        ((c2, out2),) = autograd_step(x, t, [len(x)])  # one ordinary step after another
+        assert torch.allclose(c1, c2, atol=1e-12) and torch.allclose(out1, out2, atol=1e-12)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-12)
+
+
+@pytest.mark.parametrize("window", [1, 4])
+def test_fused_and_autograd_runs_end_with_the_same_weights(small_tree, make_config, window):
     runs = {}
     for fused in (True, False):
-        cfg = make_config(small_tree, "optim.momentum=0", f"optim.fused={str(fused).lower()}", f"log.run_name=fused-{fused}", "train.epochs=3")
+        cfg = make_config(small_tree, "optim.momentum=0", f"optim.fused={str(fused).lower()}", f"optim.fused_window={window}",
+                          f"log.run_name=fused-{fused}", "train.epochs=3")
         run_dir = train.run(cfg, progress=False)
         m = json.loads((run_dir / "metrics.json").read_text())
         assert m["step"].startswith("fused" if fused else "autograd")

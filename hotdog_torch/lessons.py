@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 from . import board, checkpoint, config, data, train
 from .config import UserError
 from .cost import half_mse, one_hot
-from .model import build_model, linear_layers
+from .model import build_model
 
 LESSONS = Path(__file__).resolve().parents[1] / "configs" / "lessons"
 

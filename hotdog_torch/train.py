@@ -539,7 +539,7 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
             m["seconds"] = time.perf_counter() - t0  # the whole epoch: training, evaluation and logging
             _print_epoch(epoch, cfg.train.epochs, m, len(ds.train) / seconds)
             state["history"].append(m)
-            if math.isfinite(m["train_cost"]) and _better(m, state["best"]) or state["best"] is None:
+            if state["best"] is None or (math.isfinite(m["train_cost"]) and _better(m, state["best"])):
                 state["best"] = m
                 save(run_dir / "checkpoints" / "best.pt", m)
             if epoch % cfg.train.checkpoint_every_epochs == 0 or state["stopped_because"]:

@@ -42,7 +42,7 @@ def main(argv=None):
             on.append(epoch_seconds(a.config, [f"train.epochs={a.epochs}"], tmp))
             off.append(epoch_seconds(a.config, [f"train.epochs={a.epochs}", "log.every_steps=0", "log.images_every_epochs=0"], tmp))
     ratios = [x[0] / y[0] for x, y in zip(on, off)]
-    print(f"\n| logging | mean epoch seconds (one per run) |\n|---|---|")
+    print("\n| logging | mean epoch seconds (one per run) |\n|---|---|")
     print(f"| defaults (every_steps 50, images_every_epochs 10) | {', '.join(f'{x[0]:.3f}' for x in on)} |")
     print(f"| per-step cost and epoch scalars only | {', '.join(f'{x[0]:.3f}' for x in off)} |")
     print(f"\ntimed inside the runs, the optional summaries (norms, histograms, pictures) cost: median {statistics.median(x[1] for x in on):+.1%} "

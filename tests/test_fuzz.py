@@ -4,10 +4,8 @@ from __future__ import annotations
 import io
 
 import numpy as np
-import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
-from PIL import Image
 
 from hotdog_torch import config, data, synth
 from hotdog_torch.config import UserError

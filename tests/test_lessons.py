@@ -8,7 +8,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from hotdog_torch import checkpoint, config, cost, lessons, train
+from hotdog_torch import checkpoint, cost, lessons, train
 from hotdog_torch.model import build_model
 from conftest import tiny_doc
 

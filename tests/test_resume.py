@@ -1,7 +1,6 @@
 """Never lose a run: kill a real training process, resume it, and end bit-identical to an uninterrupted run."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys

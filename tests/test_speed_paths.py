@@ -11,16 +11,22 @@ from hotdog_torch import checkpoint, config, cost, train
 from hotdog_torch.model import build_model
 
 
+def twins(hidden, activation, lr, seed):
+    """A float64 MLP, and a copy of it with hotdog_torch's autograd + torch.optim.SGD step."""
+    torch.manual_seed(seed)
+    a = build_model(12, hidden, 3, activation).double()
+    b = copy.deepcopy(a)
+    optimizer = torch.optim.SGD(b.parameters(), lr=lr, momentum=0.0)
+    cfg = config.load(None, [f"optim.lr={lr}", "optim.momentum=0", "optim.fused=false", f"model.activation={activation}"])
+    autograd_step, name = train.make_step(b, optimizer, cfg, torch.device("cpu"))
+    assert name.startswith("autograd")
+    return a, b, autograd_step
+
+
 @pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh"])
 @pytest.mark.parametrize("hidden", [[], [7], [9, 5]])
 def test_fused_sgd_step_equals_autograd_and_torch_optim(activation, hidden):
-    torch.manual_seed(0)
-    a = build_model(12, hidden, 3, activation).double()
-    b = copy.deepcopy(a)
-    optimizer = torch.optim.SGD(b.parameters(), lr=0.3, momentum=0.0)
-    cfg = config.load(None, ["optim.lr=0.3", "optim.momentum=0", "optim.fused=false", f"model.activation={activation}"])
-    autograd_step, name = train.make_step(b, optimizer, cfg, torch.device("cpu"))
-    assert name.startswith("autograd")
+    a, b, autograd_step = twins(hidden, activation, 0.3, seed=0)
     for _ in range(5):
         x = torch.randn(8, 12, dtype=torch.float64)
         t = cost.one_hot(torch.randint(0, 3, (8,)), 3, torch.float64)
@@ -36,12 +42,7 @@ def test_fused_sgd_step_equals_autograd_and_torch_optim(activation, hidden):
 @pytest.mark.parametrize("hidden", [[], [7], [9, 5]])
 @pytest.mark.parametrize("window", [2, 3, 4])
 def test_windowed_first_layer_updates_are_the_same_sgd(activation, hidden, window):
-    torch.manual_seed(1)
-    a = build_model(12, hidden, 3, activation).double()
-    b = copy.deepcopy(a)
-    optimizer = torch.optim.SGD(b.parameters(), lr=0.4, momentum=0.0)
-    cfg = config.load(None, ["optim.lr=0.4", "optim.momentum=0", "optim.fused=false", f"model.activation={activation}"])
-    autograd_step, _ = train.make_step(b, optimizer, cfg, torch.device("cpu"))
+    a, b, autograd_step = twins(hidden, activation, 0.4, seed=1)
     sizes = [8] * (window - 1) + [5]  # the last batch of an epoch may be short
     xs = [torch.randn(n, 12, dtype=torch.float64) for n in sizes]
     ts = [cost.one_hot(torch.randint(0, 3, (n,)), 3, torch.float64) for n in sizes]

@@ -10,6 +10,7 @@
 If (b) or (c) came close to (d), the images would carry a shortcut and the
 hidden layer would not be needed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,7 +70,20 @@ def _best_val(cfg: Config, overrides: list[str]) -> dict:
 def measure(cfg: Config, log_dir: str, linear_epochs: int = 30) -> dict:
     ds = data.load_dataset(cfg.data, cfg.seed, progress=False)
     out = {"majority": majority_accuracy(ds), "mean_colour": mean_colour_accuracy(cfg)}
-    linear = [_best_val(cfg, ["model.hidden=[]", f"optim.lr={lr}", f"train.epochs={linear_epochs}", "train.target_accuracy=null", f"log.dir={log_dir}", f"log.run_name=linear-lr{lr}"]) for lr in LINEAR_LRS]
+    linear = [
+        _best_val(
+            cfg,
+            [
+                "model.hidden=[]",
+                f"optim.lr={lr}",
+                f"train.epochs={linear_epochs}",
+                "train.target_accuracy=null",
+                f"log.dir={log_dir}",
+                f"log.run_name=linear-lr{lr}",
+            ],
+        )
+        for lr in LINEAR_LRS
+    ]
     out["zero_hidden"] = max(m["val_accuracy"] for m in linear)
     mlp = _best_val(cfg, [f"log.dir={log_dir}", "log.run_name=mlp"])
     out["mlp"] = mlp["val_accuracy"]
@@ -85,7 +99,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     try:
         cfg = config.load(a.config, a.overrides)
-        train.prepare_data(cfg)  # draws the synthetic set if the config asks for it
+        data.prepare(cfg.data, cfg.seed)  # draws the synthetic set if the config asks for it
         with tempfile.TemporaryDirectory() as tmp:
             r = measure(cfg, a.log_dir or tmp)
     except UserError as e:

@@ -17,9 +17,11 @@ HParams, at the end:            the config's knobs against hparam/* final metric
 The error rate is the seed's first cost function, # wrongly identified / total:
 it is logged beside the smooth cost ½·MSE that gradient descent follows.
 """
+
 from __future__ import annotations
 
 import io
+import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,102 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
+from . import data
+from .config import Config
+from .cost import half_mse, one_hot
+from .loop import Feed
+from .model import linear_layers
+
 HISTOGRAM_SAMPLE = 1 << 16  # larger tensors are histogrammed from a fixed random sample of this many entries
+
+
+class Board:
+    """One run's TensorBoard: the writer, the fixed probe batch that gradient summaries use, and the time they take.
+
+    The optional summaries (norms, histograms, pictures) add to `seconds`, so a run can report what logging cost.
+    """
+
+    def __init__(self, run_dir, purge_step, model, feed: Feed, cost_fn):
+        self.writer = open_writer(run_dir, purge_step)
+        self.model, self.cost_fn, self.seconds = model, cost_fn, 0.0
+        split = feed.split
+        x, y = feed.batch(torch.arange(min(len(split), feed.batch_size, 256), device=split.index.device))
+        self.probe_x, self.probe_t = x, one_hot(y, feed.n_classes)
+
+    def log_norms(self, step: int, lr: float) -> None:
+        """lr, and each layer's weight norm and gradient norm on the probe batch: one transfer to the host."""
+        t = time.perf_counter()
+        grads = probe_gradients(self.model, self.probe_x, self.probe_t, self.cost_fn)
+        log_scalars(self.writer, step, {"lr": lr, **{k: v.item() for k, v in norms(self.model, grads).items()}})
+        self.seconds += time.perf_counter() - t
+
+    def log_summaries(self, step, val: dict, confusion, split: data.Split, classes, image_shape, gradients=True):
+        """Histograms, neuron images, the misclassified grid, the confusion matrix and PR curves of a split."""
+        t = time.perf_counter()
+        layers = linear_layers(self.model)
+        grads = probe_gradients(self.model, self.probe_x, self.probe_t, self.cost_fn) if gradients else None
+        log_histograms(self.writer, step, layers, grads, val["outputs"], split.labels, classes)
+        wrong_images, captions = misclassified(split, val["outputs"], classes)
+        log_pictures(
+            self.writer,
+            step,
+            layers[0].weight,
+            *image_shape,
+            wrong_images,
+            captions,
+            confusion,
+            val["outputs"],
+            split.labels,
+            classes,
+        )
+        self.seconds += time.perf_counter() - t
+
+
+def probe_gradients(model, x, targets, cost_fn=half_mse):
+    """dC/dW of every layer on a fixed batch, leaving the model's own .grad alone."""
+    layers = linear_layers(model)
+    with torch.enable_grad():
+        cost = cost_fn(model(x).float(), targets)
+        return torch.autograd.grad(cost, [layer.weight for layer in layers])
+
+
+def norms(model, grads) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, (layer, g) in enumerate(zip(linear_layers(model), grads), start=1):
+        out[f"weight_norm/layer{i}"] = layer.weight.detach().norm()
+        out[f"grad_norm/layer{i}"] = g.norm()
+    return out
+
+
+def misclassified(split: data.Split, outputs, classes, limit=12):
+    """Up to `limit` wrongly identified images of a split, with captions: true class, predicted class and its score."""
+    predicted = outputs.argmax(dim=1)
+    where = torch.nonzero(predicted != split.labels.to(outputs.device)).flatten()[:limit]
+    pos = where.to(split.index.device)
+    captions = []
+    for p, w in zip(pos.tolist(), where.tolist()):
+        k = int(predicted[w])
+        captions.append(f"true {classes[int(split.labels[p])]}\npred {classes[k]} {float(outputs[w, k]):.2f}")
+    return split.batch(pos), captions
+
+
+HPARAM_METRICS = ("val_accuracy", "val_cost", "test_accuracy", "epochs")  # hparam/<metric> against the knobs
+
+
+def hparams(cfg: Config) -> dict:
+    """The knobs the HParams dashboard compares runs by (plain numbers and strings)."""
+    return {
+        "optimiser": cfg.optim.name,
+        "cost": cfg.optim.cost,
+        "lr": cfg.optim.lr,
+        "batch_size": cfg.optim.batch_size or 0,  # 0 = full batch
+        "momentum": cfg.optim.momentum,
+        "hidden": str(cfg.model.hidden),
+        "activation": cfg.model.activation,
+        "image_size": cfg.data.image_size,
+        "channels": cfg.data.channels,
+        "seed": cfg.seed,
+    }
 
 
 def open_writer(run_dir: str | Path, purge_step: int | None = None) -> SummaryWriter:
@@ -76,12 +173,19 @@ def _sample(t: torch.Tensor) -> torch.Tensor:
     return flat[torch.randint(0, flat.numel(), (HISTOGRAM_SAMPLE,), generator=g).to(flat.device)].float().cpu()
 
 
-def log_histograms(writer: SummaryWriter, step: int, layers, grads, outputs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> None:
+def log_histograms(
+    writer: SummaryWriter, step: int, layers, grads, outputs: torch.Tensor, labels: torch.Tensor, classes: list[str]
+) -> None:
     for i, layer in enumerate(layers, start=1):
-        for tag, values in ((f"weights/layer{i}", layer.weight), (f"gradients/layer{i}", None if grads is None else grads[i - 1])):
+        for tag, values in (
+            (f"weights/layer{i}", layer.weight),
+            (f"gradients/layer{i}", None if grads is None else grads[i - 1]),
+        ):
             sample = None if values is None else _sample(values)  # random search has no gradients
             if sample is not None and len(sample):
-                writer.add_histogram(tag, sample, step, bins="auto")  # the default bins stop at 1e12; a diverged run goes past that
+                writer.add_histogram(
+                    tag, sample, step, bins="auto"
+                )  # the default bins stop at 1e12; a diverged run goes past that
     scores, labels = outputs.float().cpu(), labels.cpu()
     for k, name in enumerate(classes):
         for j, truth in enumerate(classes):
@@ -121,7 +225,9 @@ def add_picture(writer: SummaryWriter, tag: str, picture: Image.Image, step: int
     buffer = io.BytesIO()
     picture.save(buffer, format="PNG", compress_level=1)
     colourspace = {"L": 1, "RGB": 3, "RGBA": 4}[picture.mode]
-    image = Summary.Image(height=picture.height, width=picture.width, colorspace=colourspace, encoded_image_string=buffer.getvalue())
+    image = Summary.Image(
+        height=picture.height, width=picture.width, colorspace=colourspace, encoded_image_string=buffer.getvalue()
+    )
     writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
 
@@ -136,7 +242,11 @@ def captioned_grid(images: torch.Tensor, captions: list[str], columns: int = 6) 
     font = _font(11)
     for i in range(n):
         arr = images[i].cpu().numpy()
-        tile = Image.fromarray(arr[0] if c == 1 else arr.transpose(1, 2, 0)).convert("RGB").resize((s * scale, s * scale), Image.Resampling.NEAREST)
+        tile = (
+            Image.fromarray(arr[0] if c == 1 else arr.transpose(1, 2, 0))
+            .convert("RGB")
+            .resize((s * scale, s * scale), Image.Resampling.NEAREST)
+        )
         x, y = (i % columns) * cell_w, (i // columns) * (s * scale + text_h)
         sheet.paste(tile, (x, y))
         draw.multiline_text((x + 2, y + s * scale + 1), captions[i], fill="black", font=font, spacing=1)
@@ -159,13 +269,28 @@ def confusion_image(confusion: torch.Tensor, classes: list[str]) -> Image.Image:
             shade = int(255 - 200 * share[i, j])
             x, y = margin + j * cell, margin + i * cell
             draw.rectangle([x, y, x + cell - 2, y + cell - 2], fill=(shade, shade, 255), outline="gray")
-            draw.text((x + 8, y + cell // 2 - 8), f"{int(confusion[i, j])}", fill="black" if shade > 120 else "white", font=font)
+            draw.text(
+                (x + 8, y + cell // 2 - 8),
+                f"{int(confusion[i, j])}",
+                fill="black" if shade > 120 else "white",
+                font=font,
+            )
     return img
 
 
-def log_pictures(writer: SummaryWriter, step: int, first_layer: torch.Tensor, channels: int, size: int,
-                 wrong_images: torch.Tensor, wrong_captions: list[str], confusion: torch.Tensor,
-                 outputs: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> None:
+def log_pictures(
+    writer: SummaryWriter,
+    step: int,
+    first_layer: torch.Tensor,
+    channels: int,
+    size: int,
+    wrong_images: torch.Tensor,
+    wrong_captions: list[str],
+    confusion: torch.Tensor,
+    outputs: torch.Tensor,
+    labels: torch.Tensor,
+    classes: list[str],
+) -> None:
     add_picture(writer, "neurons/layer1", neuron_images(first_layer, channels, size), step)
     if len(wrong_images):
         add_picture(writer, "misclassified/val", captioned_grid(wrong_images, wrong_captions), step)

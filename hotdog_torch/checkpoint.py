@@ -6,12 +6,16 @@ size and channels and the normalisation.  It is written atomically and read
 with torch.load(weights_only=True), so a checkpoint from someone else cannot
 run code.
 """
+
 from __future__ import annotations
 
 import io
 import pickle
+import random
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .config import UserError
@@ -21,23 +25,71 @@ from .model import build_model
 FORMAT = 1
 
 
-def save(path: str | Path, *, model, optimizer, config: dict, classes: list[str], mean, std, epoch: int, step: int, metrics: dict, state: dict | None = None) -> None:
-    """state: the loop's own (counters, best so far, history, RNG states, mid-epoch position) for --resume."""
-    payload = {
-        "format": FORMAT,
-        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "config": config,
-        "classes": list(classes),
-        "image_size": config["data"]["image_size"],
-        "channels": config["data"]["channels"],
-        "mean": [float(m) for m in mean],
-        "std": [float(s) for s in std],
-        "epoch": epoch,
-        "step": step,
-        "metrics": metrics,
-        "state": state,
+@dataclass
+class RunState:
+    """What the loop knows besides the weights and the optimiser: enough to resume a run exactly."""
+
+    epoch: int = 0  # the last finished epoch
+    step: int = 0  # the optimiser steps taken
+    best: dict | None = None  # the metrics of the best epoch so far (best.pt)
+    history: list = field(default_factory=list)  # every finished epoch's metrics
+    stopped_because: str | None = None
+    seconds: float = 0.0  # of training sessions so far
+    train_seconds: float = 0.0  # of steady-state epochs (after the first), for images/s
+    train_images: int = 0
+    epoch_progress: dict | None = None  # an epoch stopped part-way: its batch order, next step, costs so far
+    rng: dict | None = None  # every random generator's state (rng_state)
+    divergence: dict | None = None  # stopping.DivergenceWatch's state
+    search_kept: dict | None = None  # random search: the score of the draw kept so far
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+
+def on_cpu(progress: dict | None) -> dict | None:
+    """An epoch's progress (its order, costs, wrong counts) moved to the CPU for saving."""
+    return None if progress is None else {k: v.cpu() if torch.is_tensor(v) else v for k, v in progress.items()}
+
+
+def rng_state(generator) -> dict:
+    """Every random number generator's state, as plain data and tensors (loadable with weights_only=True)."""
+    np_state = np.random.get_state()
+    numpy = {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])}
+    numpy.update(has_gauss=int(np_state[3]), gauss=float(np_state[4]))
+    return {
+        "batches": generator.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+        "numpy": numpy,
+        "python": list(random.getstate()[1]) + [random.getstate()[0]],
     }
+
+
+def set_rng_state(generator, state: dict) -> None:
+    generator.set_state(state["batches"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    *keys, version = state["python"]
+    random.setstate((version, tuple(keys), None))
+
+
+def meta(config: dict, classes: list[str], mean, std) -> dict:
+    """What predict needs besides the weights: the config, the class names, the input size and normalisation."""
+    image = {"image_size": config["data"]["image_size"], "channels": config["data"]["channels"]}
+    normalisation = {"mean": [float(m) for m in mean], "std": [float(s) for s in std]}
+    return {"config": config, "classes": list(classes), **image, **normalisation}
+
+
+def save(path: str | Path, model, optimizer, meta: dict, metrics: dict, state: RunState | None = None) -> None:
+    """Atomically: the weights, the optimiser, meta(), the epoch's metrics, and the loop's state for --resume."""
+    payload = {"format": FORMAT, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    payload["optimizer"] = optimizer.state_dict() if optimizer is not None else None
+    payload |= meta
+    payload |= {"epoch": state.epoch if state else None, "step": state.step if state else None, "metrics": metrics}
+    payload["state"] = state.as_dict() if state else None
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write(path, lambda f: f.write(buffer.getbuffer()))
@@ -53,13 +105,17 @@ def load(path: str | Path) -> dict:
         refused = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
         if refused is None:  # the unpickler met bytes it cannot read at all
             raise UserError(f"checkpoint {path} is damaged or not a hotdog_torch checkpoint") from None
-        raise UserError(f"checkpoint {path} holds code or objects other than weights and plain data, so it was not loaded ({refused})") from None
+        raise UserError(
+            f"checkpoint {path} holds code or objects other than weights and plain data, so it was not loaded ({refused})"
+        ) from None
     except Exception:  # noqa: BLE001 - whatever the unpickler trips on in a file that is not ours, the file is at fault
         raise UserError(f"checkpoint {path} is damaged or not a hotdog_torch checkpoint") from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:
         raise UserError(f"checkpoint {path} is not a hotdog_torch checkpoint")
     if ckpt["format"] != FORMAT:
-        raise UserError(f"checkpoint {path} has format version {ckpt['format']}, but this hotdog_torch reads version {FORMAT}")
+        raise UserError(
+            f"checkpoint {path} has format version {ckpt['format']}, but this hotdog_torch reads version {FORMAT}"
+        )
     return ckpt
 
 
@@ -69,3 +125,27 @@ def model_from(ckpt: dict) -> torch.nn.Sequential:
     model = build_model(ckpt["channels"] * ckpt["image_size"] ** 2, m["hidden"], len(ckpt["classes"]), m["activation"])
     model.load_state_dict(ckpt["model"])
     return model.eval()
+
+
+def restore(resumed: dict, model, optimizer, generator, run_dir, epochs: int) -> RunState | None:
+    """Load last.pt's weights, optimiser, generators and loop state; None when the run has nothing left to do."""
+    try:
+        model.load_state_dict(resumed["model"])
+        if resumed["optimizer"] is not None:
+            optimizer.load_state_dict(resumed["optimizer"])
+    except (RuntimeError, ValueError, KeyError) as e:
+        reason = str(e).splitlines()[0][:100]
+        raise UserError(f"{run_dir}/checkpoints/last.pt does not fit this config's model ({reason})") from None
+    state = RunState(**resumed["state"])
+    set_rng_state(generator, state.rng)
+    if state.stopped_because is not None and not (state.stopped_because == "epochs" and epochs > state.epoch):
+        print(
+            f"{run_dir} already finished ({state.stopped_because}); nothing to resume. "
+            f"To train on, pass train.epochs=N above {state.epoch}."
+        )
+        return None
+    state.stopped_because = None
+    p = state.epoch_progress
+    where = f"epoch {state.epoch + 1}, step {p['next'] + 1} of it" if p else f"the end of epoch {state.epoch}"
+    print(f"resuming from {where} (global step {state.step})", flush=True)
+    return state

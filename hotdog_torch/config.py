@@ -10,15 +10,17 @@ can get wrong (a YAML syntax error, an unknown key, a wrong type, a value out of
 range) raises UserError with one plain sentence; the command line turns that
 into exit code 2.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import difflib
 import re
+import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import yaml
 
@@ -30,27 +32,37 @@ class UserError(Exception):
 @dataclass
 class Data:
     root: str = "data/hotdog-synth"  # an ImageFolder tree: root/{class}/... or root/{train,val,test}/{class}/...
-    generate: bool = False  # draw the synthetic set (hotdog_torch.synth, the seed's numbers) into root when root is missing
+    generate: bool = (
+        False  # draw the synthetic set (hotdog_torch.synth, the seed's numbers) into root when root is missing
+    )
     image_size: int = 128  # images are resized to image_size x image_size
     channels: int = 1  # 1 = grayscale (128*128 = 16384 inputs), 3 = RGB
     val_fraction: float = 0.2  # stratified share of train held out for validation when there is no val/ folder
-    cache_dir: Optional[str] = None  # decoded-tensor cache; null = $XDG_CACHE_HOME/hotdog_torch (~/.cache/hotdog_torch)
-    workers: Optional[int] = None  # decoding processes; null = every core
-    memory_budget: Optional[int] = None  # bytes of decoded images held in (device) memory; null = half the free RAM (CPU) or GPU memory (CUDA); a larger set is memory-mapped from the cache and streamed in batches
+    cache_dir: str | None = None  # decoded-tensor cache; null = $XDG_CACHE_HOME/hotdog_torch (~/.cache/hotdog_torch)
+    workers: int | None = None  # decoding processes; null = every core
+    memory_budget: int | None = (
+        None  # bytes of decoded images held in (device) memory; null = half the free RAM (CPU) or GPU memory (CUDA); a larger set is memory-mapped from the cache and streamed in batches
+    )
 
 
 @dataclass
 class Model:
-    hidden: list[int] = field(default_factory=lambda: [256])  # widths of the hidden layers; [] = one layer of perceptrons
+    hidden: list[int] = field(
+        default_factory=lambda: [256]
+    )  # widths of the hidden layers; [] = one layer of perceptrons
     activation: Literal["sigmoid", "relu", "tanh"] = "sigmoid"  # of the hidden layers; the output is always a sigmoid
 
 
 @dataclass
 class Optim:
-    name: Literal["sgd", "random_search"] = "sgd"  # sgd: gradient descent; random_search: each pass draws every weight afresh from the init distribution and keeps the best (the seed's "shot in the dark")
-    cost: Literal["half_mse", "error_rate", "cross_entropy"] = "half_mse"  # what gradient descent minimises: the seed's ½·MSE; its first cost, the error rate (slope 0 almost everywhere); or cross-entropy (not the seed's, for comparison)
+    name: Literal["sgd", "random_search"] = (
+        "sgd"  # sgd: gradient descent; random_search: each pass draws every weight afresh from the init distribution and keeps the best (the seed's "shot in the dark")
+    )
+    cost: Literal["half_mse", "error_rate", "cross_entropy"] = (
+        "half_mse"  # what gradient descent minimises: the seed's ½·MSE; its first cost, the error rate (slope 0 almost everywhere); or cross-entropy (not the seed's, for comparison)
+    )
     lr: float = 0.05  # the learning rate of gradient descent
-    batch_size: Optional[int] = 64  # images per step; null = full-batch gradient descent; clamped to the training set
+    batch_size: int | None = 64  # images per step; null = full-batch gradient descent; clamped to the training set
     momentum: float = 0.0  # 0 = plain gradient descent
     fused: bool = True  # plain SGD in fp32 (momentum 0): backprop written out, w <- w - lr*dC/dw folded into the weight-gradient matmul; false = autograd + torch.optim.SGD
     fused_window: int = 2  # with fused: apply the first layer's updates every this many steps in one GEMM (the same SGD; faster on the CPU); 1 = every step
@@ -59,19 +71,25 @@ class Optim:
 @dataclass
 class Train:
     epochs: int = 30  # at most this many passes over the training set
-    target_accuracy: Optional[float] = 0.99  # stop once validation accuracy reaches it; null = run every epoch
+    target_accuracy: float | None = 0.99  # stop once validation accuracy reaches it; null = run every epoch
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the network (autograd path)
     diverge_factor: float = 3.0  # stop with stopped_because "diverged" when the cost is NaN/inf, or its mean over the last diverge_steps steps ...
-    diverge_steps: int = 20  # ... stays above diverge_factor x the lowest such mean, and above the first such mean, for this many steps
-    checkpoint_every_epochs: int = 1  # write checkpoints/last.pt every this many epochs (and at the end; Ctrl-C/SIGTERM always saves)
+    diverge_steps: int = (
+        20  # ... stays above diverge_factor x the lowest such mean, and above the first such mean, for this many steps
+    )
+    checkpoint_every_epochs: int = (
+        1  # write checkpoints/last.pt every this many epochs (and at the end; Ctrl-C/SIGTERM always saves)
+    )
 
 
 @dataclass
 class Log:
     dir: str = "runs"  # runs are written to dir/run_name/
-    run_name: Optional[str] = None  # null = <config file stem>-<timestamp>; an existing run gets a -2, -3, ... suffix
-    every_steps: int = 50  # lr, weight and gradient norms per layer every this many steps; 0 = never (cost/train is logged every step)
+    run_name: str | None = None  # null = <config file stem>-<timestamp>; an existing run gets a -2, -3, ... suffix
+    every_steps: int = (
+        50  # lr, weight and gradient norms per layer every this many steps; 0 = never (cost/train is logged every step)
+    )
     images_every_epochs: int = 10  # neuron images, misclassified images, confusion matrix, PR curves, histograms: every this many epochs and at the end; 0 = only at the end
 
 
@@ -84,6 +102,9 @@ class Config:
     log: Log = field(default_factory=Log)
     seed: int = 0  # seeds torch, the split and the batch order: a seeded CPU run is reproducible
     device: str = "auto"  # auto (cuda when there is one, else cpu) | cpu | cuda | cuda:N
+
+
+UNIONS = (typing.Union, types.UnionType)  # Optional[int] and int | None
 
 
 def _sections() -> dict[str, type]:
@@ -109,7 +130,7 @@ def _unknown(key: str) -> UserError:
 
 def _type_name(t) -> str:
     origin, args = typing.get_origin(t), typing.get_args(t)
-    if origin is typing.Union:
+    if origin in UNIONS:
         return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
     if origin is Literal:
         return "one of " + ", ".join(repr(a) for a in args)
@@ -124,7 +145,7 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 def _coerce(value, t):
     """`value` as type t, or raise TypeError."""
     origin, args = typing.get_origin(t), typing.get_args(t)
-    if origin is typing.Union:
+    if origin in UNIONS:
         for a in args:
             if a is type(None) and value is None:
                 return None
@@ -195,7 +216,10 @@ def _check_ranges(cfg: Config) -> None:
         (d.channels in (1, 3), f"data.channels must be 1 (grayscale) or 3 (RGB), got {d.channels}"),
         (0 < d.val_fraction < 1, f"data.val_fraction must lie strictly between 0 and 1, got {d.val_fraction}"),
         (d.workers is None or d.workers >= 1, f"data.workers must be at least 1 or null, got {d.workers}"),
-        (d.memory_budget is None or d.memory_budget >= 0, f"data.memory_budget must be a number of bytes >= 0 or null, got {d.memory_budget}"),
+        (
+            d.memory_budget is None or d.memory_budget >= 0,
+            f"data.memory_budget must be a number of bytes >= 0 or null, got {d.memory_budget}",
+        ),
         (all(h >= 1 for h in m.hidden), f"model.hidden widths must be at least 1, got {m.hidden}"),
         (o.lr > 0, f"optim.lr must be greater than 0, got {o.lr}"),
         (o.fused_window >= 1, f"optim.fused_window must be at least 1, got {o.fused_window}"),
@@ -203,13 +227,27 @@ def _check_ranges(cfg: Config) -> None:
         (0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}"),
         (t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}"),
         (cfg.log.every_steps >= 0, f"log.every_steps must be 0 (never) or more, got {cfg.log.every_steps}"),
-        (cfg.log.images_every_epochs >= 0, f"log.images_every_epochs must be 0 (only at the end) or more, got {cfg.log.images_every_epochs}"),
+        (
+            cfg.log.images_every_epochs >= 0,
+            f"log.images_every_epochs must be 0 (only at the end) or more, got {cfg.log.images_every_epochs}",
+        ),
         (t.diverge_factor > 1, f"train.diverge_factor must be greater than 1, got {t.diverge_factor}"),
         (t.diverge_steps >= 1, f"train.diverge_steps must be at least 1, got {t.diverge_steps}"),
-        (t.checkpoint_every_epochs >= 1, f"train.checkpoint_every_epochs must be at least 1, got {t.checkpoint_every_epochs}"),
-        (t.target_accuracy is None or 0 < t.target_accuracy <= 1, f"train.target_accuracy must be in (0, 1] or null, got {t.target_accuracy}"),
-        (cfg.device == "auto" or cfg.device == "cpu" or cfg.device == "cuda" or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),
-         f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}"),
+        (
+            t.checkpoint_every_epochs >= 1,
+            f"train.checkpoint_every_epochs must be at least 1, got {t.checkpoint_every_epochs}",
+        ),
+        (
+            t.target_accuracy is None or 0 < t.target_accuracy <= 1,
+            f"train.target_accuracy must be in (0, 1] or null, got {t.target_accuracy}",
+        ),
+        (
+            cfg.device == "auto"
+            or cfg.device == "cpu"
+            or cfg.device == "cuda"
+            or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),
+            f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -244,7 +282,9 @@ def read_yaml(path: str | Path) -> dict:
     if doc is None:
         return {}
     if not isinstance(doc, dict):
-        raise UserError(f"config file {path} must be a mapping of sections (data:, model:, ...), not a {type(doc).__name__}")
+        raise UserError(
+            f"config file {path} must be a mapping of sections (data:, model:, ...), not a {type(doc).__name__}"
+        )
     return doc
 
 
@@ -261,6 +301,17 @@ def from_dict(doc: dict, overrides: list[str] = ()) -> Config:
 def load(path: str | Path | None, overrides: list[str] = ()) -> Config:
     """The schema's defaults, then the YAML file, then the overrides, checked."""
     return from_dict(read_yaml(path) if path else {}, overrides)
+
+
+def load_run(path: str | Path | None, resume_dir: str | Path | None, overrides: list[str] = ()) -> Config:
+    """The command line's config: --config PATH (or the defaults), or for --resume the run's own config.yaml."""
+    if not resume_dir:
+        return load(path, overrides)
+    if path:
+        raise UserError("--resume takes the run's own config.yaml; pass changes as overrides, not --config")
+    if not (Path(resume_dir) / "config.yaml").is_file():
+        raise UserError(f"{resume_dir} is not a run folder (it has no config.yaml)")
+    return load(Path(resume_dir) / "config.yaml", overrides)
 
 
 def to_dict(cfg: Config) -> dict:

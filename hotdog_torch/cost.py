@@ -7,6 +7,7 @@ cost  C = 1/2 * mean over the batch of sum over outputs of (a - y)^2
 error rate = (# wrongly identified) / (total).  A step function of the
       weights: a small change almost never changes it, so it has no slope.
 """
+
 from __future__ import annotations
 
 import torch
@@ -48,8 +49,18 @@ def per_class(confusion: torch.Tensor, classes: list[str]) -> dict:
     predicted, actual = c.sum(dim=0), c.sum(dim=1)
     precision = torch.where(predicted > 0, tp / predicted.clamp_min(1), torch.zeros_like(tp))
     recall = torch.where(actual > 0, tp / actual.clamp_min(1), torch.zeros_like(tp))
-    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), torch.zeros_like(tp))
-    out = {name: {"precision": precision[i].item(), "recall": recall[i].item(), "f1": f1[i].item(), "support": int(actual[i])} for i, name in enumerate(classes)}
+    f1 = torch.where(
+        precision + recall > 0, 2 * precision * recall / (precision + recall).clamp_min(1e-12), torch.zeros_like(tp)
+    )
+    out = {
+        name: {
+            "precision": precision[i].item(),
+            "recall": recall[i].item(),
+            "f1": f1[i].item(),
+            "support": int(actual[i]),
+        }
+        for i, name in enumerate(classes)
+    }
     present = actual > 0
     return {"classes": out, "balanced_accuracy": recall[present].mean().item() if present.any() else 0.0}
 

@@ -8,12 +8,12 @@ removed file means a fresh decode.  Training then draws batches by index from
 the tensor held on the training device and normalises them there: no per-epoch
 decode, no DataLoader.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import os
-import struct
 import sys
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -22,15 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torchvision.datasets import ImageFolder
 
+from . import synth
 from .config import Data, UserError
 from .files import atomic_write
+from .images import DECODE_ERRORS, decode, shown
 
 CACHE_VERSION = 1
-# What Pillow's decoders raise for a file that is not a (whole, sane) image; such a file is skipped and counted.
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, ZeroDivisionError, RecursionError, Image.DecompressionBombError)
 SPLITS = ("train", "val", "test")
 
 
@@ -52,8 +51,14 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, positions: torch.Tensor) -> "Split":
-        return Split(self.images, self.index[positions], self.labels[positions], [self.paths[i] for i in positions.tolist()], self.mapped)
+    def subset(self, positions: torch.Tensor) -> Split:
+        return Split(
+            self.images,
+            self.index[positions],
+            self.labels[positions],
+            [self.paths[i] for i in positions.tolist()],
+            self.mapped,
+        )
 
     def batch(self, positions: torch.Tensor) -> torch.Tensor:
         """uint8 images at these positions of the split (a gather from the pool)."""
@@ -72,7 +77,7 @@ class Dataset:
     def splits(self) -> dict[str, Split]:
         return {name: getattr(self, name) for name in SPLITS if getattr(self, name) is not None}
 
-    def to(self, device: torch.device) -> "Dataset":
+    def to(self, device: torch.device) -> Dataset:
         """Each pool moved to the device once (memory-mapped pools stay mapped; their batches move)."""
         moved: dict[int, torch.Tensor] = {}
         out = {}
@@ -88,33 +93,14 @@ class Dataset:
         lines = [f"classes: {', '.join(self.classes)} ({self.layout} layout)"]
         for name, split in self.splits().items():
             counts = torch.bincount(split.labels.cpu(), minlength=len(self.classes)).tolist()
-            lines.append(f"{name}: {len(split)} images (" + ", ".join(f"{c} {n}" for c, n in zip(self.classes, counts)) + ")")
-        lines.append(f"skipped: {len(self.skipped)} undecodable files" + (": " + ", ".join(shown(p) for p in self.skipped[:5]) if self.skipped else ""))
+            lines.append(
+                f"{name}: {len(split)} images (" + ", ".join(f"{c} {n}" for c, n in zip(self.classes, counts)) + ")"
+            )
+        lines.append(
+            f"skipped: {len(self.skipped)} undecodable files"
+            + (": " + ", ".join(shown(p) for p in self.skipped[:5]) if self.skipped else "")
+        )
         return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- decoding one image
-
-
-def open_scaled(path, size: int, mode: str) -> Image.Image:
-    """Image.open, with a JPEG larger than size x size set to decode at 1/2, 1/4 or 1/8 scale (Pillow's draft mode)."""
-    im = Image.open(path)
-    im.draft(mode, (size, size))  # libjpeg scales in the DCT: decoding 512x512 for a 128x128 input costs about 1/16
-    return im
-
-
-def decode(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
-    """One file as a (channels, size, size) uint8 array, the way training sees it.
-
-    Raises OSError (or a subclass Pillow uses) for a file that is not a decodable image.
-    """
-    mode = "L" if channels == 1 else "RGB"
-    with open_scaled(path, size, mode) as im:
-        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: keep the top 8 bits rather than clipping
-            im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8))
-        im = im.convert(mode).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-        arr = np.asarray(im, dtype=np.uint8)
-    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
 _FILES: dict[str, int] = {}  # per process: the cache file being written, opened once
@@ -170,11 +156,6 @@ def _scan(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
     return found.classes, samples
 
 
-def shown(path: str) -> str:
-    """A path as text that can be printed and logged (file names need not be UTF-8)."""
-    return path.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def _decode_all(samples, data: Data, out_file: Path, offset: int, progress: bool, desc: str) -> set[int]:
     """Decode sample i into row i of out_file (an .npy whose data starts at offset) on data.workers processes.
 
@@ -184,7 +165,10 @@ def _decode_all(samples, data: Data, out_file: Path, offset: int, progress: bool
     from tqdm import tqdm
 
     block = 32
-    jobs = [([p for p, _ in samples[i : i + block]], i, str(out_file), offset, data.image_size, data.channels) for i in range(0, len(samples), block)]
+    jobs = [
+        ([p for p, _ in samples[i : i + block]], i, str(out_file), offset, data.image_size, data.channels)
+        for i in range(0, len(samples), block)
+    ]
     workers = min(data.workers or os.cpu_count() or 1, len(jobs))
     bar = tqdm(total=len(samples), desc=desc, unit="img", disable=not progress, file=sys.stderr, leave=False)
     bad: set[int] = set()
@@ -224,8 +208,12 @@ def _build_entry(samples, classes, data: Data, images_file: Path, meta_file: Pat
             tmp.unlink()
     rows = [i for i in range(len(samples)) if i not in bad]
     meta = dict(
-        version=CACHE_VERSION, shape=list(shape), classes=classes, rows=rows,
-        labels=[samples[i][1] for i in rows], paths=[samples[i][0] for i in rows],
+        version=CACHE_VERSION,
+        shape=list(shape),
+        classes=classes,
+        rows=rows,
+        labels=[samples[i][1] for i in rows],
+        paths=[samples[i][0] for i in rows],
         skipped=[samples[i][0] for i in sorted(bad)],
     )
     atomic_write(meta_file, lambda f: f.write(json.dumps(meta).encode()))
@@ -249,7 +237,9 @@ def decoded_bytes(n_images: int, data: Data) -> int:
     return n_images * data.channels * data.image_size**2
 
 
-def load_folder(folder: Path, data: Data, progress: bool = True, scanned=None, in_memory: bool = True) -> tuple[list[str], Split, list[str]]:
+def load_folder(
+    folder: Path, data: Data, progress: bool = True, scanned=None, in_memory: bool = True
+) -> tuple[list[str], Split, list[str]]:
     """(classes, every decodable image of folder, skipped paths), through the cache.
 
     in_memory=False leaves the pool memory-mapped from the cache file (bigger-than-memory data).
@@ -263,7 +253,9 @@ def load_folder(folder: Path, data: Data, progress: bool = True, scanned=None, i
         try:
             root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise UserError(f"cannot create the decode cache folder {root} ({e.strerror}); set data.cache_dir to a writable folder") from None
+            raise UserError(
+                f"cannot create the decode cache folder {root} ({e.strerror}); set data.cache_dir to a writable folder"
+            ) from None
         _build_entry(samples, classes, data, images_file, meta_file, progress, f"decoding {folder}")
         entry = _read_entry(images_file, meta_file, classes, in_memory)
         if entry is None:
@@ -290,6 +282,12 @@ def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[
     return torch.cat(train).sort().values, torch.cat(val).sort().values
 
 
+def prepare(data: Data, seed: int, progress: bool = True, memory_budget: int | None = None) -> Dataset:
+    """load_dataset, after drawing the synthetic set into data.root when the config asks for it (data.generate)."""
+    synth.draw_if_missing(data.root, data.generate, progress)
+    return load_dataset(data, seed, progress, memory_budget)
+
+
 def load_dataset(data: Data, seed: int, progress: bool = True, memory_budget: int | None = None) -> Dataset:
     """The train, val and (if present) test splits of data.root.
 
@@ -307,7 +305,9 @@ def load_dataset(data: Data, seed: int, progress: bool = True, memory_budget: in
         raise UserError(f"{folders['train']} has {len(classes)} class folder(s); at least two are needed")
     for name, (other, _) in scanned.items():
         if other != classes:
-            raise UserError(f"{folders[name]} has classes {other}, but {folders['train']} has {classes}; they must match")
+            raise UserError(
+                f"{folders[name]} has classes {other}, but {folders['train']} has {classes}; they must match"
+            )
     total = decoded_bytes(sum(len(samples) for _, samples in scanned.values()), data)
     in_memory = memory_budget is None or total <= memory_budget
     loaded, skipped = {}, []
@@ -316,7 +316,9 @@ def load_dataset(data: Data, seed: int, progress: bool = True, memory_budget: in
         skipped += loaded[name][1]
     train = loaded["train"][0]
     if skipped:
-        warnings.warn(f"skipped {len(skipped)} files that are not decodable images, first: {', '.join(shown(p) for p in skipped[:3])}")
+        warnings.warn(
+            f"skipped {len(skipped)} files that are not decodable images, first: {', '.join(shown(p) for p in skipped[:3])}"
+        )
     counts = torch.bincount(train.labels, minlength=len(classes))
     empty = [c for c, n in zip(classes, counts.tolist()) if n == 0]
     if empty:
@@ -341,7 +343,12 @@ def normalisation(split: Split, chunk: int = 256) -> tuple[torch.Tensor, torch.T
     total = torch.zeros(c, dtype=torch.float64, device=split.index.device)
     squares = torch.zeros(c, dtype=torch.float64, device=split.index.device)
     for i in range(0, len(split), chunk):
-        x = split.batch(torch.arange(i, min(i + chunk, len(split)), device=split.index.device)).to(total.device, torch.float64) / 255
+        x = (
+            split.batch(torch.arange(i, min(i + chunk, len(split)), device=split.index.device)).to(
+                total.device, torch.float64
+            )
+            / 255
+        )
         total += x.sum(dim=(0, 2, 3))
         squares += (x * x).sum(dim=(0, 2, 3))
     n = len(split) * split.images.shape[2] * split.images.shape[3]

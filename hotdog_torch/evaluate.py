@@ -7,6 +7,7 @@ accuracy and the confusion matrix.  --data is a class folder tree (DIR/<class>/.
 given a tree with train/ val/ test/ splits, its test/ split is scored.  The images
 are decoded, resized and normalised exactly as in training, from the checkpoint alone.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ import torch
 from . import checkpoint, data
 from .config import Data, UserError
 from .cost import confusion_matrix, per_class
-from .train import evaluate as score_split
+from .loop import evaluate as score_split
 
 
 def evaluate_folder(ckpt: dict, folder: Path, progress: bool = False) -> dict:
@@ -54,7 +55,8 @@ def evaluate_folder(ckpt: dict, folder: Path, progress: bool = False) -> dict:
 def format_report(r: dict) -> str:
     classes = r["confusion_matrix"]["rows_true_columns_predicted"]
     lines = [
-        f"{r['data']}: {r['images']} images" + (f" ({r['skipped_files']} undecodable files skipped)" if r["skipped_files"] else ""),
+        f"{r['data']}: {r['images']} images"
+        + (f" ({r['skipped_files']} undecodable files skipped)" if r["skipped_files"] else ""),
         f"accuracy {r['accuracy']:.2%}   error rate {r['error_rate']:.2%}   cost {r['cost']:.4f}   balanced accuracy {r['balanced_accuracy']:.2%}",
         "",
         f"{'class':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'images':>8}",
@@ -62,7 +64,11 @@ def format_report(r: dict) -> str:
     for name, c in r["per_class"].items():
         lines.append(f"{name:<16}{c['precision']:>10.4f}{c['recall']:>10.4f}{c['f1']:>10.4f}{c['support']:>8}")
     width = max(12, max(len(c) for c in classes) + 2)
-    lines += ["", "confusion matrix (rows: true class, columns: predicted)", " " * width + "".join(f"{c:>{width}}" for c in classes)]
+    lines += [
+        "",
+        "confusion matrix (rows: true class, columns: predicted)",
+        " " * width + "".join(f"{c:>{width}}" for c in classes),
+    ]
     for name, row in zip(classes, r["confusion_matrix"]["counts"]):
         lines.append(f"{name:<{width}}" + "".join(f"{n:>{width}}" for n in row))
     return "\n".join(lines)
@@ -71,7 +77,9 @@ def format_report(r: dict) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m hotdog_torch.evaluate", description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="a checkpoints/best.pt or last.pt of a run")
-    p.add_argument("--data", required=True, help="an ImageFolder tree DIR/<class>/..., or a tree whose test/ split is scored")
+    p.add_argument(
+        "--data", required=True, help="an ImageFolder tree DIR/<class>/..., or a tree whose test/ split is scored"
+    )
     p.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
     a = p.parse_args(argv)
     try:

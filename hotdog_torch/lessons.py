@@ -8,6 +8,7 @@ summary.json beside them say what each arm reached.  The two-weight lesson is
 drawn by this module itself: a network cut down to two weights and two biases
 over two image features, its cost surface, random samples and the gradient-descent path.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,7 +40,10 @@ def arms_of(lesson: dict) -> dict[str, list[str]]:
     if "sweep" in lesson:
         key, values = lesson["sweep"]["key"], lesson["sweep"]["values"]
         as_yaml = lambda v: yaml.safe_dump(v, default_flow_style=True).replace("\n...", "").strip()  # noqa: E731 - 1e+38 must stay a number
-        return {f"{key.split('.')[-1]}={v:g}" if isinstance(v, (int, float)) else f"{key}={v}": [f"{key}={as_yaml(v)}"] for v in values}
+        return {
+            f"{key.split('.')[-1]}={v:g}" if isinstance(v, (int, float)) else f"{key}={v}": [f"{key}={as_yaml(v)}"]
+            for v in values
+        }
     return {name: list(overrides) for name, overrides in lesson["arms"].items()}
 
 
@@ -55,7 +59,9 @@ def run_arm(lesson: dict, arm: str, overrides: list[str], parent: Path, quick: b
     target = cfg.train.target_accuracy or 0.99
     hit = next((m for m in history if m["val_accuracy"] >= target), None)
     torch.manual_seed(cfg.seed)  # the arm's starting weights, drawn again the way train.run drew them
-    start = build_model(cfg.data.channels * cfg.data.image_size**2, cfg.model.hidden, len(last["classes"]), cfg.model.activation).state_dict()
+    start = build_model(
+        cfg.data.channels * cfg.data.image_size**2, cfg.model.hidden, len(last["classes"]), cfg.model.activation
+    ).state_dict()
     moved = math.sqrt(sum(float(((last["model"][k].float() - start[k]) ** 2).sum()) for k in start))
     return {
         "arm": arm,
@@ -141,13 +147,19 @@ def surface_picture(grid_w1, grid_w2, costs, path, samples, best) -> Image.Image
         x, y = at(p)
         d.rectangle([x - 4, y - 4, x + 4, y + 4], outline=colour, width=2)
     d.text((margin, 8), "cost 1/2 MSE over (w1 redness, w2 elongation): dark = low", fill="black")
-    d.text((margin, size + margin + 6), f"w1 {w1min:.0f} .. {w1max:.0f}   (white: gradient descent, start to red; cyan: random samples, best boxed)", fill="black")
+    d.text(
+        (margin, size + margin + 6),
+        f"w1 {w1min:.0f} .. {w1max:.0f}   (white: gradient descent, start to red; cyan: random samples, best boxed)",
+        fill="black",
+    )
     d.text((4, margin + size // 2), f"w2\n{w2min:.0f}..{w2max:.0f}", fill="black")
     return img
 
 
 def two_weights(lesson: dict, parent: Path, quick: bool) -> dict:
-    base = config.load(lesson["base"], list(lesson.get("overrides", [])) + (list(lesson.get("quick", [])) if quick else []))
+    base = config.load(
+        lesson["base"], list(lesson.get("overrides", [])) + (list(lesson.get("quick", [])) if quick else [])
+    )
     ds = data.load_dataset(base.data, base.seed, progress=False)
     f_train, f_val = features(ds.train), features(ds.val)
     mu, sd = f_train.mean(0), f_train.std(0)
@@ -195,7 +207,9 @@ def two_weights(lesson: dict, parent: Path, quick: bool) -> dict:
     span = max(3.0, float(np.abs(np.array(path)).max()) * 1.3, float(np.abs(np.array(samples)).max()) * 1.1)
     grid = np.linspace(-span, span, 81)
     W = torch.tensor(np.stack(np.meshgrid(grid, grid, indexing="ij"), -1), dtype=torch.float32)  # (81, 81, 2)
-    out = torch.sigmoid(torch.stack([(f_train @ W.view(-1, 2).T) + b[0], -(f_train @ W.view(-1, 2).T) + b[1]], -1))  # (N, G, 2)
+    out = torch.sigmoid(
+        torch.stack([(f_train @ W.view(-1, 2).T) + b[0], -(f_train @ W.view(-1, 2).T) + b[1]], -1)
+    )  # (N, G, 2)
     costs = (0.5 * ((out - y_train[:, None, :]) ** 2).sum(-1).mean(0)).view(81, 81).numpy()
     picture = surface_picture(grid, grid, costs, path, samples, best[0].numpy())
     picture.save(parent / "landscape.png")
@@ -204,9 +218,21 @@ def two_weights(lesson: dict, parent: Path, quick: bool) -> dict:
     writer.close()
     return {
         "passes": budget,
-        "gradient_descent": {"w": w.tolist(), "b": b.tolist(), "start_cost": start_cost, "cost": cost(w, b).item(), "val_error_rate": error(w, b),
-                             "path_start": path[0].tolist(), "path_end": path[-1].tolist()},
-        "random_search": {"w": best[0].tolist(), "b": best[1].tolist(), "cost": best_cost, "val_error_rate": error(*best)},
+        "gradient_descent": {
+            "w": w.tolist(),
+            "b": b.tolist(),
+            "start_cost": start_cost,
+            "cost": cost(w, b).item(),
+            "val_error_rate": error(w, b),
+            "path_start": path[0].tolist(),
+            "path_end": path[-1].tolist(),
+        },
+        "random_search": {
+            "w": best[0].tolist(),
+            "b": best[1].tolist(),
+            "cost": best_cost,
+            "val_error_rate": error(*best),
+        },
         "picture": str(parent / "landscape.png"),
     }
 
@@ -236,10 +262,21 @@ def run_all(parent: Path, quick: bool, only: list[str] | None = None, folder: Pa
         if lesson.get("kind") == "two_weights":
             result = two_weights(lesson, parent / name, quick)
         else:
-            result = {"arms": [run_arm(lesson, arm, overrides, parent / name, quick) for arm, overrides in arms_of(lesson).items()]}
+            result = {
+                "arms": [
+                    run_arm(lesson, arm, overrides, parent / name, quick) for arm, overrides in arms_of(lesson).items()
+                ]
+            }
             for r in result["arms"]:
-                print(f"  {r['arm']:<22} passes {r['passes']:>3}  train error {r['final_train_error_rate']:6.2%}  best val accuracy {r['best_val_accuracy']:6.2%}  {r['stopped_because']}", flush=True)
-        result["title"], result["seconds"], result["sweep"] = lesson.get("title", name), time.perf_counter() - t0, "sweep" in lesson
+                print(
+                    f"  {r['arm']:<22} passes {r['passes']:>3}  train error {r['final_train_error_rate']:6.2%}  best val accuracy {r['best_val_accuracy']:6.2%}  {r['stopped_because']}",
+                    flush=True,
+                )
+        result["title"], result["seconds"], result["sweep"] = (
+            lesson.get("title", name),
+            time.perf_counter() - t0,
+            "sweep" in lesson,
+        )
         summary["lessons"][name] = result
     return summary
 
@@ -253,27 +290,42 @@ def _seconds(x):
 
 
 def write_summary(summary: dict, parent: Path) -> str:
-    lines = [f"# How a network learns, in five runs{' (--quick)' if summary['quick'] else ''}", "",
-             f"TensorBoard: `tensorboard --logdir {parent}`", ""]
+    lines = [
+        f"# How a network learns, in five runs{' (--quick)' if summary['quick'] else ''}",
+        "",
+        f"TensorBoard: `tensorboard --logdir {parent}`",
+        "",
+    ]
     for name, r in summary["lessons"].items():
         lines += [f"## {r['title']}", ""]
         if "arms" in r:
-            lines += ["| arm | optimiser | cost | lr | passes | train error rate | best val accuracy | passes to target | seconds to target | weight change | stopped | verdict |",
-                      "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            lines += [
+                "| arm | optimiser | cost | lr | passes | train error rate | best val accuracy | passes to target | seconds to target | weight change | stopped | verdict |",
+                "|---|---|---|---|---|---|---|---|---|---|---|---|",
+            ]
             for a in r["arms"]:
                 verdict = sweep_verdict(a) if r.get("sweep") else ""
                 if a["cost"] == "error_rate":
-                    verdict = "did not move: the error rate's slope is 0, so no weight changed" if a["weight_change"] == 0 else f"moved by {a['weight_change']:.3g}"
+                    verdict = (
+                        "did not move: the error rate's slope is 0, so no weight changed"
+                        if a["weight_change"] == 0
+                        else f"moved by {a['weight_change']:.3g}"
+                    )
                 if a["cost"] == "cross_entropy":
                     verdict = "cross-entropy: not the seed's cost, for comparison"
-                lines.append(f"| {a['arm']} | {a['optimiser']} | {a['cost']} | {a['lr']:g} | {a['passes']} | {_pct(a['final_train_error_rate'])} | {_pct(a['best_val_accuracy'])} | "
-                             f"{a['passes_to_target'] or 'not reached'} | {_seconds(a['seconds_to_target'])} | "
-                             f"{a['weight_change']:.3g} | {a['stopped_because']} | {verdict} |")
+                lines.append(
+                    f"| {a['arm']} | {a['optimiser']} | {a['cost']} | {a['lr']:g} | {a['passes']} | {_pct(a['final_train_error_rate'])} | {_pct(a['best_val_accuracy'])} | "
+                    f"{a['passes_to_target'] or 'not reached'} | {_seconds(a['seconds_to_target'])} | "
+                    f"{a['weight_change']:.3g} | {a['stopped_because']} | {verdict} |"
+                )
         else:
             gd, rs = r["gradient_descent"], r["random_search"]
-            lines += [f"{r['passes']} passes each. Gradient descent walked the cost down from {gd['start_cost']:.4f} to {gd['cost']:.4f} (validation error rate {_pct(gd['val_error_rate'])}); "
-                      f"random search's best draw: cost {rs['cost']:.4f} (validation error rate {_pct(rs['val_error_rate'])}). "
-                      f"Picture: `{r['picture']}`.", ""]
+            lines += [
+                f"{r['passes']} passes each. Gradient descent walked the cost down from {gd['start_cost']:.4f} to {gd['cost']:.4f} (validation error rate {_pct(gd['val_error_rate'])}); "
+                f"random search's best draw: cost {rs['cost']:.4f} (validation error rate {_pct(rs['val_error_rate'])}). "
+                f"Picture: `{r['picture']}`.",
+                "",
+            ]
         lines.append("")
     text = "\n".join(lines)
     (parent / "summary.md").write_text(text)

@@ -6,6 +6,7 @@ hidden=[] the network is one layer of perceptron-like sigmoid neurons reading
 the pixels directly.  There is one output neuron per class; its sigmoid output
 is that class's score in (0, 1).
 """
+
 from __future__ import annotations
 
 from torch import nn

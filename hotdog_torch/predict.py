@@ -8,6 +8,7 @@ network's input the way training did (Pillow decode, draft mode for large JPEGs,
 convert, resize, normalise).  A file that cannot be read is reported on stderr and
 the rest are still classified; the exit code is then 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ import numpy as np
 import torch
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from . import checkpoint, data
+from . import checkpoint, data, images
 from .config import UserError
 
 
@@ -44,12 +45,12 @@ def predict(ckpt: dict, files: list[Path], batch: int = 256):
         chunk, arrays, results = files[i : i + batch], [], {}
         for f in chunk:
             try:
-                arrays.append((f, data.decode(f, ckpt["image_size"], ckpt["channels"])))
+                arrays.append((f, images.decode(f, ckpt["image_size"], ckpt["channels"])))
             except FileNotFoundError:
                 results[f] = (None, "no such file")
             except IsADirectoryError:
                 results[f] = (None, "is a directory")
-            except data.DECODE_ERRORS as e:
+            except images.DECODE_ERRORS as e:
                 results[f] = (None, f"cannot be read as an image ({e.__class__.__name__})")
         if arrays:
             x = data.normalise(torch.from_numpy(np.stack([a for _, a in arrays])), mean, std)
@@ -78,7 +79,7 @@ def main(argv=None) -> int:
         return 2
     failed = 0
     for path, label, score in predict(ckpt, files):
-        shown = data.shown(os.fspath(path))
+        shown = images.shown(os.fspath(path))
         if label is None:
             failed += 1
             print(f"{shown}: {score}", file=sys.stderr)

@@ -19,6 +19,7 @@ single linear template separates the classes: the hidden layer has to learn
 "bun AND sausage".  Each image is drawn from its own seeded generator, so the
 set is identical whatever the number of worker processes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -85,6 +86,20 @@ def _random_colour(rng):
     return tuple(int(c) for c in rng.integers(0, 256, 3))
 
 
+def _poly(draw, points, cx, cy, a, fill):
+    """A filled shape drawn at (cx, cy), turned by a."""
+    draw.polygon(_place(points, cx, cy, a), fill=fill)
+
+
+def _stroke(draw, points, cx, cy, a, fill, width):
+    draw.line(_place(points, cx, cy, a), fill=fill, width=max(1, round(width)))
+
+
+def _at(x, y, cx, cy, a):
+    """Where the point (x, y) of an object drawn at (cx, cy), turned by a, lands in the image."""
+    return _place([(x, y)], cx, cy, a)[0]
+
+
 # ---------------------------------------------------------------- the foods and things
 
 
@@ -95,8 +110,8 @@ KETCHUP, MUSTARD, RELISH = (200, 30, 25), (232, 196, 30), (60, 170, 60)
 
 def _bun(draw, rng, cx, cy, a, u, s):
     L, W = 64 * u * s, 28 * u * s
-    draw.polygon(_place(_capsule(L, W), cx, cy, a), fill=_jitter_colour(rng, CRUST))
-    draw.polygon(_place(_capsule(L * 0.94, W * 0.8), cx, cy, a), fill=_jitter_colour(rng, BUN))
+    _poly(draw, _capsule(L, W), cx, cy, a, _jitter_colour(rng, CRUST))
+    _poly(draw, _capsule(L * 0.94, W * 0.8), cx, cy, a, _jitter_colour(rng, BUN))
     return L, W
 
 
@@ -107,14 +122,14 @@ def _condiment(draw, rng, cx, cy, a, L, W, u):
         n = int(rng.integers(5, 9))
         xs = np.linspace(-L * 0.4, L * 0.4, n)
         ys = [(1 if i % 2 else -1) * W * 0.12 + (k - 0.5) * W * 0.05 for i in range(n)]
-        draw.line(_place(list(zip(xs, ys)), cx, cy, a), fill=_jitter_colour(rng, colour, 12), width=max(1, round(2 * u)))
+        _stroke(draw, list(zip(xs, ys)), cx, cy, a, _jitter_colour(rng, colour, 12), 2 * u)
 
 
 def _sausage(draw, rng, cx, cy, a, L, W, u, grilled):
-    draw.polygon(_place(_capsule(L, W), cx, cy, a), fill=_jitter_colour(rng, SAUSAGE, 22))
+    _poly(draw, _capsule(L, W), cx, cy, a, _jitter_colour(rng, SAUSAGE, 22))
     if grilled:
         for x in np.linspace(-L * 0.35, L * 0.35, int(rng.integers(3, 6))):
-            draw.line(_place([(x - W * 0.2, -W * 0.45), (x + W * 0.2, W * 0.45)], cx, cy, a), fill=(60, 25, 15), width=max(1, round(u)))
+            _stroke(draw, [(x - W * 0.2, -W * 0.45), (x + W * 0.2, W * 0.45)], cx, cy, a, (60, 25, 15), u)
 
 
 def draw_hot_dog(draw, rng, cx, cy, a, u, s):
@@ -124,9 +139,9 @@ def draw_hot_dog(draw, rng, cx, cy, a, u, s):
     if style == "chicago":
         for _ in range(int(rng.integers(6, 12))):
             x, y = rng.uniform(-L * 0.4, L * 0.4), rng.uniform(-W * 0.18, W * 0.18)
-            draw.polygon(_place(_ellipse(1.5 * u, 1.5 * u, 6), *_place([(x, y)], cx, cy, a)[0], a), fill=_jitter_colour(rng, RELISH))
+            _poly(draw, _ellipse(1.5 * u, 1.5 * u, 6), *_at(x, y, cx, cy, a), a, _jitter_colour(rng, RELISH))
         x = rng.uniform(-L * 0.2, L * 0.2)
-        draw.polygon(_place(_ellipse(5 * u, 2.5 * u, 10), *_place([(x, -W * 0.3)], cx, cy, a)[0], a), fill=_jitter_colour(rng, KETCHUP))
+        _poly(draw, _ellipse(5 * u, 2.5 * u, 10), *_at(x, -W * 0.3, cx, cy, a), a, _jitter_colour(rng, KETCHUP))
     elif style != "plain":
         _condiment(draw, rng, cx, cy, a, L, W, u)
 
@@ -134,12 +149,13 @@ def draw_hot_dog(draw, rng, cx, cy, a, u, s):
 def draw_sliced_bun(draw, rng, cx, cy, a, u, s):
     """A bun with no sausage: empty, or a Philly cheese steak."""
     L, W = _bun(draw, rng, cx, cy, a, u, s)
-    draw.polygon(_place(_capsule(L * 0.86, W * 0.4), cx, cy, a), fill=_jitter_colour(rng, CRUMB))
+    _poly(draw, _capsule(L * 0.86, W * 0.4), cx, cy, a, _jitter_colour(rng, CRUMB))
     if rng.random() < 0.5:  # cheese steak: chopped meat and melted cheese
         for _ in range(int(rng.integers(8, 16))):
             x, y = rng.uniform(-L * 0.38, L * 0.38), rng.uniform(-W * 0.14, W * 0.14)
             colour = (120, 70, 40) if rng.random() < 0.6 else (240, 215, 120)
-            draw.polygon(_place(_ellipse(2.5 * u, 1.8 * u, 7), *_place([(x, y)], cx, cy, a)[0], a + rng.uniform(0, 3)), fill=_jitter_colour(rng, colour))
+            turn = a + rng.uniform(0, 3)
+            _poly(draw, _ellipse(2.5 * u, 1.8 * u, 7), *_at(x, y, cx, cy, a), turn, _jitter_colour(rng, colour))
     elif rng.random() < 0.5:
         _condiment(draw, rng, cx, cy, a, L, W, u)
 
@@ -149,7 +165,7 @@ def draw_sausage(draw, rng, cx, cy, a, u, s):
     L, W = 64 * u * s * rng.uniform(1.02, 1.15), 28 * u * s * 0.42
     offsets = [0.0] if rng.random() < 0.6 else [-W * 0.6, W * 0.6]
     for dy in offsets:
-        x, y = _place([(0, dy)], cx, cy, a)[0]
+        x, y = _at(0, dy, cx, cy, a)
         _sausage(draw, rng, x, y, a, L, W, u, grilled=rng.random() < 0.4)
     if rng.random() < 0.4:
         _condiment(draw, rng, cx, cy, a, L, W * 2.2, u)
@@ -157,46 +173,52 @@ def draw_sausage(draw, rng, cx, cy, a, u, s):
 
 def draw_hamburger(draw, rng, cx, cy, a, u, s):
     r = 27 * u * s
-    draw.polygon(_place(_ellipse(r * 1.1, r * 1.06), cx, cy, a), fill=_jitter_colour(rng, RELISH, 25))
-    draw.polygon(_place(_ellipse(r * 1.05, r * 1.02), cx, cy, a + 0.3), fill=_jitter_colour(rng, (110, 60, 35)))
-    draw.polygon(_place(_ellipse(r, r * 0.97), cx, cy, a), fill=_jitter_colour(rng, BUN))
-    for _ in range(int(rng.integers(8, 20))):
+    _poly(draw, _ellipse(r * 1.1, r * 1.06), cx, cy, a, _jitter_colour(rng, RELISH, 25))
+    _poly(draw, _ellipse(r * 1.05, r * 1.02), cx, cy, a + 0.3, _jitter_colour(rng, (110, 60, 35)))
+    _poly(draw, _ellipse(r, r * 0.97), cx, cy, a, _jitter_colour(rng, BUN))
+    for _ in range(int(rng.integers(8, 20))):  # sesame seeds
         x, y = rng.uniform(-r * 0.7, r * 0.7, 2)
-        draw.polygon(_place(_ellipse(1.6 * u, 0.9 * u, 6), cx + x, cy + y, rng.uniform(0, 3)), fill=_jitter_colour(rng, (245, 235, 200), 10))
+        turn = rng.uniform(0, 3)
+        _poly(draw, _ellipse(1.6 * u, 0.9 * u, 6), cx + x, cy + y, turn, _jitter_colour(rng, (245, 235, 200), 10))
 
 
 def draw_burrito(draw, rng, cx, cy, a, u, s):
     L, W = 66 * u * s, 32 * u * s
-    draw.polygon(_place(_capsule(L, W), cx, cy, a), fill=_jitter_colour(rng, (228, 200, 150)))
-    for x in np.linspace(-L * 0.3, L * 0.3, int(rng.integers(2, 4))):
-        draw.line(_place([(x, -W * 0.45), (x + W * 0.3, W * 0.45)], cx, cy, a), fill=_jitter_colour(rng, (190, 160, 110)), width=max(1, round(u)))
+    _poly(draw, _capsule(L, W), cx, cy, a, _jitter_colour(rng, (228, 200, 150)))
+    for x in np.linspace(-L * 0.3, L * 0.3, int(rng.integers(2, 4))):  # folds
+        _stroke(draw, [(x, -W * 0.45), (x + W * 0.3, W * 0.45)], cx, cy, a, _jitter_colour(rng, (190, 160, 110)), u)
     for _ in range(int(rng.integers(3, 9))):  # toasted spots
         x, y = rng.uniform(-L * 0.4, L * 0.4), rng.uniform(-W * 0.35, W * 0.35)
-        draw.polygon(_place(_ellipse(2 * u, 1.5 * u, 6), *_place([(x, y)], cx, cy, a)[0], a), fill=_jitter_colour(rng, (170, 120, 70)))
+        _poly(draw, _ellipse(2 * u, 1.5 * u, 6), *_at(x, y, cx, cy, a), a, _jitter_colour(rng, (170, 120, 70)))
     if rng.random() < 0.5:  # cut open: the filling shows at one end
         for _ in range(10):
             x, y = rng.uniform(L * 0.32, L * 0.48), rng.uniform(-W * 0.3, W * 0.3)
             colour = [(120, 70, 40), (200, 40, 30), (60, 160, 60), (240, 240, 230)][int(rng.integers(0, 4))]
-            draw.polygon(_place(_ellipse(1.8 * u, 1.8 * u, 6), *_place([(x, y)], cx, cy, a)[0], a), fill=colour)
+            _poly(draw, _ellipse(1.8 * u, 1.8 * u, 6), *_at(x, y, cx, cy, a), a, colour)
 
 
 def draw_shoe(draw, rng, cx, cy, a, u, s):
     L, H = 64 * u * s, 26 * u * s
-    upper = [(-L / 2, H * 0.3), (-L / 2, -H * 0.5), (-L * 0.1, -H * 0.5), (L * 0.1, -H * 0.1), (L / 2, H * 0.05), (L / 2, H * 0.3)]
+    upper = [(-L / 2, H * 0.3), (-L / 2, -H * 0.5), (-L * 0.1, -H * 0.5), (L * 0.1, -H * 0.1)]
+    upper += [(L / 2, H * 0.05), (L / 2, H * 0.3)]
     sole = [(-L / 2, H * 0.3), (L / 2, H * 0.3), (L / 2, H * 0.5), (-L / 2, H * 0.5)]
-    draw.polygon(_place(upper, cx, cy, a), fill=_random_colour(rng))
-    draw.polygon(_place(sole, cx, cy, a), fill=_jitter_colour(rng, (40, 40, 40), 40))
-    for x in np.linspace(-L * 0.1, L * 0.08, 4):
-        draw.line(_place([(x - 3 * u, -H * 0.3), (x + 3 * u, -H * 0.1)], cx, cy, a), fill=(235, 235, 235), width=max(1, round(u)))
+    _poly(draw, upper, cx, cy, a, _random_colour(rng))
+    _poly(draw, sole, cx, cy, a, _jitter_colour(rng, (40, 40, 40), 40))
+    for x in np.linspace(-L * 0.1, L * 0.08, 4):  # laces
+        _stroke(draw, [(x - 3 * u, -H * 0.3), (x + 3 * u, -H * 0.1)], cx, cy, a, (235, 235, 235), u)
+
+
+SKINS = [(235, 195, 160), (200, 150, 110), (150, 100, 70), (95, 65, 45)]
 
 
 def draw_legs(draw, rng, cx, cy, a, u, s):
-    skin = _jitter_colour(rng, [(235, 195, 160), (200, 150, 110), (150, 100, 70), (95, 65, 45)][int(rng.integers(0, 4))], 12)
+    skin = _jitter_colour(rng, SKINS[int(rng.integers(0, 4))], 12)
     for dx in (-9 * u * s, 9 * u * s):
-        x, y = _place([(0, dx)], cx, cy, a)[0]
-        draw.polygon(_place(_capsule(80 * u * s, 14 * u * s), x, y, a), fill=skin)
+        x, y = _at(0, dx, cx, cy, a)
+        _poly(draw, _capsule(80 * u * s, 14 * u * s), x, y, a, skin)
     if rng.random() < 0.6:  # shorts over one end
-        draw.polygon(_place([(-44 * u * s, -20 * u * s), (-24 * u * s, -20 * u * s), (-24 * u * s, 20 * u * s), (-44 * u * s, 20 * u * s)], cx, cy, a), fill=_random_colour(rng))
+        x0, x1, h = -44 * u * s, -24 * u * s, 20 * u * s
+        _poly(draw, [(x0, -h), (x1, -h), (x1, h), (x0, h)], cx, cy, a, _random_colour(rng))
 
 
 DRAW = {
@@ -218,24 +240,27 @@ def _background(draw, rng, size, u):
     draw.rectangle([0, 0, size, size], fill=_random_colour(rng))
     for _ in range(int(rng.integers(0, 6))):  # wood grain / cloth texture
         y = rng.uniform(0, size)
-        draw.line([(0, y), (size, y + rng.uniform(-20, 20) * u)], fill=_random_colour(rng), width=max(1, round(rng.uniform(1, 3) * u)))
+        end = (size, y + rng.uniform(-20, 20) * u)
+        draw.line([(0, y), end], fill=_random_colour(rng), width=max(1, round(rng.uniform(1, 3) * u)))
     kind = rng.choice(["table", "plate", "grill", "napkin"])
     c = size / 2
     if kind == "plate":
         r = rng.uniform(48, 60) * u
-        draw.polygon(_place(_ellipse(r, r * rng.uniform(0.85, 1.0), 40), c, c, rng.uniform(0, math.pi)), fill=_jitter_colour(rng, (235, 235, 230), 25))
+        shape = _ellipse(r, r * rng.uniform(0.85, 1.0), 40)
+        _poly(draw, shape, c, c, rng.uniform(0, math.pi), _jitter_colour(rng, (235, 235, 230), 25))
     elif kind == "grill":
         draw.rectangle([0, 0, size, size], fill=_jitter_colour(rng, (45, 45, 45), 20))
         step = rng.uniform(9, 14) * u
         for x in np.arange(-size, 2 * size, step):
-            draw.line(_place([(x, -size), (x, 2 * size)], c, c, rng.uniform(-0.3, 0.3)), fill=_jitter_colour(rng, (110, 110, 110), 30), width=max(1, round(3 * u)))
+            turn = rng.uniform(-0.3, 0.3)
+            _stroke(draw, [(x, -size), (x, 2 * size)], c, c, turn, _jitter_colour(rng, (110, 110, 110), 30), 3 * u)
     elif kind == "napkin":
         colour, half = _random_colour(rng), rng.uniform(45, 62) * u
         square = _place([(-half, -half), (half, -half), (half, half), (-half, half)], c, c, rng.uniform(0, math.pi))
         draw.polygon(square, fill=(240, 240, 240))
         if rng.random() < 0.5:  # checks
             for k in np.arange(-half, half, 12 * u):
-                draw.line(_place([(k, -half), (k, half)], c, c, 0), fill=colour, width=max(1, round(4 * u)))
+                _stroke(draw, [(k, -half), (k, half)], c, c, 0, colour, 4 * u)
 
 
 def _clutter(draw, rng, size, u, n):
@@ -243,9 +268,11 @@ def _clutter(draw, rng, size, u, n):
         x, y = rng.uniform(0, size, 2)
         r = rng.uniform(2, 7) * u
         if rng.random() < 0.5:
-            draw.polygon(_place(_ellipse(r, r * rng.uniform(0.5, 1)), x, y, rng.uniform(0, 3)), fill=_random_colour(rng))
+            shape = _ellipse(r, r * rng.uniform(0.5, 1))
+            _poly(draw, shape, x, y, rng.uniform(0, 3), _random_colour(rng))
         else:
-            draw.line([(x, y), (x + rng.uniform(-15, 15) * u, y + rng.uniform(-15, 15) * u)], fill=_random_colour(rng), width=max(1, round(2 * u)))
+            end = (x + rng.uniform(-15, 15) * u, y + rng.uniform(-15, 15) * u)
+            draw.line([(x, y), end], fill=_random_colour(rng), width=max(1, round(2 * u)))
 
 
 def _light(img, rng, v: Variation):
@@ -254,7 +281,7 @@ def _light(img, rng, v: Variation):
     h, w, _ = x.shape
     gain = 1 + rng.uniform(-v.light, v.light)
     angle = rng.uniform(0, 2 * math.pi)
-    ramp = (np.cos(angle) * np.linspace(-0.5, 0.5, w)[None, :] + np.sin(angle) * np.linspace(-0.5, 0.5, h)[:, None])
+    ramp = np.cos(angle) * np.linspace(-0.5, 0.5, w)[None, :] + np.sin(angle) * np.linspace(-0.5, 0.5, h)[:, None]
     x = x * (gain + rng.uniform(0, v.light) * ramp)[..., None] * rng.uniform(0.92, 1.08, 3)
     x = x + rng.normal(0, rng.uniform(0, v.noise), x.shape)
     return Image.fromarray(np.clip(x, 0, 255).astype(np.uint8))
@@ -297,7 +324,18 @@ def _write_one(job):
     draw_image(kind, rng, size, v).save(path, quality=int(rng.integers(80, 96)))
 
 
-def generate(out, hot_dogs=1000, others=5000, test_hot_dogs=200, test_others=1000, size=128, seed=0, variation=Variation(), workers=None, progress=True):
+def generate(
+    out,
+    hot_dogs=1000,
+    others=5000,
+    test_hot_dogs=200,
+    test_others=1000,
+    size=128,
+    seed=0,
+    variation=Variation(),
+    workers=None,
+    progress=True,
+):
     """Write the ImageFolder tree under `out`; returns `out` as a Path."""
     out = Path(out)
     jobs = []
@@ -312,9 +350,30 @@ def generate(out, hot_dogs=1000, others=5000, test_hot_dogs=200, test_others=100
     from tqdm import tqdm
 
     with ProcessPoolExecutor(workers) as pool:
-        for _ in tqdm(pool.map(_write_one, jobs, chunksize=64), total=len(jobs), desc="drawing", unit="img", disable=not progress, file=sys.stderr):
+        for _ in tqdm(
+            pool.map(_write_one, jobs, chunksize=64),
+            total=len(jobs),
+            desc="drawing",
+            unit="img",
+            disable=not progress,
+            file=sys.stderr,
+        ):
             pass
     return out
+
+
+def draw_if_missing(root, wanted: bool, progress: bool = True) -> None:
+    """Draw the seed's set into root when it is missing and the config asks for it (data.generate)."""
+    root = Path(root)
+    if root.exists() or not wanted:
+        return
+    # always the seed's set at 128x128, whatever data.image_size a run resizes to: the folder is shared
+    print(
+        f"{root} is missing: drawing the synthetic hot-dog set there (1000 hot dogs and 5000 others to train, "
+        "200 and 1000 to test, 128x128)",
+        flush=True,
+    )
+    generate(root, seed=0, progress=progress)
 
 
 def main(argv=None):

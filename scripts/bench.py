@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hotdog_torch import config, data, train  # noqa: E402
+from hotdog_torch import config, data, loop, runtime, step  # noqa: E402
 from hotdog_torch.cost import half_mse, one_hot  # noqa: E402
 from hotdog_torch.model import build_model, linear_layers  # noqa: E402
 
@@ -197,16 +197,17 @@ def own_pipeline(cfg, ds, device):
     k = len(ds.classes)
     model = build_model(cfg.data.channels * cfg.data.image_size**2, cfg.model.hidden, k, cfg.model.activation).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-    step, name = train.make_step(model, optimizer, cfg, device)
+    take = step.make_step(model, optimizer, cfg, device)
     generator = torch.Generator(device=ds.train.index.device).manual_seed(cfg.seed)
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
+    feed = loop.Feed(ds.train, mean, std, cfg.optim.batch_size or len(ds.train), k, device)
 
     def epoch():
-        done = train.train_one_epoch(step, ds.train, mean, std, cfg.optim.batch_size or len(ds.train), k, generator, device)
+        done = loop.train_one_epoch(take, feed, generator)
         done["costs"].tolist()  # the epoch's one sync
         return len(ds.train)
 
-    return epoch, name, model
+    return epoch, take.name, model
 
 
 def timed(epoch):
@@ -245,8 +246,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     try:
         cfg = config.load(a.config, a.overrides + ([f"device={a.device}"] if a.device else []))
-        device = train.resolve_device(cfg.device)
-        train.prepare_data(cfg, progress=False)  # draws the synthetic set if it is missing
+        device = runtime.resolve_device(cfg.device)
+        data.prepare(cfg.data, cfg.seed, progress=False)  # draws the synthetic set if it is missing
     except config.UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

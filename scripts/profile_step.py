@@ -18,13 +18,13 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hotdog_torch import config, data, train  # noqa: E402
+from hotdog_torch import config, data, loop, step  # noqa: E402
 from hotdog_torch.cost import half_mse  # noqa: E402
 from hotdog_torch.model import build_model  # noqa: E402
 
 
 def tutorial_step(model, optimizer, set_to_none=True):
-    def step(x, targets, sizes):
+    def take(x, targets, sizes):
         outputs = model(x)
         cost = half_mse(outputs, targets)
         optimizer.zero_grad(set_to_none=set_to_none)  # True: a fresh gradient tensor every step
@@ -32,8 +32,7 @@ def tutorial_step(model, optimizer, set_to_none=True):
         optimizer.step()
         return [(cost.detach(), outputs.detach())]
 
-    step.window = 1
-    return step
+    return step.Step(take, 1, "tutorial")
 
 
 def zeroing_step(model, optimizer):
@@ -47,7 +46,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     cfg = config.load(a.config, ["device=cpu"])
     device = torch.device("cpu")
-    ds = train.prepare_data(cfg, progress=False)
+    ds = data.prepare(cfg.data, cfg.seed, progress=False)
     sub = ds.train.subset(torch.arange(min(len(ds.train), cfg.optim.batch_size * a.steps)))
     mean, std = data.normalisation(ds.train)
     k = len(ds.classes)
@@ -58,11 +57,15 @@ def main(argv=None):
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
         c = config.from_dict(config.to_dict(cfg), [f"optim.fused={'true' if label.startswith('fused') else 'false'}", "optim.momentum=0",
                                                     f"optim.fused_window={2 if 'windows' in label else 1}"])
-        step = tutorial_step(model, optimizer) if "zero_grad()" in label else (zeroing_step(model, optimizer) if "False" in label else train.make_step(model, optimizer, c, device)[0])
+        if "zero_grad()" in label:
+            take = tutorial_step(model, optimizer)
+        else:
+            take = zeroing_step(model, optimizer) if "False" in label else step.make_step(model, optimizer, c, device)
         g = torch.Generator().manual_seed(0)
-        train.train_one_epoch(step, sub, mean, std, cfg.optim.batch_size, k, g, device)  # warm-up
+        feed = loop.Feed(sub, mean, std, cfg.optim.batch_size, k, device)
+        loop.train_one_epoch(take, feed, g)  # warm-up
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            train.train_one_epoch(step, sub, mean, std, cfg.optim.batch_size, k, g, device)
+            loop.train_one_epoch(take, feed, g)
         total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3
         print(f"\n## {label}: {total / a.steps:.1f} ms per step of {cfg.optim.batch_size} images ({cfg.optim.batch_size * a.steps / total * 1e3:,.0f} images/s while profiled)\n")
         print("| operator | self CPU ms per step | share | calls per step |\n|---|---|---|---|")

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from hotdog_torch import config, train
+from hotdog_torch import config, runtime
 from hotdog_torch.config import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -122,5 +122,5 @@ def test_cuda_asked_for_but_absent(tmp_path):
     line = assert_one_sentence(cli("--config", "configs/hotdog.yaml", "device=cuda", f"log.dir={tmp_path}/runs"))
     assert "no usable CUDA" in line
     with pytest.raises(UserError):
-        train.resolve_device("cuda:0")
-    assert train.resolve_device("auto").type == "cpu"
+        runtime.resolve_device("cuda:0")
+    assert runtime.resolve_device("auto").type == "cpu"

@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from hotdog_torch import checkpoint, data, train
+from hotdog_torch import checkpoint, data, loop, step, train
 from hotdog_torch.model import build_model
 
 pytestmark = pytest.mark.cuda
@@ -25,17 +25,18 @@ def test_an_epoch_never_waits_for_the_host(small_tree, make_config):
     ds = data.load_dataset(cfg.data, cfg.seed, progress=False).to(device)
     model = build_model(32 * 32, [16], 2).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    step, name = train.make_step(model, optimizer, cfg, device)
-    assert "bf16" in name  # auto precision on CUDA
+    take = step.make_step(model, optimizer, cfg, device)
+    assert "bf16" in take.name  # auto precision on CUDA
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
+    feed = loop.Feed(ds.train, mean, std, 16, 2, device)
     generator = torch.Generator(device=device).manual_seed(0)
-    train.train_one_epoch(step, ds.train, mean, std, 16, 2, generator, device)  # warm-up
+    loop.train_one_epoch(take, feed, generator)  # warm-up
     torch.cuda.set_sync_debug_mode("error")  # any host synchronisation inside the epoch raises
     try:
-        costs, wrongs = train.train_one_epoch(step, ds.train, mean, std, 16, 2, generator, device)
+        done = loop.train_one_epoch(take, feed, generator)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(costs).all()
+    assert torch.isfinite(done["costs"]).all()
 
 
 @pytest.mark.parametrize("extra", [[], ["train.precision=fp32", "optim.momentum=0"], ["optim.batch_size=null", "optim.lr=2", "train.epochs=60"], ["train.compile=true"]])

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hotdog_torch import config, data
+from hotdog_torch import config, data, images
 from hotdog_torch.config import UserError
 
 
@@ -18,7 +18,7 @@ def settings(tmp_path, **kw):
 
 
 def fresh_decode(split, d):
-    return torch.from_numpy(np.stack([data.decode(p, d.image_size, d.channels) for p in split.paths]))
+    return torch.from_numpy(np.stack([images.decode(p, d.image_size, d.channels) for p in split.paths]))
 
 
 def images_of(split):
@@ -150,9 +150,9 @@ def test_decode_brings_any_mode_and_size_to_the_input(tmp_path):
     pal = tmp_path / "p.png"
     Image.new("RGB", (7, 9), (0, 0, 255)).convert("P").save(pal)
     for p in (rgba, pal):
-        assert data.decode(p, 16, 1).shape == (1, 16, 16)
-        assert data.decode(p, 16, 3).shape == (3, 16, 16)
-    assert tuple(data.decode(rgba, 16, 3)[:, 0, 0]) == (255, 0, 0)
+        assert images.decode(p, 16, 1).shape == (1, 16, 16)
+        assert images.decode(p, 16, 3).shape == (3, 16, 16)
+    assert tuple(images.decode(rgba, 16, 3)[:, 0, 0]) == (255, 0, 0)
 
 
 def test_large_jpegs_decode_in_draft_mode(tmp_path):
@@ -160,15 +160,15 @@ def test_large_jpegs_decode_in_draft_mode(tmp_path):
 
     big = tmp_path / "big.jpg"
     synth.draw_image("hot_dog", np.random.default_rng(0), size=512).save(big, quality=92)
-    with data.open_scaled(big, 128, "RGB") as im:
+    with images.open_scaled(big, 128, "RGB") as im:
         assert im.size == (128, 128)  # libjpeg decoded at 1/4 scale
-    with data.open_scaled(big, 200, "RGB") as im:
+    with images.open_scaled(big, 200, "RGB") as im:
         assert im.size == (256, 256)  # the smallest scale still >= the target
     png = tmp_path / "big.png"
     Image.open(big).save(png)
-    with data.open_scaled(png, 128, "RGB") as im:
+    with images.open_scaled(png, 128, "RGB") as im:
         assert im.size == (512, 512)  # not a JPEG: no draft
-    fast, full = data.decode(big, 128, 3).astype(int), data.decode(png, 128, 3).astype(int)
+    fast, full = images.decode(big, 128, 3).astype(int), data.decode(png, 128, 3).astype(int)
     assert np.abs(fast - full).mean() < 4  # the same picture, within JPEG and scaling error
 
 

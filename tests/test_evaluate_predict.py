@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hotdog_torch import checkpoint, data, synth, train
+from hotdog_torch import checkpoint, data, loop, synth, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_predict_matches_training_and_labels_fresh_hot_dogs(trained, small_tree,
     # the same scores training's evaluation gives for the same files
     settings = data.Data(root=str(test), image_size=32, channels=1, cache_dir=str(tmp_path / "c"), workers=1)
     _, split, _ = data.load_folder(test, settings, progress=False)
-    outputs = train.evaluate(checkpoint.model_from(ckpt), split, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), 2)["outputs"]
+    outputs = loop.evaluate(checkpoint.model_from(ckpt), split, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), 2)["outputs"]
     for path, out in zip(split.paths, outputs):
         k = int(out.argmax())
         assert rows[path]["class"] == ckpt["classes"][k] and rows[path]["score"] == pytest.approx(float(out[k]), abs=1e-5)

@@ -7,7 +7,7 @@ import numpy as np
 import yaml
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from hotdog_torch import config, data, synth
+from hotdog_torch import config, images, synth
 from hotdog_torch.config import UserError
 
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -51,8 +51,8 @@ def test_random_overrides(pairs):
 
 def decode_or_refuse(path):
     try:
-        arr = data.decode(path, 16, 3)
-    except data.DECODE_ERRORS:
+        arr = images.decode(path, 16, 3)
+    except images.DECODE_ERRORS:
         return None
     assert arr.shape == (3, 16, 16) and arr.dtype == np.uint8
     return arr

@@ -8,7 +8,7 @@ import torch
 import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from hotdog_torch import checkpoint, cost, lessons, train
+from hotdog_torch import checkpoint, cost, lessons, stopping, train
 from hotdog_torch.model import build_model
 from conftest import tiny_doc
 
@@ -56,13 +56,13 @@ def test_the_error_rate_cost_has_zero_gradient_and_the_run_does_not_move(small_t
 
 def test_divergence_watch_rules():
     healthy = [0.25 * 0.97**i + 0.02 * ((-1) ** i) for i in range(300)]  # falling, noisy
-    assert not train.DivergenceWatch(3, 20).update(healthy)
-    assert train.DivergenceWatch(3, 20).update([0.25, 0.2, float("nan")])
+    assert not stopping.DivergenceWatch(3, 20).update(healthy)
+    assert stopping.DivergenceWatch(3, 20).update([0.25, 0.2, float("nan")])
     rising = [0.25] * 20 + [0.02] * 40 + [0.9] * 60  # back above the start, at 45x its best
-    assert train.DivergenceWatch(3, 20).update(rising)
-    w = train.DivergenceWatch(3, 20)
+    assert stopping.DivergenceWatch(3, 20).update(rising)
+    w = stopping.DivergenceWatch(3, 20)
     assert not w.update(rising[:70])
-    assert train.DivergenceWatch(3, 20, w.state()).update(rising[70:])  # its state survives a checkpoint
+    assert stopping.DivergenceWatch(3, 20, w.state()).update(rising[70:])  # its state survives a checkpoint
 
 
 def test_a_planted_huge_learning_rate_stops_the_run(small_tree, make_config):

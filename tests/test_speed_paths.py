@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from hotdog_torch import checkpoint, config, cost, train
+from hotdog_torch import checkpoint, config, cost, step, train
 from hotdog_torch.model import build_model
 
 
@@ -18,8 +18,8 @@ def twins(hidden, activation, lr, seed):
     b = copy.deepcopy(a)
     optimizer = torch.optim.SGD(b.parameters(), lr=lr, momentum=0.0)
     cfg = config.load(None, [f"optim.lr={lr}", "optim.momentum=0", "optim.fused=false", f"model.activation={activation}"])
-    autograd_step, name = train.make_step(b, optimizer, cfg, torch.device("cpu"))
-    assert name.startswith("autograd")
+    autograd_step = step.make_step(b, optimizer, cfg, torch.device("cpu"))
+    assert autograd_step.name.startswith("autograd")
     return a, b, autograd_step
 
 
@@ -30,7 +30,7 @@ def test_fused_sgd_step_equals_autograd_and_torch_optim(activation, hidden):
     for _ in range(5):
         x = torch.randn(8, 12, dtype=torch.float64)
         t = cost.one_hot(torch.randint(0, 3, (8,)), 3, torch.float64)
-        c1, out1 = train.fused_sgd_step(a, x, t, 0.3, activation)
+        c1, out1 = step.fused_sgd_step(a, x, t, 0.3, activation)
         ((c2, out2),) = autograd_step(x, t, [len(x)])
         assert torch.allclose(c1, c2, atol=1e-12) and torch.allclose(out1, out2, atol=1e-12)
     for pa, pb in zip(a.parameters(), b.parameters()):
@@ -46,7 +46,7 @@ def test_windowed_first_layer_updates_are_the_same_sgd(activation, hidden, windo
     sizes = [8] * (window - 1) + [5]  # the last batch of an epoch may be short
     xs = [torch.randn(n, 12, dtype=torch.float64) for n in sizes]
     ts = [cost.one_hot(torch.randint(0, 3, (n,)), 3, torch.float64) for n in sizes]
-    windowed = train.fused_sgd_window(a, torch.cat(xs), torch.cat(ts), sizes, 0.4, activation)
+    windowed = step.fused_sgd_window(a, torch.cat(xs), torch.cat(ts), sizes, 0.4, activation)
     for (c1, out1), x, t in zip(windowed, xs, ts):
         ((c2, out2),) = autograd_step(x, t, [len(x)])  # one ordinary step after another
         assert torch.allclose(c1, c2, atol=1e-12) and torch.allclose(out1, out2, atol=1e-12)
@@ -72,9 +72,9 @@ def test_momentum_or_bf16_use_autograd():
     cpu = torch.device("cpu")
     model = build_model(4, [3], 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    assert train.make_step(model, opt, config.load(None, ["optim.momentum=0.9"]), cpu)[1].startswith("autograd")
-    assert "bf16" in train.make_step(model, opt, config.load(None, ["optim.momentum=0", "train.precision=bf16"]), cpu)[1]
-    assert train.make_step(model, opt, config.load(None, ["optim.momentum=0"]), cpu)[1].startswith("fused")
+    assert step.make_step(model, opt, config.load(None, ["optim.momentum=0.9"]), cpu).name.startswith("autograd")
+    assert "bf16" in step.make_step(model, opt, config.load(None, ["optim.momentum=0", "train.precision=bf16"]), cpu).name
+    assert step.make_step(model, opt, config.load(None, ["optim.momentum=0"]), cpu).name.startswith("fused")
 
 
 def test_memory_mapped_data_gives_the_same_weights(small_tree, make_config):

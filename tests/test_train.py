@@ -7,7 +7,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from hotdog_torch import checkpoint, data, train
+from hotdog_torch import checkpoint, data, loop, train
 
 
 def scalars(run_dir):
@@ -52,7 +52,7 @@ def test_outputs_and_checkpoints_predict_without_the_config(small_tree, make_con
     model = checkpoint.model_from(ckpt)
     ds = data.load_dataset(cfg.data, cfg.seed, progress=False)
     mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
-    test = train.evaluate(model, ds.test, mean, std, 2)
+    test = loop.evaluate(model, ds.test, mean, std, 2)
     assert test["accuracy"] == pytest.approx(m["test_accuracy"])
     assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"] == 4
 
@@ -91,7 +91,7 @@ def test_a_missing_synthetic_set_is_drawn_at_128_whatever_the_run_resizes_to(tmp
 
     root = tmp_path / "hotdog-synth"
     cfg = config.load("configs/hotdog.yaml", [f"data.root={root}", "data.image_size=16", f"data.cache_dir={tmp_path}/c"])
-    ds = train.prepare_data(cfg, progress=False)
+    ds = data.prepare(cfg.data, cfg.seed, progress=False)
     assert "is missing: drawing the synthetic hot-dog set" in capsys.readouterr().out
     assert len(ds.train) + len(ds.val) == 6000 and len(ds.test) == 1200
     assert ds.train.images.shape[-1] == 16

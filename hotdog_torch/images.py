@@ -1,0 +1,43 @@
+"""One image file as the network sees it: decoded, converted, resized, as uint8.
+
+Training's decode cache, evaluate and predict all read images through decode(), so a
+model sees a photo the same way whichever command shows it one.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+import numpy as np
+from PIL import Image
+
+# What Pillow's decoders raise for a file that is not a (whole, sane) image; such a file is skipped and counted.
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, ZeroDivisionError)
+DECODE_ERRORS += (RecursionError, Image.DecompressionBombError)
+
+
+def open_scaled(path, size: int, mode: str) -> Image.Image:
+    """Image.open, with a JPEG larger than size x size set to decode at 1/2, 1/4 or 1/8 scale (Pillow's draft mode)."""
+    im = Image.open(path)
+    im.draft(mode, (size, size))  # libjpeg scales in the DCT: decoding 512x512 for a 128x128 input costs about 1/16
+    return im
+
+
+def decode(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
+    """One file as a (channels, size, size) uint8 array, the way training sees it.
+
+    Raises OSError (or a subclass Pillow uses) for a file that is not a decodable image.
+    """
+    mode = "L" if channels == 1 else "RGB"
+    with open_scaled(path, size, mode) as im:
+        if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: keep the top 8 bits rather than clipping
+            im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8))
+        im = im.convert(mode).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
+        arr = np.asarray(im, dtype=np.uint8)
+    return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
+
+
+def shown(path: str) -> str:
+    """A path as text that can be printed and logged (file names need not be UTF-8)."""
+    return path.encode("utf-8", "backslashreplace").decode("utf-8")

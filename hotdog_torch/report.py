@@ -1,0 +1,48 @@
+"""What a run tells its user: the console lines, and metrics.json."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .checkpoint import RunState
+from .config import Config
+from .files import atomic_write_text
+
+
+def print_epoch(epoch: int, epochs: int, m: dict, images_per_second: float) -> None:
+    print(
+        f"epoch {epoch:3d}/{epochs}  train cost {m['train_cost']:.4f}  val cost {m['val_cost']:.4f}  "
+        f"val error rate {100 * m['val_error_rate']:5.2f}%  val accuracy {100 * m['val_accuracy']:6.2f}%  "
+        f"{images_per_second:,.0f} images/s",
+        flush=True,
+    )
+
+
+def metrics(state: RunState, **extra) -> dict:
+    """The best epoch's figures, the run's counters and speed, and whatever else the caller knows."""
+    best = state.best
+    out = {k: best[k] for k in ("val_accuracy", "val_error_rate", "val_cost", "train_cost")}
+    out |= {"best_epoch": best["epoch"], "epochs": len(state.history), "steps": state.step, "seconds": state.seconds}
+    out["train_images_per_second"] = state.train_images / state.train_seconds if state.train_seconds else None
+    return out | extra
+
+
+def write_metrics(run_dir: Path, m: dict) -> None:
+    """metrics.json, NaN and inf written as null so that it stays valid JSON."""
+    finite = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()}
+    atomic_write_text(run_dir / "metrics.json", json.dumps(finite, indent=2) + "\n")
+
+
+def print_end(cfg: Config, state: RunState, m: dict, run_dir: Path) -> None:
+    n, best = len(state.history), state.best
+    why = {
+        "target_accuracy": f"reached the target validation accuracy {cfg.train.target_accuracy or 0:.2%} at epoch {n}",
+        "diverged": f"diverged at epoch {n}",
+    }.get(state.stopped_because, f"ran all {cfg.train.epochs} epochs")
+    test = f", test accuracy {m['test_accuracy']:.2%}" if "test_accuracy" in m else ""
+    print(
+        f"stopped: {why}. best epoch {best['epoch']}: val accuracy {best['val_accuracy']:.2%}{test}. wrote {run_dir}",
+        flush=True,
+    )

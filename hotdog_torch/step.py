@@ -1,0 +1,167 @@
+"""Every way of taking a gradient-descent step, behind one interface.
+
+A Step is called as step(x, targets, sizes) with `step.window` consecutive batches
+stacked in x (their lengths in sizes) and returns one (cost, outputs) pair per
+batch, left on the device.  make_step picks the way for a config:
+
+- autograd: the network forward, C = ½·MSE (or the configured cost), C.backward(),
+  torch.optim.SGD's w <- w - lr·∂C/∂w (with momentum when optim.momentum > 0);
+- fused: backpropagation written out, the update folded into the weight-gradient
+  product (plain SGD in fp32);
+- windowed fused: the same SGD, the first layer's updates of `window` steps in one GEMM.
+
+A new way to step is a new function here and a branch in make_step, never a branch in the loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from .config import Config
+from .cost import COSTS, half_mse
+from .model import ACTIVATIONS, linear_layers
+
+DERIVATIVE = {  # the activation's slope, written in terms of its output h
+    "sigmoid": lambda h: h * (1 - h),
+    "tanh": lambda h: 1 - h * h,
+    "relu": lambda h: (h > 0).to(h.dtype),
+}
+
+
+@dataclass
+class Step:
+    """take(x, targets, sizes) -> [(cost, outputs), ...]: `window` batches per call, one pair per batch."""
+
+    take: Callable
+    window: int
+    name: str
+
+    def __call__(self, x, targets, sizes):
+        return self.take(x, targets, sizes)
+
+
+@torch.no_grad()
+def fused_sgd_step(model, x, targets, lr, activation):
+    """One step of plain gradient descent with backpropagation written out, for the MLP.
+
+    Instead of materialising each weight gradient dC/dW = deltaᵀ·a (for the first
+    layer a 512 x 49152 matrix, 100 MB, every step) and then subtracting lr times
+    it, the update is one GEMM that accumulates into the weights:
+    W.addmm_(deltaᵀ, a, alpha=-lr), i.e. W <- W - lr * deltaᵀ·a.  Same maths as
+    autograd + torch.optim.SGD(momentum=0); tests check the two give the same weights.
+    """
+    layers = linear_layers(model)
+    act = ACTIVATIONS[activation]()
+    a = x.flatten(1)
+    inputs = []  # each layer's input activation a_l
+    for layer in layers[:-1]:
+        inputs.append(a)
+        a = act(torch.addmm(layer.bias, a, layer.weight.t()))
+    inputs.append(a)
+    out = torch.sigmoid(torch.addmm(layers[-1].bias, a, layers[-1].weight.t()))
+    cost = half_mse(out, targets)  # C = ½ · mean_batch Σ_outputs (a − y)²
+    delta = (out - targets) * out * (1 - out) / len(x)  # ∂C/∂z of the output layer
+    for i in range(len(layers) - 1, -1, -1):
+        layer = layers[i]
+        below = (delta @ layer.weight) * DERIVATIVE[activation](inputs[i]) if i > 0 else None  # before W moves
+        layer.weight.addmm_(delta.t(), inputs[i], alpha=-lr)  # W <- W − lr · δᵀ a
+        layer.bias.add_(delta.sum(0), alpha=-lr)  # b <- b − lr · Σ δ
+        delta = below
+    return cost, out
+
+
+@torch.no_grad()
+def fused_sgd_window(model, X, T, sizes, lr, activation):
+    """Plain gradient descent over k consecutive batches, with the first layer's k updates deferred to one GEMM.
+
+    X and T hold the k batches one after another, sizes their lengths.
+    The math is the same k steps of SGD.  Let W be the first layer's weights at the
+    window's start and δ_s the gradient of step s's cost with respect to its
+    pre-activations.  Step j's first-layer input is then
+        z_j = x_j W_jᵀ + b_j = x_j Wᵀ − lr Σ_{s<j} (x_j x_sᵀ) δ_s + b_j,
+    so every batch's x_j Wᵀ is one (k·B)-row GEMM, the pending updates enter through
+    small Gram blocks x_j x_sᵀ, and after the window W ← W − lr Dᵀ X is one GEMM with
+    an inner dimension of k·B.  Those tall products run nearer the CPU's peak than k
+    separate 64-row ones (docs/BENCHMARKS.md).  The upper layers update every step.
+    """
+    layers = linear_layers(model)
+    first, upper = layers[0], layers[1:]
+    act = ACTIVATIONS[activation]() if upper else torch.sigmoid
+    X = X.flatten(1)
+    Z0 = X @ first.weight.t()  # every batch of the window against the window's starting weights
+    D = torch.empty(len(X), first.out_features, dtype=X.dtype, device=X.device)  # the δ_s, row-aligned with X
+    results, o = [], 0
+    for n in sizes:
+        t = T[o : o + n]
+        z = Z0[o : o + n] + first.bias
+        if o:  # the updates of this window's earlier steps, not yet applied to W
+            z.addmm_(X[o : o + n] @ X[:o].t(), D[:o], alpha=-lr)
+        cost, out, delta = _upper_step(upper, act(z), t, lr, activation)
+        first.bias.add_(delta.sum(0), alpha=-lr)
+        D[o : o + n] = delta
+        results.append((cost, out))
+        o += n
+    first.weight.addmm_(D.t(), X, alpha=-lr)  # the window's first-layer updates in one GEMM: W <- W − lr Σ_s δ_sᵀ x_s
+    return results
+
+
+def _upper_step(upper, a, t, lr, activation):
+    """Forward and backward through the layers above the first, updating them; returns (cost, outputs, δ of layer 1)."""
+    inputs = [a]  # inputs[k]: what upper[k] reads
+    for k, layer in enumerate(upper, start=1):
+        act = torch.sigmoid if k == len(upper) else ACTIVATIONS[activation]()
+        a = act(torch.addmm(layer.bias, a, layer.weight.t()))
+        inputs.append(a)
+    out = a
+    cost = half_mse(out, t)  # C = ½ · mean_batch Σ_outputs (a − y)²
+    delta = (out - t) * out * (1 - out) / len(t)  # ∂C/∂z of the output layer
+    for k in range(len(upper) - 1, -1, -1):
+        layer = upper[k]
+        below = (delta @ layer.weight) * DERIVATIVE[activation](inputs[k])  # before W moves
+        layer.weight.addmm_(delta.t(), inputs[k], alpha=-lr)  # W <- W − lr · δᵀ a
+        layer.bias.add_(delta.sum(0), alpha=-lr)
+        delta = below
+    return cost, out, delta
+
+
+def autograd_step(model, optimizer, cost_name: str, precision: str, device: torch.device, compile: bool) -> Callable:
+    """The textbook step: forward, cost, backward, torch.optim.SGD."""
+    forward = torch.compile(model) if compile else model
+    cost_fn = COSTS[cost_name]
+
+    def take(x, targets, sizes):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            outputs = forward(x)
+        cost = cost_fn(outputs.float(), targets)  # by default C = ½ · mean_batch Σ_outputs (a − y)²
+        optimizer.zero_grad()  # set_to_none: measured faster here than zeroing and accumulating into old buffers
+        cost.backward()
+        optimizer.step()  # w <- w − lr · ∂C/∂w  (plus momentum when optim.momentum > 0)
+        return [(cost.detach(), outputs.detach())]
+
+    return take
+
+
+def resolve_precision(cfg: Config, device: torch.device) -> str:
+    if cfg.train.precision != "auto":
+        return cfg.train.precision
+    return "bf16" if device.type == "cuda" else "fp32"
+
+
+def make_step(model, optimizer, cfg: Config, device: torch.device) -> Step:
+    """The training step for this config."""
+    precision = resolve_precision(cfg, device)
+    o = cfg.optim
+    if o.fused and o.momentum == 0 and precision == "fp32" and not cfg.train.compile and o.cost == "half_mse":
+        k, lr, activation = o.fused_window, o.lr, cfg.model.activation
+        if k == 1:
+            return Step(lambda X, T, sizes: [fused_sgd_step(model, X, T, lr, activation)], 1, "fused SGD (fp32)")
+        name = f"fused SGD (fp32, first-layer updates in windows of {k} steps)"
+        return Step(lambda X, T, sizes: fused_sgd_window(model, X, T, sizes, lr, activation), k, name)
+    take = autograd_step(model, optimizer, o.cost, precision, device, cfg.train.compile)
+    cost_name = "" if o.cost == "half_mse" else f", cost {o.cost}"
+    return Step(
+        take, 1, f"autograd + torch.optim.SGD ({precision}{', compiled' if cfg.train.compile else ''}{cost_name})"
+    )

@@ -1,0 +1,93 @@
+"""When a run stops: at the target accuracy, when the cost diverges, after the last epoch, or on a signal."""
+
+from __future__ import annotations
+
+import math
+import signal
+
+from .config import Config
+
+
+class DivergenceWatch:
+    """Diverged: a NaN or infinite cost, or the mean cost of the last n steps above k x the lowest such mean
+    (and above the first such mean: back above where training started) for n steps running.
+
+    The second condition keeps the noise of small batches near a low cost from reading as divergence.
+    """
+
+    def __init__(self, k: float, n: int, state: dict | None = None):
+        self.k, self.n = k, n
+        state = state or {"window": [], "best": None, "first": None, "above": 0}
+        self.window, self.best, self.first, self.above = state["window"], state["best"], state["first"], state["above"]
+
+    def update(self, costs: list[float]) -> bool:
+        for c in costs:
+            if not math.isfinite(c):
+                return True
+            self.window = (self.window + [c])[-self.n :]
+            if len(self.window) == self.n:
+                mean = sum(self.window) / self.n
+                self.first = mean if self.first is None else self.first
+                self.best = mean if self.best is None else min(self.best, mean)
+                self.above = self.above + 1 if mean > self.k * self.best and mean > self.first else 0
+                if self.above >= self.n:
+                    return True
+        return False
+
+    def state(self) -> dict:
+        return {"window": self.window, "best": self.best, "first": self.first, "above": self.above}
+
+
+def verdict(cfg: Config, epoch: int, val_accuracy: float, diverged: bool) -> str | None:
+    """Why the run stops after this epoch ("diverged", "target_accuracy", "epochs"), or None to go on."""
+    if diverged:
+        return "diverged"
+    if cfg.train.target_accuracy is not None and val_accuracy >= cfg.train.target_accuracy:
+        return "target_accuracy"
+    if epoch == cfg.train.epochs:
+        return "epochs"
+    return None
+
+
+def better(m: dict, best: dict | None) -> bool:
+    """Is this epoch the best so far (best.pt)?  Higher validation accuracy, then lower validation cost."""
+    return best is None or (m["val_accuracy"], -m["val_cost"]) > (best["val_accuracy"], -best["val_cost"])
+
+
+def divergence_advice(cfg: Config, epoch: int) -> str:
+    return (
+        f"the cost diverged at epoch {epoch} (NaN/inf, or its {cfg.train.diverge_steps}-step mean stayed above "
+        f"{cfg.train.diverge_factor:g}x its lowest): lower optim.lr (now {cfg.optim.lr:g})"
+    )
+
+
+class StopRequest:
+    """Ctrl-C or SIGTERM: finish the current step, save, and exit; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __call__(self) -> bool:
+        return self.signal is not None
+
+    def __enter__(self):
+        self._old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+        for s in self._old:
+            signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *exc):
+        for s, handler in self._old.items():
+            signal.signal(s, handler)
+
+
+class Interrupted(Exception):
+    """Training stopped by a signal after saving; carries the exit code."""
+
+    def __init__(self, code: int):
+        self.code = code

@@ -92,7 +92,7 @@ def probe_gradients(model, x, targets, cost_fn=half_mse):
 
 def norms(model, grads) -> dict[str, torch.Tensor]:
     out = {}
-    for i, (layer, g) in enumerate(zip(linear_layers(model), grads), start=1):
+    for i, (layer, g) in enumerate(zip(linear_layers(model), grads, strict=True), start=1):
         out[f"weight_norm/layer{i}"] = layer.weight.detach().norm()
         out[f"grad_norm/layer{i}"] = g.norm()
     return out
@@ -104,7 +104,7 @@ def misclassified(split: data.Split, outputs, classes, limit=12):
     where = torch.nonzero(predicted != split.labels.to(outputs.device)).flatten()[:limit]
     pos = where.to(split.index.device)
     captions = []
-    for p, w in zip(pos.tolist(), where.tolist()):
+    for p, w in zip(pos.tolist(), where.tolist(), strict=True):
         k = int(predicted[w])
         captions.append(f"true {classes[int(split.labels[p])]}\npred {classes[k]} {float(outputs[w, k]):.2f}")
     return split.batch(pos), captions
@@ -206,7 +206,7 @@ def _font(size: int):
 
 
 def neuron_images(weight: torch.Tensor, channels: int, size: int, limit: int = 64, columns: int = 8) -> Image.Image:
-    """Each first-layer neuron's weights reshaped into the input image, scaled to 0..255 per neuron: what it looks for."""
+    """Each first-layer neuron's weights as an input image, scaled to 0..255 per neuron: what it looks for."""
     w = weight.detach()[:limit].float().cpu().view(-1, channels, size, size)
     lo = w.flatten(1).min(dim=1).values.view(-1, 1, 1, 1)
     hi = w.flatten(1).max(dim=1).values.view(-1, 1, 1, 1)

@@ -105,9 +105,8 @@ def load(path: str | Path) -> dict:
         refused = next((line.strip() for line in str(e).splitlines() if "GLOBAL" in line), None)
         if refused is None:  # the unpickler met bytes it cannot read at all
             raise UserError(f"checkpoint {path} is damaged or not a hotdog_torch checkpoint") from None
-        raise UserError(
-            f"checkpoint {path} holds code or objects other than weights and plain data, so it was not loaded ({refused})"
-        ) from None
+        what = "holds code or objects other than weights and plain data, so it was not loaded"
+        raise UserError(f"checkpoint {path} {what} ({refused})") from None
     except Exception:  # noqa: BLE001 - whatever the unpickler trips on in a file that is not ours, the file is at fault
         raise UserError(f"checkpoint {path} is damaged or not a hotdog_torch checkpoint") from None
     if not isinstance(ckpt, dict) or "format" not in ckpt:

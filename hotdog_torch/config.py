@@ -32,40 +32,41 @@ class UserError(Exception):
 @dataclass
 class Data:
     root: str = "data/hotdog-synth"  # an ImageFolder tree: root/{class}/... or root/{train,val,test}/{class}/...
-    generate: bool = (
-        False  # draw the synthetic set (hotdog_torch.synth, the seed's numbers) into root when root is missing
-    )
+    # draw the synthetic set (hotdog_torch.synth, the seed's numbers) into root when root is missing
+    generate: bool = False
     image_size: int = 128  # images are resized to image_size x image_size
     channels: int = 1  # 1 = grayscale (128*128 = 16384 inputs), 3 = RGB
     val_fraction: float = 0.2  # stratified share of train held out for validation when there is no val/ folder
     cache_dir: str | None = None  # decoded-tensor cache; null = $XDG_CACHE_HOME/hotdog_torch (~/.cache/hotdog_torch)
     workers: int | None = None  # decoding processes; null = every core
-    memory_budget: int | None = (
-        None  # bytes of decoded images held in (device) memory; null = half the free RAM (CPU) or GPU memory (CUDA); a larger set is memory-mapped from the cache and streamed in batches
-    )
+    # bytes of decoded images held in (device) memory; null = half the free RAM (CPU) or GPU memory (CUDA);
+    # a larger set is memory-mapped from the cache and streamed in batches
+    memory_budget: int | None = None
 
 
 @dataclass
 class Model:
-    hidden: list[int] = field(
-        default_factory=lambda: [256]
-    )  # widths of the hidden layers; [] = one layer of perceptrons
+    hidden: list[int] = field(default_factory=lambda: [256])  # widths of the hidden layers; [] = one layer
     activation: Literal["sigmoid", "relu", "tanh"] = "sigmoid"  # of the hidden layers; the output is always a sigmoid
 
 
 @dataclass
 class Optim:
-    name: Literal["sgd", "random_search"] = (
-        "sgd"  # sgd: gradient descent; random_search: each pass draws every weight afresh from the init distribution and keeps the best (the seed's "shot in the dark")
-    )
-    cost: Literal["half_mse", "error_rate", "cross_entropy"] = (
-        "half_mse"  # what gradient descent minimises: the seed's ½·MSE; its first cost, the error rate (slope 0 almost everywhere); or cross-entropy (not the seed's, for comparison)
-    )
+    # sgd: gradient descent; random_search: each pass draws every weight afresh from the init distribution and
+    # keeps the best (the seed's "shot in the dark")
+    name: Literal["sgd", "random_search"] = "sgd"
+    # what gradient descent minimises: the seed's ½·MSE; its first cost, the error rate (slope 0 almost
+    # everywhere); or cross-entropy (not the seed's, for comparison)
+    cost: Literal["half_mse", "error_rate", "cross_entropy"] = "half_mse"
     lr: float = 0.05  # the learning rate of gradient descent
     batch_size: int | None = 64  # images per step; null = full-batch gradient descent; clamped to the training set
     momentum: float = 0.0  # 0 = plain gradient descent
-    fused: bool = True  # plain SGD in fp32 (momentum 0): backprop written out, w <- w - lr*dC/dw folded into the weight-gradient matmul; false = autograd + torch.optim.SGD
-    fused_window: int = 2  # with fused: apply the first layer's updates every this many steps in one GEMM (the same SGD; faster on the CPU); 1 = every step
+    # plain SGD in fp32 (momentum 0): backprop written out, w <- w - lr*dC/dw folded into the weight-gradient
+    # matmul; false = autograd + torch.optim.SGD
+    fused: bool = True
+    # with fused: apply the first layer's updates every this many steps in one GEMM (the same SGD; faster on the
+    # CPU); 1 = every step
+    fused_window: int = 2
 
 
 @dataclass
@@ -74,23 +75,23 @@ class Train:
     target_accuracy: float | None = 0.99  # stop once validation accuracy reaches it; null = run every epoch
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the network (autograd path)
-    diverge_factor: float = 3.0  # stop with stopped_because "diverged" when the cost is NaN/inf, or its mean over the last diverge_steps steps ...
-    diverge_steps: int = (
-        20  # ... stays above diverge_factor x the lowest such mean, and above the first such mean, for this many steps
-    )
-    checkpoint_every_epochs: int = (
-        1  # write checkpoints/last.pt every this many epochs (and at the end; Ctrl-C/SIGTERM always saves)
-    )
+    # stop with stopped_because "diverged" when the cost is NaN/inf, or when its mean over the last diverge_steps
+    # steps stays above diverge_factor x the lowest such mean, and above the first such mean, for diverge_steps steps
+    diverge_factor: float = 3.0
+    diverge_steps: int = 20
+    # write checkpoints/last.pt every this many epochs (and at the end; Ctrl-C/SIGTERM always saves)
+    checkpoint_every_epochs: int = 1
 
 
 @dataclass
 class Log:
     dir: str = "runs"  # runs are written to dir/run_name/
     run_name: str | None = None  # null = <config file stem>-<timestamp>; an existing run gets a -2, -3, ... suffix
-    every_steps: int = (
-        50  # lr, weight and gradient norms per layer every this many steps; 0 = never (cost/train is logged every step)
-    )
-    images_every_epochs: int = 10  # neuron images, misclassified images, confusion matrix, PR curves, histograms: every this many epochs and at the end; 0 = only at the end
+    # lr, weight and gradient norms per layer every this many steps; 0 = never (cost/train is logged every step)
+    every_steps: int = 50
+    # neuron images, misclassified images, confusion matrix, PR curves, histograms: every this many epochs and at
+    # the end; 0 = only at the end
+    images_every_epochs: int = 10
 
 
 @dataclass

@@ -94,7 +94,9 @@ class Dataset:
         for name, split in self.splits().items():
             counts = torch.bincount(split.labels.cpu(), minlength=len(self.classes)).tolist()
             lines.append(
-                f"{name}: {len(split)} images (" + ", ".join(f"{c} {n}" for c, n in zip(self.classes, counts)) + ")"
+                f"{name}: {len(split)} images ("
+                + ", ".join(f"{c} {n}" for c, n in zip(self.classes, counts, strict=True))
+                + ")"
             )
         lines.append(
             f"skipped: {len(self.skipped)} undecodable files"
@@ -107,7 +109,7 @@ _FILES: dict[str, int] = {}  # per process: the cache file being written, opened
 
 
 def _decode_block(job) -> list[int]:
-    """Decode consecutive rows into one buffer and write it into the .npy with one pwrite; returns the undecodable rows."""
+    """Decode consecutive rows into one buffer, write it into the .npy with one pwrite; return the undecodable rows."""
     paths, first_row, out_file, offset, size, channels = job
     buffer = np.zeros((len(paths), channels, size, size), np.uint8)
     bad = []
@@ -178,7 +180,7 @@ def _decode_all(samples, data: Data, out_file: Path, offset: int, progress: bool
         else:
             pool = ProcessPoolExecutor(workers)
             results = pool.map(_decode_block, jobs)
-        for job, rows in zip(jobs, results):
+        for job, rows in zip(jobs, results, strict=True):
             bad.update(rows)
             bar.update(len(job[0]))
     finally:
@@ -316,11 +318,10 @@ def load_dataset(data: Data, seed: int, progress: bool = True, memory_budget: in
         skipped += loaded[name][1]
     train = loaded["train"][0]
     if skipped:
-        warnings.warn(
-            f"skipped {len(skipped)} files that are not decodable images, first: {', '.join(shown(p) for p in skipped[:3])}"
-        )
+        first = ", ".join(shown(p) for p in skipped[:3])
+        warnings.warn(f"skipped {len(skipped)} files that are not decodable images, first: {first}", stacklevel=3)
     counts = torch.bincount(train.labels, minlength=len(classes))
-    empty = [c for c, n in zip(classes, counts.tolist()) if n == 0]
+    empty = [c for c, n in zip(classes, counts.tolist(), strict=True) if n == 0]
     if empty:
         raise UserError(f"class folder(s) {', '.join(empty)} in {folders['train']} hold no decodable images")
     if "val" in loaded:

@@ -1,6 +1,7 @@
 """Score a trained network on an ImageFolder tree:
 
-    python -m hotdog_torch.evaluate --checkpoint runs/<name>/checkpoints/best.pt --data data/hotdog-synth/test [--json OUT]
+    python -m hotdog_torch.evaluate --checkpoint runs/<name>/checkpoints/best.pt --data data/hotdog-synth/test \
+        [--json OUT]
 
 Accuracy, error rate, cost (½·MSE), per-class precision, recall and F1, balanced
 accuracy and the confusion matrix.  --data is a class folder tree (DIR/<class>/...);
@@ -57,7 +58,8 @@ def format_report(r: dict) -> str:
     lines = [
         f"{r['data']}: {r['images']} images"
         + (f" ({r['skipped_files']} undecodable files skipped)" if r["skipped_files"] else ""),
-        f"accuracy {r['accuracy']:.2%}   error rate {r['error_rate']:.2%}   cost {r['cost']:.4f}   balanced accuracy {r['balanced_accuracy']:.2%}",
+        f"accuracy {r['accuracy']:.2%}   error rate {r['error_rate']:.2%}   cost {r['cost']:.4f}   "
+        f"balanced accuracy {r['balanced_accuracy']:.2%}",
         "",
         f"{'class':<16}{'precision':>10}{'recall':>10}{'f1':>10}{'images':>8}",
     ]
@@ -69,7 +71,7 @@ def format_report(r: dict) -> str:
         "confusion matrix (rows: true class, columns: predicted)",
         " " * width + "".join(f"{c:>{width}}" for c in classes),
     ]
-    for name, row in zip(classes, r["confusion_matrix"]["counts"]):
+    for name, row in zip(classes, r["confusion_matrix"]["counts"], strict=True):
         lines.append(f"{name:<{width}}" + "".join(f"{n:>{width}}" for n in row))
     return "\n".join(lines)
 

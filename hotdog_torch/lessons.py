@@ -36,10 +36,14 @@ LESSONS = Path(__file__).resolve().parents[1] / "configs" / "lessons"
 # ---------------------------------------------------------------- running arms
 
 
+def as_yaml(value) -> str:
+    """A value as a YAML override: 1e+38 must stay a number."""
+    return yaml.safe_dump(value, default_flow_style=True).replace("\n...", "").strip()
+
+
 def arms_of(lesson: dict) -> dict[str, list[str]]:
     if "sweep" in lesson:
         key, values = lesson["sweep"]["key"], lesson["sweep"]["values"]
-        as_yaml = lambda v: yaml.safe_dump(v, default_flow_style=True).replace("\n...", "").strip()  # noqa: E731 - 1e+38 must stay a number
         return {
             f"{key.split('.')[-1]}={v:g}" if isinstance(v, (int, float)) else f"{key}={v}": [f"{key}={as_yaml(v)}"]
             for v in values
@@ -268,10 +272,10 @@ def run_all(parent: Path, quick: bool, only: list[str] | None = None, folder: Pa
                 ]
             }
             for r in result["arms"]:
-                print(
-                    f"  {r['arm']:<22} passes {r['passes']:>3}  train error {r['final_train_error_rate']:6.2%}  best val accuracy {r['best_val_accuracy']:6.2%}  {r['stopped_because']}",
-                    flush=True,
+                errors = (
+                    f"train error {r['final_train_error_rate']:6.2%}  best val accuracy {r['best_val_accuracy']:6.2%}"
                 )
+                print(f"  {r['arm']:<22} passes {r['passes']:>3}  {errors}  {r['stopped_because']}", flush=True)
         result["title"], result["seconds"], result["sweep"] = (
             lesson.get("title", name),
             time.perf_counter() - t0,
@@ -296,11 +300,12 @@ def write_summary(summary: dict, parent: Path) -> str:
         f"TensorBoard: `tensorboard --logdir {parent}`",
         "",
     ]
-    for name, r in summary["lessons"].items():
+    for r in summary["lessons"].values():
         lines += [f"## {r['title']}", ""]
         if "arms" in r:
             lines += [
-                "| arm | optimiser | cost | lr | passes | train error rate | best val accuracy | passes to target | seconds to target | weight change | stopped | verdict |",
+                "| arm | optimiser | cost | lr | passes | train error rate | best val accuracy | passes to target "
+                "| seconds to target | weight change | stopped | verdict |",
                 "|---|---|---|---|---|---|---|---|---|---|---|---|",
             ]
             for a in r["arms"]:
@@ -314,15 +319,17 @@ def write_summary(summary: dict, parent: Path) -> str:
                 if a["cost"] == "cross_entropy":
                     verdict = "cross-entropy: not the seed's cost, for comparison"
                 lines.append(
-                    f"| {a['arm']} | {a['optimiser']} | {a['cost']} | {a['lr']:g} | {a['passes']} | {_pct(a['final_train_error_rate'])} | {_pct(a['best_val_accuracy'])} | "
+                    f"| {a['arm']} | {a['optimiser']} | {a['cost']} | {a['lr']:g} | {a['passes']} | "
+                    f"{_pct(a['final_train_error_rate'])} | {_pct(a['best_val_accuracy'])} | "
                     f"{a['passes_to_target'] or 'not reached'} | {_seconds(a['seconds_to_target'])} | "
                     f"{a['weight_change']:.3g} | {a['stopped_because']} | {verdict} |"
                 )
         else:
             gd, rs = r["gradient_descent"], r["random_search"]
             lines += [
-                f"{r['passes']} passes each. Gradient descent walked the cost down from {gd['start_cost']:.4f} to {gd['cost']:.4f} (validation error rate {_pct(gd['val_error_rate'])}); "
-                f"random search's best draw: cost {rs['cost']:.4f} (validation error rate {_pct(rs['val_error_rate'])}). "
+                f"{r['passes']} passes each. Gradient descent walked the cost down from {gd['start_cost']:.4f} to "
+                f"{gd['cost']:.4f} (validation error rate {_pct(gd['val_error_rate'])}); random search's best draw: "
+                f"cost {rs['cost']:.4f} (validation error rate {_pct(rs['val_error_rate'])}). "
                 f"Picture: `{r['picture']}`.",
                 "",
             ]

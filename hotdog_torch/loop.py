@@ -76,7 +76,9 @@ def train_one_epoch(
         pos = order[i * b : (steps[-1] + 1) * b]  # the window's batches, one after another
         x, y = feed.batch(pos)
         sizes = [min(b, len(pos) - k * b) for k in range(len(steps))]
-        for j, labels, (cost, outputs) in zip(steps, y.split(sizes), step(x, one_hot(y, feed.n_classes), sizes)):
+        for j, labels, (cost, outputs) in zip(
+            steps, y.split(sizes), step(x, one_hot(y, feed.n_classes), sizes), strict=True
+        ):
             costs[j] = cost
             wrongs[j] = wrong(outputs, labels)
         i = steps[-1] + 1

@@ -56,7 +56,7 @@ def predict(ckpt: dict, files: list[Path], batch: int = 256):
             x = data.normalise(torch.from_numpy(np.stack([a for _, a in arrays])), mean, std)
             scores = model(x)
             best = scores.argmax(dim=1)
-            for (f, _), k, s in zip(arrays, best.tolist(), scores.tolist()):
+            for (f, _), k, s in zip(arrays, best.tolist(), scores.tolist(), strict=True):
                 results[f] = (ckpt["classes"][k], s[k])
         for f in chunk:
             yield (f, *results[f])

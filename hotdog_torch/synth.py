@@ -122,7 +122,7 @@ def _condiment(draw, rng, cx, cy, a, L, W, u):
         n = int(rng.integers(5, 9))
         xs = np.linspace(-L * 0.4, L * 0.4, n)
         ys = [(1 if i % 2 else -1) * W * 0.12 + (k - 0.5) * W * 0.05 for i in range(n)]
-        _stroke(draw, list(zip(xs, ys)), cx, cy, a, _jitter_colour(rng, colour, 12), 2 * u)
+        _stroke(draw, list(zip(xs, ys, strict=True)), cx, cy, a, _jitter_colour(rng, colour, 12), 2 * u)
 
 
 def _sausage(draw, rng, cx, cy, a, L, W, u, grilled):
@@ -310,7 +310,7 @@ def _job_list(n_hot, n_other, seed, split):
     counts[0] += n_other - counts.sum()  # rounding remainder goes to the first kind
     jobs = [(HOT_DOG, HOT_DOG, i, (seed, split_id, 0, i)) for i in range(n_hot)]
     i = 0
-    for kind, count in zip(kinds, counts):
+    for kind, count in zip(kinds, counts, strict=True):
         for _ in range(count):
             jobs.append((NOT_HOT_DOG, kind, i, (seed, split_id, 1, i)))
             i += 1

@@ -17,6 +17,7 @@ model's own matrix shapes and at a large square, the fraction of the square's
 roofline reached, cold start (decode + cache build, on every core and on one),
 warm start (cache hit) and peak memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,12 +39,11 @@ from hotdog_torch import config, data, loop, runtime, step  # noqa: E402
 from hotdog_torch.cost import half_mse, one_hot  # noqa: E402
 from hotdog_torch.model import build_model, linear_layers  # noqa: E402
 
-
 # ---------------------------------------------------------------- measuring
 
 
 class PeakRSS:
-    """Peak resident memory of this process and its children (DataLoader workers) above what it held at the start, sampled every 50 ms."""
+    """Peak resident memory of this process and its children (DataLoader workers) above its start, every 50 ms."""
 
     def __init__(self):
         self.peak, self.base, self._stop = 0, 0, threading.Event()
@@ -127,7 +127,10 @@ def model_shape_seconds(model, batch, rates, fused):
     for i, layer in enumerate(linear_layers(model)):
         k, n = layer.in_features, layer.out_features
         flops = 2 * k * n  # per image, for each of the products below
-        names = [f"layer{i + 1} forward", f"layer{i + 1} weight update in place" if fused else f"layer{i + 1} weight grad"]
+        names = [
+            f"layer{i + 1} forward",
+            f"layer{i + 1} weight update in place" if fused else f"layer{i + 1} weight grad",
+        ]
         if i > 0:
             names.append(f"layer{i + 1} input grad")
         for name in names:
@@ -143,11 +146,13 @@ def gemm_rates(model, batch, device, dtype, square):
     for i, layer in enumerate(linear_layers(model)):
         k, n = layer.in_features, layer.out_features
         x, w, d = g(batch, k), g(n, k), g(batch, n)
-        shapes = {f"layer{i + 1} forward ({batch}x{k} @ {k}x{n})": lambda: torch.mm(x, w.t()),
-                  f"layer{i + 1} weight grad ({n}x{batch} @ {batch}x{k}), new matrix": lambda: torch.mm(d.t(), x),
-                  f"layer{i + 1} weight update in place (W.addmm_)": lambda: w.addmm_(d.t(), x, alpha=-1e-6)}
+        shapes = {
+            f"layer{i + 1} forward ({batch}x{k} @ {k}x{n})": lambda x=x, w=w: torch.mm(x, w.t()),
+            f"layer{i + 1} weight grad ({n}x{batch} @ {batch}x{k}), new matrix": lambda x=x, d=d: torch.mm(d.t(), x),
+            f"layer{i + 1} weight update in place (W.addmm_)": lambda x=x, w=w, d=d: w.addmm_(d.t(), x, alpha=-1e-6),
+        }
         if i > 0:
-            shapes[f"layer{i + 1} input grad ({batch}x{n} @ {n}x{k})"] = lambda: torch.mm(d, w)
+            shapes[f"layer{i + 1} input grad ({batch}x{n} @ {n}x{k})"] = lambda d=d, w=w: torch.mm(d, w)
         for name, fn in shapes.items():
             out[name] = 2 * batch * k * n / median_seconds(fn, device, 10) / 1e9
     a, b = g(square, square), g(square, square)
@@ -168,11 +173,19 @@ def tutorial_pipeline(cfg, ds_root, device, workers):
         steps.append(transforms.Grayscale())
     steps += [transforms.ToTensor(), transforms.Normalize([0.5] * cfg.data.channels, [0.25] * cfg.data.channels)]
     dataset = datasets.ImageFolder(ds_root, transform=transforms.Compose(steps))
-    loader = DataLoader(dataset, batch_size=cfg.optim.batch_size or 64, shuffle=True, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    loader = DataLoader(
+        dataset,
+        batch_size=cfg.optim.batch_size or 64,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
     torch.manual_seed(cfg.seed)
     k = len(dataset.classes)
-    model = build_model(cfg.data.channels * cfg.data.image_size**2, cfg.model.hidden, k, cfg.model.activation).to(device)
+    model = build_model(cfg.data.channels * cfg.data.image_size**2, cfg.model.hidden, k, cfg.model.activation).to(
+        device
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
 
     def epoch():
@@ -195,7 +208,9 @@ def own_pipeline(cfg, ds, device):
     """The data already decoded on the device; returns (run_one_epoch() -> images, step name, model)."""
     torch.manual_seed(cfg.seed)
     k = len(ds.classes)
-    model = build_model(cfg.data.channels * cfg.data.image_size**2, cfg.model.hidden, k, cfg.model.activation).to(device)
+    model = build_model(cfg.data.channels * cfg.data.image_size**2, cfg.model.hidden, k, cfg.model.activation).to(
+        device
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
     take = step.make_step(model, optimizer, cfg, device)
     generator = torch.Generator(device=ds.train.index.device).manual_seed(cfg.seed)
@@ -217,7 +232,7 @@ def timed(epoch):
 
 
 def decode_rates(d, folder, tmp, cores, repeats=3):
-    """Images/s of the decode step alone (into an .npy), on one process and on every core: the median of `repeats`, alternating."""
+    """Images/s of the decode step alone (into an .npy), on one process and on every core: median of `repeats`."""
     import numpy as np
 
     _, samples = data._scan(folder)
@@ -226,13 +241,20 @@ def decode_rates(d, folder, tmp, cores, repeats=3):
         for workers in rates:
             c = config.Data(**{**vars(d), "workers": workers})
             target = Path(tmp) / f"decode-{workers}.npy"
-            offset = np.lib.format.open_memmap(target, mode="w+", dtype=np.uint8, shape=(len(samples), d.channels, d.image_size, d.image_size)).offset
+            offset = np.lib.format.open_memmap(
+                target, mode="w+", dtype=np.uint8, shape=(len(samples), d.channels, d.image_size, d.image_size)
+            ).offset
             t0 = time.perf_counter()
             data._decode_all(samples, c, target, offset, progress=False, desc="")
             rates[workers].append(len(samples) / (time.perf_counter() - t0))
-    out = {"decode_images_per_second_1_worker": statistics.median(rates[1]), "decode_images_per_second_all_cores": statistics.median(rates[cores]),
-           "decode_rates": {str(k): v for k, v in rates.items()}}
-    out["decode_speedup_all_cores"] = out["decode_images_per_second_all_cores"] / out["decode_images_per_second_1_worker"]
+    out = {
+        "decode_images_per_second_1_worker": statistics.median(rates[1]),
+        "decode_images_per_second_all_cores": statistics.median(rates[cores]),
+        "decode_rates": {str(k): v for k, v in rates.items()},
+    }
+    out["decode_speedup_all_cores"] = (
+        out["decode_images_per_second_all_cores"] / out["decode_images_per_second_1_worker"]
+    )
     return out
 
 
@@ -241,7 +263,9 @@ def main(argv=None):
     p.add_argument("--config", default="configs/bench.yaml")
     p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: the config's device")
     p.add_argument("--json", help="write every figure to this file")
-    p.add_argument("--epochs", type=int, default=3, help="timed epochs of each pipeline, alternating, after one warm-up epoch each")
+    p.add_argument(
+        "--epochs", type=int, default=3, help="timed epochs of each pipeline, alternating, after one warm-up epoch each"
+    )
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     a = p.parse_args(argv)
     try:
@@ -256,19 +280,26 @@ def main(argv=None):
     cores = os.cpu_count() or 1
     root = Path(cfg.data.root)
     train_root = root / "train" if (root / "train").is_dir() else root
-    r = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}",
-         "device": str(device), "config": a.config, "overrides": a.overrides}
+    r = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}",
+        "device": str(device),
+        "config": a.config,
+        "overrides": a.overrides,
+    }
     if device.type == "cuda":
         r["gpu"] = torch.cuda.get_device_name(device)
     else:
         with open("/proc/cpuinfo") as f:
-            r["cpu"] = next((l.split(":", 1)[1].strip() for l in f if l.startswith("model name")), "?")
+            r["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
     budget = data.default_memory_budget(device)
 
     # cold start on every core, cold start on one core, warm start: each cold one into an empty cache
     with tempfile.TemporaryDirectory() as tmp:
         for label, workers in (("cold_start_seconds", None), ("cold_start_1_worker_seconds", 1)):
-            c = config.from_dict(config.to_dict(cfg), [f"data.cache_dir={tmp}/{label}", f"data.workers={workers or 'null'}"])
+            c = config.from_dict(
+                config.to_dict(cfg), [f"data.cache_dir={tmp}/{label}", f"data.workers={workers or 'null'}"]
+            )
             t0 = time.perf_counter()
             data.load_dataset(c.data, c.seed, progress=False, memory_budget=budget)
             r[label] = time.perf_counter() - t0
@@ -300,30 +331,42 @@ def main(argv=None):
 
         # then the timed epochs, alternating, so that both see the same machine
         r["own_epoch_rates"], r["tutorial_epoch_rates"] = [], []
-        for i in range(a.epochs):
+        for _ in range(a.epochs):
             r["own_epoch_rates"].append(timed(own))
             r["tutorial_epoch_rates"].append(timed(tutorial))
     r["own_step"] = step_name
     r["own_images_per_second"] = statistics.median(r["own_epoch_rates"])
     r["tutorial_images_per_second"] = statistics.median(r["tutorial_epoch_rates"])
     r["speedup"] = r["own_images_per_second"] / r["tutorial_images_per_second"]
-    r["speedup_per_pair"] = [o / t for o, t in zip(r["own_epoch_rates"], r["tutorial_epoch_rates"])]
+    r["speedup_per_pair"] = [o / t for o, t in zip(r["own_epoch_rates"], r["tutorial_epoch_rates"], strict=True)]
 
     dtype = torch.bfloat16 if "bf16" in step_name else torch.float32
     r["flops_per_image"] = flops_per_image(model)
     r["gemm_dtype"] = str(dtype).replace("torch.", "")
-    r["gemm_gflops"] = gemm_rates(model, cfg.optim.batch_size or 64, device, dtype, 8192 if device.type == "cuda" else 2048)
+    r["gemm_gflops"] = gemm_rates(
+        model, cfg.optim.batch_size or 64, device, dtype, 8192 if device.type == "cuda" else 2048
+    )
     square = [v for k, v in r["gemm_gflops"].items() if k.startswith("square")][0]
     r["roofline_images_per_second"] = square * 1e9 / r["flops_per_image"]
     r["roofline_fraction"] = r["own_images_per_second"] / r["roofline_images_per_second"]
     r["own_gflops"] = r["own_images_per_second"] * r["flops_per_image"] / 1e9
-    r["model_shape_roofline_images_per_second"] = 1 / model_shape_seconds(model, cfg.optim.batch_size or 64, r["gemm_gflops"], step_name.startswith("fused"))
+    r["model_shape_roofline_images_per_second"] = 1 / model_shape_seconds(
+        model, cfg.optim.batch_size or 64, r["gemm_gflops"], step_name.startswith("fused")
+    )
     r["model_shape_roofline_fraction"] = r["own_images_per_second"] / r["model_shape_roofline_images_per_second"]
 
     rows = [
         ("machine", r.get("cpu") or r.get("gpu"), r["machine"]),
-        ("tutorial pipeline (DataLoader, %d workers)" % cores, f"{r['tutorial_images_per_second']:,.0f} images/s", "median of epochs " + ", ".join(f"{x:,.0f}" for x in r["tutorial_epoch_rates"])),
-        ("hotdog_torch (" + step_name + ")", f"{r['own_images_per_second']:,.0f} images/s", "median of epochs " + ", ".join(f"{x:,.0f}" for x in r["own_epoch_rates"])),
+        (
+            f"tutorial pipeline (DataLoader, {cores} workers)",
+            f"{r['tutorial_images_per_second']:,.0f} images/s",
+            "median of epochs " + ", ".join(f"{x:,.0f}" for x in r["tutorial_epoch_rates"]),
+        ),
+        (
+            "hotdog_torch (" + step_name + ")",
+            f"{r['own_images_per_second']:,.0f} images/s",
+            "median of epochs " + ", ".join(f"{x:,.0f}" for x in r["own_epoch_rates"]),
+        ),
         ("speedup", f"{r['speedup']:.2f}x", "epoch pairs: " + ", ".join(f"{x:.2f}" for x in r["speedup_per_pair"])),
         ("FLOPs per image", f"{r['flops_per_image'] / 1e6:.1f} MFLOP", "forward + backward, from the model's shapes"),
     ]
@@ -332,17 +375,46 @@ def main(argv=None):
         ("hotdog_torch achieved", f"{r['own_gflops']:,.1f} GFLOP/s", ""),
         ("roofline (square GEMM / FLOPs per image)", f"{r['roofline_images_per_second']:,.0f} images/s", ""),
         ("fraction of roofline", f"{r['roofline_fraction']:.0%}", "of the square GEMM's rate"),
-        ("model-shape roofline", f"{r['model_shape_roofline_images_per_second']:,.0f} images/s", "the step's own GEMMs at the rates measured at their shapes"),
+        (
+            "model-shape roofline",
+            f"{r['model_shape_roofline_images_per_second']:,.0f} images/s",
+            "the step's own GEMMs at the rates measured at their shapes",
+        ),
         ("fraction of model-shape roofline", f"{r['model_shape_roofline_fraction']:.0%}", ""),
         ("cold start, every core", f"{r['cold_start_seconds']:.2f} s", "ImageFolder scan + decode + cache write"),
-        ("cold start, one worker", f"{r['cold_start_1_worker_seconds']:.2f} s", f"every core is {r['cold_start_speedup_all_cores']:.2f}x faster"),
+        (
+            "cold start, one worker",
+            f"{r['cold_start_1_worker_seconds']:.2f} s",
+            f"every core is {r['cold_start_speedup_all_cores']:.2f}x faster",
+        ),
         ("decode alone, one worker", f"{r['decode_images_per_second_1_worker']:,.0f} images/s", "median of 3"),
-        (f"decode alone, {cores} workers", f"{r['decode_images_per_second_all_cores']:,.0f} images/s", f"median of 3; {r['decode_speedup_all_cores']:.2f}x one worker"),
-        ("warm start (cache hit)", f"{r['warm_start_seconds']:.2f} s", "median of 3: scan + stat + load + move to device"),
-        ("peak memory, hotdog_torch", f"{r['own_peak_memory_bytes'] / 2**20:,.0f} MiB", ("added GPU memory" if device.type == "cuda" else "added resident memory") + ": data, model, first epoch"),
-        ("peak memory, tutorial", f"{r['tutorial_peak_memory_bytes'] / 2**20:,.0f} MiB", ("added GPU memory" if device.type == "cuda" else "added resident memory, process + workers") + ": model, first epoch"),
+        (
+            f"decode alone, {cores} workers",
+            f"{r['decode_images_per_second_all_cores']:,.0f} images/s",
+            f"median of 3; {r['decode_speedup_all_cores']:.2f}x one worker",
+        ),
+        (
+            "warm start (cache hit)",
+            f"{r['warm_start_seconds']:.2f} s",
+            "median of 3: scan + stat + load + move to device",
+        ),
+        (
+            "peak memory, hotdog_torch",
+            f"{r['own_peak_memory_bytes'] / 2**20:,.0f} MiB",
+            ("added GPU memory" if device.type == "cuda" else "added resident memory") + ": data, model, first epoch",
+        ),
+        (
+            "peak memory, tutorial",
+            f"{r['tutorial_peak_memory_bytes'] / 2**20:,.0f} MiB",
+            ("added GPU memory" if device.type == "cuda" else "added resident memory, process + workers")
+            + ": model, first epoch",
+        ),
     ]
-    print(f"\n{r['date']}  python scripts/bench.py --config {a.config}" + (f" --device {a.device}" if a.device else "") + "".join(" " + o for o in a.overrides))
+    print(
+        f"\n{r['date']}  python scripts/bench.py --config {a.config}"
+        + (f" --device {a.device}" if a.device else "")
+        + "".join(" " + o for o in a.overrides)
+    )
     print("| what | figure | note |\n|---|---|---|")
     for row in rows:
         print("| " + " | ".join(str(x) for x in row) + " |")

@@ -1,7 +1,8 @@
 """Serve a run with a real TensorBoard on 127.0.0.1 and list what each dashboard holds for it, over HTTP.
 
-    python scripts/check_dashboards.py runs/<name>
+python scripts/check_dashboards.py runs/<name>
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,8 +30,23 @@ def main(argv=None):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(run.parent), "--host", "127.0.0.1", "--port", str(port),
-                               "--load_fast", "false"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tensorboard.main",
+            "--logdir",
+            str(run.parent),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--load_fast",
+            "false",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     base = f"http://127.0.0.1:{port}/data"
     try:
         deadline = time.time() + 120
@@ -44,13 +60,15 @@ def main(argv=None):
                 sys.exit("TensorBoard did not come up")
             time.sleep(0.5)
         listing = fetch(f"{base}/plugins_listing")
-        print(f"TensorBoard on 127.0.0.1:{port}, run {run.name}; active plugins: {', '.join(k for k, v in listing.items() if v.get('enabled'))}")
+        active = ", ".join(k for k, v in listing.items() if v.get("enabled"))
+        print(f"TensorBoard on 127.0.0.1:{port}, run {run.name}; active plugins: {active}")
         for plugin in ("scalars", "histograms", "images", "pr_curves", "text"):
             tags = fetch(f"{base}/plugin/{plugin}/tags").get(run.name, {})
             print(f"{plugin:<11} {len(tags):>3} tags: {', '.join(sorted(tags))}")
         experiment = fetch(f"{base}/plugin/hparams/experiment", {"experimentName": ""})
-        print(f"{'hparams':<11} {len(experiment.get('hparamInfos', []))} hparams: {', '.join(h['name'] for h in experiment.get('hparamInfos', []))}; "
-              f"metrics: {', '.join(m['name']['tag'] for m in experiment.get('metricInfos', []))}")
+        names = [h["name"] for h in experiment.get("hparamInfos", [])]
+        metrics = ", ".join(m["name"]["tag"] for m in experiment.get("metricInfos", []))
+        print(f"{'hparams':<11} {len(names)} hparams: {', '.join(names)}; metrics: {metrics}")
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -1,7 +1,8 @@
 """Write the newest picture of each TensorBoard image tag of a run as a PNG (how docs/*.png are made).
 
-    python scripts/export_images.py runs/<name> docs/ [--max-side 640]
+python scripts/export_images.py runs/<name> docs/ [--max-side 640]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("run_dir")
     p.add_argument("out_dir")
-    p.add_argument("--max-side", type=int, default=640, help="shrink larger pictures to this many pixels on their longer side")
+    p.add_argument(
+        "--max-side", type=int, default=640, help="shrink larger pictures to this many pixels on their longer side"
+    )
     a = p.parse_args(argv)
     acc = EventAccumulator(a.run_dir, size_guidance={"images": 0})
     acc.Reload()

@@ -7,6 +7,7 @@ Each run trains --epochs epochs (no early stop); an epoch's time counts training
 logging and checkpoints. The figure is the mean epoch time over epochs 2 .. N-1 (so the pictures of
 epochs 10 and 20 are in it, and the end-of-run pictures are not), runs alternating on and off.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,15 +41,25 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(a.pairs):
             on.append(epoch_seconds(a.config, [f"train.epochs={a.epochs}"], tmp))
-            off.append(epoch_seconds(a.config, [f"train.epochs={a.epochs}", "log.every_steps=0", "log.images_every_epochs=0"], tmp))
-    ratios = [x[0] / y[0] for x, y in zip(on, off)]
+            off.append(
+                epoch_seconds(
+                    a.config, [f"train.epochs={a.epochs}", "log.every_steps=0", "log.images_every_epochs=0"], tmp
+                )
+            )
+    ratios = [x[0] / y[0] for x, y in zip(on, off, strict=True)]
     print("\n| logging | mean epoch seconds (one per run) |\n|---|---|")
     print(f"| defaults (every_steps 50, images_every_epochs 10) | {', '.join(f'{x[0]:.3f}' for x in on)} |")
     print(f"| per-step cost and epoch scalars only | {', '.join(f'{x[0]:.3f}' for x in off)} |")
-    print(f"\ntimed inside the runs, the optional summaries (norms, histograms, pictures) cost: median {statistics.median(x[1] for x in on):+.1%} "
-          f"of the rest of the epoch (runs: {', '.join(f'{x[1]:+.1%}' for x in on)})")
-    print(f"between runs, on against off: median {statistics.median(ratios) - 1:+.1%} (pairs: {', '.join(f'{r - 1:+.1%}' for r in ratios)}); "
-          "this machine's speed drifts by more than that between runs")
+    inside = statistics.median(x[1] for x in on)
+    print(
+        f"\ntimed inside the runs, the optional summaries (norms, histograms, pictures) cost: median {inside:+.1%} "
+        f"of the rest of the epoch (runs: {', '.join(f'{x[1]:+.1%}' for x in on)})"
+    )
+    print(
+        f"between runs, on against off: median {statistics.median(ratios) - 1:+.1%} "
+        f"(pairs: {', '.join(f'{r - 1:+.1%}' for r in ratios)}); "
+        "this machine's speed drifts by more than that between runs"
+    )
 
 
 if __name__ == "__main__":

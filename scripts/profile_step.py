@@ -7,6 +7,7 @@ autograd + torch.optim.SGD with zero_grad(set_to_none=False) and with the defaul
 zero_grad() (set_to_none=True), which is what a tutorial writes and what
 hotdog_torch's autograd path does.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,13 +51,23 @@ def main(argv=None):
     sub = ds.train.subset(torch.arange(min(len(ds.train), cfg.optim.batch_size * a.steps)))
     mean, std = data.normalisation(ds.train)
     k = len(ds.classes)
-    for label in ("fused SGD, first-layer updates in windows of 2 steps", "fused SGD, every step", "autograd, zero_grad(set_to_none=False)",
-                  "autograd, zero_grad() (hotdog_torch's autograd path, as in the tutorial)"):
+    for label in (
+        "fused SGD, first-layer updates in windows of 2 steps",
+        "fused SGD, every step",
+        "autograd, zero_grad(set_to_none=False)",
+        "autograd, zero_grad() (hotdog_torch's autograd path, as in the tutorial)",
+    ):
         torch.manual_seed(0)
         model = build_model(cfg.data.channels * cfg.data.image_size**2, cfg.model.hidden, k, cfg.model.activation)
         optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr)
-        c = config.from_dict(config.to_dict(cfg), [f"optim.fused={'true' if label.startswith('fused') else 'false'}", "optim.momentum=0",
-                                                    f"optim.fused_window={2 if 'windows' in label else 1}"])
+        c = config.from_dict(
+            config.to_dict(cfg),
+            [
+                f"optim.fused={'true' if label.startswith('fused') else 'false'}",
+                "optim.momentum=0",
+                f"optim.fused_window={2 if 'windows' in label else 1}",
+            ],
+        )
         if "zero_grad()" in label:
             take = tutorial_step(model, optimizer)
         else:
@@ -67,11 +78,16 @@ def main(argv=None):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             loop.train_one_epoch(take, feed, g)
         total = sum(e.self_cpu_time_total for e in prof.key_averages()) / 1e3
-        print(f"\n## {label}: {total / a.steps:.1f} ms per step of {cfg.optim.batch_size} images ({cfg.optim.batch_size * a.steps / total * 1e3:,.0f} images/s while profiled)\n")
+        rate = cfg.optim.batch_size * a.steps / total * 1e3
+        print(
+            f"\n## {label}: {total / a.steps:.1f} ms per step of {cfg.optim.batch_size} images "
+            f"({rate:,.0f} images/s while profiled)\n"
+        )
         print("| operator | self CPU ms per step | share | calls per step |\n|---|---|---|---|")
         rows = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)[:8]
         for e in rows:
-            print(f"| {e.key} | {e.self_cpu_time_total / 1e3 / a.steps:.2f} | {e.self_cpu_time_total / 1e3 / total:.0%} | {e.count / a.steps:g} |")
+            ms = e.self_cpu_time_total / 1e3
+            print(f"| {e.key} | {ms / a.steps:.2f} | {ms / total:.0%} | {e.count / a.steps:g} |")
 
 
 if __name__ == "__main__":

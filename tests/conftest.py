@@ -1,4 +1,5 @@
 """Shared fixtures: real ImageFolder trees of real JPEG files, drawn by hotdog_torch.synth."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,7 +17,9 @@ def pytest_runtest_setup(item):
 def tiny_tree(tmp_path_factory):
     """train/{hot_dog,not_hot_dog} (30 + 60) and test/ (10 + 20) of 32x32 JPEGs."""
     root = tmp_path_factory.mktemp("tiny") / "hotdog"
-    synth.generate(root, hot_dogs=30, others=60, test_hot_dogs=10, test_others=20, size=32, seed=1, workers=1, progress=False)
+    synth.generate(
+        root, hot_dogs=30, others=60, test_hot_dogs=10, test_others=20, size=32, seed=1, workers=1, progress=False
+    )
     return root
 
 
@@ -32,7 +35,13 @@ def make_config(tmp_path):
 
 def tiny_doc(root, tmp_path) -> dict:
     return {
-        "data": {"root": str(root), "image_size": 32, "channels": 1, "cache_dir": str(tmp_path / "cache"), "workers": 1},
+        "data": {
+            "root": str(root),
+            "image_size": 32,
+            "channels": 1,
+            "cache_dir": str(tmp_path / "cache"),
+            "workers": 1,
+        },
         "model": {"hidden": [16], "activation": "sigmoid"},
         "optim": {"lr": 0.5, "batch_size": 16, "momentum": 0.9},
         "train": {"epochs": 3, "target_accuracy": None},
@@ -45,5 +54,7 @@ def tiny_doc(root, tmp_path) -> dict:
 def small_tree(tmp_path_factory):
     """300 training (100 hot dogs) and 60 test 32x32 JPEGs: enough for a tiny run to learn."""
     root = tmp_path_factory.mktemp("small") / "hotdog"
-    synth.generate(root, hot_dogs=100, others=200, test_hot_dogs=20, test_others=40, size=32, seed=3, workers=1, progress=False)
+    synth.generate(
+        root, hot_dogs=100, others=200, test_hot_dogs=20, test_others=40, size=32, seed=3, workers=1, progress=False
+    )
     return root

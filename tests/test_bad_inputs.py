@@ -1,4 +1,5 @@
 """Broken files, odd images and damaged checkpoints: each is used, skipped and counted, or refused in one sentence."""
+
 from __future__ import annotations
 
 import os
@@ -22,8 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 def png_claiming(width, height) -> bytes:
     """A tiny PNG whose header claims width x height pixels: a decompression bomb for Pillow's guard."""
+
     def chunk(kind, body):
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body) & 0xFFFFFFFF)
+
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
@@ -59,16 +62,34 @@ def test_every_kind_of_bad_file_is_used_or_skipped_and_counted(messy_tree, tmp_p
     used = {os.path.basename(p): i for i, p in enumerate(split.paths)}
     for name in ("cmyk.jpg", "sixteen.png", "palette.png", "alpha.png", "gray_alpha.png"):
         assert name in used
-    assert len(split) == 90 + 6  # the good set, 5 odd-but-valid images and the non-UTF-8 name, each once despite the loop
+    assert (
+        len(split) == 90 + 6
+    )  # the good set, 5 odd-but-valid images and the non-UTF-8 name, each once despite the loop
     image = lambda name: split.batch(torch.tensor([used[name]]))[0]  # noqa: E731
     assert int(image("sixteen.png").float().mean()) == 40000 >> 8  # 16-bit: the top 8 bits, not clipped to white
     assert not any("README" in p or "DS_Store" in p for p in split.paths)
 
 
 def test_a_messy_tree_trains_and_says_what_it_skipped(messy_tree, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "hotdog_torch.train", "--no-progress", f"data.root={messy_tree}", "data.image_size=16",
-                        f"data.cache_dir={tmp_path}/c", f"log.dir={tmp_path}/runs", "train.epochs=1", "model.hidden=[4]", "device=cpu"],
-                       cwd=REPO, capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hotdog_torch.train",
+            "--no-progress",
+            f"data.root={messy_tree}",
+            "data.image_size=16",
+            f"data.cache_dir={tmp_path}/c",
+            f"log.dir={tmp_path}/runs",
+            "train.epochs=1",
+            "model.hidden=[4]",
+            "device=cpu",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "warning: skipped 4 files that are not decodable images" in r.stderr and "Traceback" not in r.stderr
 
@@ -85,7 +106,9 @@ def test_a_class_left_empty_stops_with_a_message(tmp_path, tiny_tree):
     shutil.copytree(tiny_tree / "train", fresh)
     (fresh / "pizza").mkdir()  # an empty class folder
     with pytest.raises(UserError, match="pizza .* hold no decodable images"):
-        data.load_dataset(config.Data(root=str(fresh), image_size=16, cache_dir=str(tmp_path / "c"), workers=1), 0, progress=False)
+        data.load_dataset(
+            config.Data(root=str(fresh), image_size=16, cache_dir=str(tmp_path / "c"), workers=1), 0, progress=False
+        )
 
 
 def test_a_crash_mid_write_leaves_the_old_file(tmp_path):
@@ -115,8 +138,15 @@ class Payload:
 @pytest.fixture(scope="module")
 def good_checkpoint(tmp_path_factory, small_tree):
     tmp = tmp_path_factory.mktemp("ckpt")
-    cfg = config.from_dict({"data": {"root": str(small_tree), "image_size": 32, "cache_dir": str(tmp / "c"), "workers": 1},
-                            "model": {"hidden": [8]}, "train": {"epochs": 1}, "log": {"dir": str(tmp / "runs"), "run_name": "r"}, "device": "cpu"})
+    cfg = config.from_dict(
+        {
+            "data": {"root": str(small_tree), "image_size": 32, "cache_dir": str(tmp / "c"), "workers": 1},
+            "model": {"hidden": [8]},
+            "train": {"epochs": 1},
+            "log": {"dir": str(tmp / "runs"), "run_name": "r"},
+            "device": "cpu",
+        }
+    )
     return train.run(cfg, progress=False) / "checkpoints" / "last.pt"
 
 
@@ -154,6 +184,14 @@ def test_resume_from_a_corrupt_checkpoint_exits_2(good_checkpoint, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(good_checkpoint.parent.parent, run_dir)
     (run_dir / "checkpoints" / "last.pt").write_bytes(b"PK\3\4 not really")
-    r = subprocess.run([sys.executable, "-m", "hotdog_torch.train", "--resume", str(run_dir)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "hotdog_torch.train", "--resume", str(run_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == [f"error: checkpoint {run_dir}/checkpoints/last.pt is damaged or not a hotdog_torch checkpoint"]
+    assert r.stderr.strip().splitlines() == [
+        f"error: checkpoint {run_dir}/checkpoints/last.pt is damaged or not a hotdog_torch checkpoint"
+    ]

@@ -1,4 +1,5 @@
 """Config: YAML + dotted overrides, and one plain sentence with exit code 2 for every user mistake."""
+
 from __future__ import annotations
 
 import subprocess
@@ -17,20 +18,28 @@ REPO = Path(__file__).resolve().parents[1]
 
 def cli(*args, cwd=None):
     """Run the real command line in a fresh interpreter."""
-    return subprocess.run([sys.executable, "-m", "hotdog_torch.train", *args], capture_output=True, text=True, cwd=cwd or REPO, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "hotdog_torch.train", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or REPO,
+        timeout=300,
+    )
 
 
 def assert_one_sentence(result):
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr
-    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     return lines[0]
 
 
 def test_default_config_sets_every_schema_key():
     doc = yaml.safe_load((REPO / "configs/hotdog.yaml").read_text())
-    flat = {f"{s}.{k}" for s, sec in doc.items() if isinstance(sec, dict) for k in sec} | {s for s, sec in doc.items() if not isinstance(sec, dict)}
+    flat = {f"{s}.{k}" for s, sec in doc.items() if isinstance(sec, dict) for k in sec} | {
+        s for s, sec in doc.items() if not isinstance(sec, dict)
+    }
     assert flat == set(config.valid_keys())
     cfg = config.load(REPO / "configs/hotdog.yaml")
     assert cfg.data.image_size == 128 and cfg.data.channels == 1  # the seed's 16384 input neurons
@@ -38,7 +47,9 @@ def test_default_config_sets_every_schema_key():
 
 
 def test_overrides_are_parsed_as_yaml_and_win():
-    cfg = config.load(REPO / "configs/hotdog.yaml", ["optim.lr=0.5", "model.hidden=[256,64]", "optim.batch_size=null", "seed=7"])
+    cfg = config.load(
+        REPO / "configs/hotdog.yaml", ["optim.lr=0.5", "model.hidden=[256,64]", "optim.batch_size=null", "seed=7"]
+    )
     assert cfg.optim.lr == 0.5 and cfg.model.hidden == [256, 64] and cfg.optim.batch_size is None and cfg.seed == 7
     assert isinstance(config.load(None, ["optim.lr=1"]).optim.lr, float)
     assert config.load(None, ["optim.lr=1e-3"]).optim.lr == 0.001  # YAML 1.1 alone would read this as a string
@@ -104,7 +115,15 @@ def test_wrong_type_from_the_command_line():
 
 
 def test_missing_data_folder(tmp_path):
-    line = assert_one_sentence(cli("--config", "configs/hotdog.yaml", f"data.root={tmp_path}/nothing", "data.generate=false", f"log.dir={tmp_path}/runs"))
+    line = assert_one_sentence(
+        cli(
+            "--config",
+            "configs/hotdog.yaml",
+            f"data.root={tmp_path}/nothing",
+            "data.generate=false",
+            f"log.dir={tmp_path}/runs",
+        )
+    )
     assert "does not exist" in line
 
 
@@ -113,7 +132,15 @@ def test_fewer_than_two_classes(tmp_path, tiny_tree):
     (one / "hot_dog").mkdir(parents=True)
     for p in sorted((tiny_tree / "train" / "hot_dog").iterdir())[:4]:
         (one / "hot_dog" / p.name).write_bytes(p.read_bytes())
-    line = assert_one_sentence(cli("--config", "configs/hotdog.yaml", f"data.root={one}", f"data.cache_dir={tmp_path}/c", f"log.dir={tmp_path}/runs"))
+    line = assert_one_sentence(
+        cli(
+            "--config",
+            "configs/hotdog.yaml",
+            f"data.root={one}",
+            f"data.cache_dir={tmp_path}/c",
+            f"log.dir={tmp_path}/runs",
+        )
+    )
     assert "at least two" in line
 
 

@@ -1,4 +1,5 @@
 """The cost and one gradient-descent step, checked against the formulas written out by hand."""
+
 from __future__ import annotations
 
 import torch
@@ -45,7 +46,7 @@ def test_one_sgd_step_is_w_minus_lr_times_the_hand_gradient():
     optimizer.zero_grad()
     c.backward()
     optimizer.step()
-    for p, before, g in zip((l1.weight, l1.bias, l2.weight, l2.bias), (W1, b1, W2, b2), grads):
+    for p, before, g in zip((l1.weight, l1.bias, l2.weight, l2.bias), (W1, b1, W2, b2), grads, strict=True):
         assert torch.allclose(p.detach(), before - lr * g, atol=1e-12)
 
 

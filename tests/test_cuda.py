@@ -1,4 +1,5 @@
 """CUDA checks: skipped on a machine without a GPU (CI); scripts/gpu_check.sh runs them on one."""
+
 from __future__ import annotations
 
 import json
@@ -39,9 +40,25 @@ def test_an_epoch_never_waits_for_the_host(small_tree, make_config):
     assert torch.isfinite(done["costs"]).all()
 
 
-@pytest.mark.parametrize("extra", [[], ["train.precision=fp32", "optim.momentum=0"], ["optim.batch_size=null", "optim.lr=2", "train.epochs=60"], ["train.compile=true"]])
+@pytest.mark.parametrize(
+    "extra",
+    [
+        [],
+        ["train.precision=fp32", "optim.momentum=0"],
+        ["optim.batch_size=null", "optim.lr=2", "train.epochs=60"],
+        ["train.compile=true"],
+    ],
+)
 def test_a_tiny_run_learns_on_the_gpu(small_tree, make_config, extra):
-    cfg = make_config(small_tree, "device=cuda", "train.epochs=40", "train.target_accuracy=0.85", "model.hidden=[32]", "optim.lr=0.2", *extra)
+    cfg = make_config(
+        small_tree,
+        "device=cuda",
+        "train.epochs=40",
+        "train.target_accuracy=0.85",
+        "model.hidden=[32]",
+        "optim.lr=0.2",
+        *extra,
+    )
     run_dir = train.run(cfg, progress=False)
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["device"].startswith("cuda") and m["val_accuracy"] >= 0.85, m

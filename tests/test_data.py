@@ -1,4 +1,5 @@
 """Data: ImageFolder discovery, the decode-once cache and its invalidation, splits, normalisation."""
+
 from __future__ import annotations
 
 import os
@@ -176,8 +177,12 @@ def test_parallel_decode_equals_one_process_and_skips_bad_files(tmp_path, tiny_t
     root = copy_tree(tiny_tree / "train", tmp_path / "t")
     (root / "hot_dog" / "notes.jpg").write_text("not a picture")
     (root / "not_hot_dog" / "empty.png").write_bytes(b"")
-    _, one, skipped = data.load_folder(root, settings(tmp_path, workers=1, cache_dir=str(tmp_path / "c1")), progress=False)
-    _, two, skipped2 = data.load_folder(root, settings(tmp_path, workers=2, cache_dir=str(tmp_path / "c2")), progress=False)
+    _, one, skipped = data.load_folder(
+        root, settings(tmp_path, workers=1, cache_dir=str(tmp_path / "c1")), progress=False
+    )
+    _, two, skipped2 = data.load_folder(
+        root, settings(tmp_path, workers=2, cache_dir=str(tmp_path / "c2")), progress=False
+    )
     assert sorted(os.path.basename(p) for p in skipped) == ["empty.png", "notes.jpg"] and skipped2 == skipped
     assert len(one) == 90 and one.paths == two.paths
     assert torch.equal(images_of(one), images_of(two))

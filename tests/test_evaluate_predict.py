@@ -1,4 +1,6 @@
-"""Using a trained network: evaluate reproduces the run's test accuracy; predict classifies any photo from the checkpoint alone."""
+"""Using a trained network: evaluate reproduces the run's test accuracy; predict classifies any photo from the
+checkpoint alone."""
+
 from __future__ import annotations
 
 import json
@@ -18,13 +20,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def cli(module, *args):
-    return subprocess.run([sys.executable, "-m", f"hotdog_torch.{module}", *args], cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", f"hotdog_torch.{module}", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
 def trained(small_tree, tmp_path_factory):
-    from hotdog_torch import config
     from conftest import tiny_doc
+
+    from hotdog_torch import config
 
     tmp = tmp_path_factory.mktemp("trained")
     doc = tiny_doc(small_tree, tmp)
@@ -38,7 +43,9 @@ def trained(small_tree, tmp_path_factory):
 def test_evaluate_reproduces_the_runs_test_accuracy(trained, small_tree, tmp_path):
     run_dir, metrics = trained
     out = tmp_path / "e.json"
-    r = cli("evaluate", "--checkpoint", str(run_dir / "checkpoints/best.pt"), "--data", str(small_tree), "--json", str(out))
+    r = cli(
+        "evaluate", "--checkpoint", str(run_dir / "checkpoints/best.pt"), "--data", str(small_tree), "--json", str(out)
+    )
     assert r.returncode == 0, r.stderr
     e = json.loads(out.read_text())
     assert e["data"].endswith("test") and e["images"] == 60
@@ -80,30 +87,60 @@ def test_predict_matches_training_and_labels_fresh_hot_dogs(trained, small_tree,
     # the same scores training's evaluation gives for the same files
     settings = data.Data(root=str(test), image_size=32, channels=1, cache_dir=str(tmp_path / "c"), workers=1)
     _, split, _ = data.load_folder(test, settings, progress=False)
-    outputs = loop.evaluate(checkpoint.model_from(ckpt), split, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), 2)["outputs"]
-    for path, out in zip(split.paths, outputs):
+    outputs = loop.evaluate(
+        checkpoint.model_from(ckpt), split, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]), 2
+    )["outputs"]
+    for path, out in zip(split.paths, outputs, strict=True):
         k = int(out.argmax())
-        assert rows[path]["class"] == ckpt["classes"][k] and rows[path]["score"] == pytest.approx(float(out[k]), abs=1e-5)
+        assert rows[path]["class"] == ckpt["classes"][k] and rows[path]["score"] == pytest.approx(
+            float(out[k]), abs=1e-5
+        )
 
-    fresh = synth.generate(tmp_path / "fresh", hot_dogs=20, others=0, test_hot_dogs=0, test_others=0, size=32, seed=99, workers=1, progress=False)
+    fresh = synth.generate(
+        tmp_path / "fresh",
+        hot_dogs=20,
+        others=0,
+        test_hot_dogs=0,
+        test_others=0,
+        size=32,
+        seed=99,
+        workers=1,
+        progress=False,
+    )
     r = cli("predict", "--checkpoint", str(best), str(fresh))
     labels = [line.split("\t")[1] for line in r.stdout.splitlines()]
-    assert len(labels) == 20 and labels.count("hot_dog") >= 14, labels  # a 90%-accurate tiny model on hot dogs it never saw
+    assert len(labels) == 20 and labels.count("hot_dog") >= 14, (
+        labels
+    )  # a 90%-accurate tiny model on hot dogs it never saw
 
 
 def test_predict_takes_any_size_and_mode_and_reports_bad_files_one_by_one(trained, tmp_path):
     run_dir, _ = trained
     files = []
-    for name, img in [("big.png", Image.new("RGBA", (300, 200), (200, 150, 90, 255))), ("gray.jpg", Image.new("L", (17, 45), 128)),
-                      ("cmyk.jpg", Image.new("CMYK", (64, 64), (0, 50, 100, 0))), ("sixteen.png", Image.fromarray(np.full((9, 9), 30000, np.uint16)))]:
+    for name, img in [
+        ("big.png", Image.new("RGBA", (300, 200), (200, 150, 90, 255))),
+        ("gray.jpg", Image.new("L", (17, 45), 128)),
+        ("cmyk.jpg", Image.new("CMYK", (64, 64), (0, 50, 100, 0))),
+        ("sixteen.png", Image.fromarray(np.full((9, 9), 30000, np.uint16))),
+    ]:
         img.save(tmp_path / name)
         files.append(str(tmp_path / name))
     (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not really")
-    r = cli("predict", "--checkpoint", str(run_dir / "checkpoints/best.pt"), files[0], str(tmp_path / "broken.jpg"), *files[1:], str(tmp_path / "missing.png"))
+    r = cli(
+        "predict",
+        "--checkpoint",
+        str(run_dir / "checkpoints/best.pt"),
+        files[0],
+        str(tmp_path / "broken.jpg"),
+        *files[1:],
+        str(tmp_path / "missing.png"),
+    )
     assert r.returncode == 1
     lines = r.stdout.splitlines()
     assert [line.split("\t")[0] for line in lines] == files
-    assert all(line.split("\t")[1] in ("hot_dog", "not_hot_dog") and 0 < float(line.split("\t")[2]) < 1 for line in lines)
+    assert all(
+        line.split("\t")[1] in ("hot_dog", "not_hot_dog") and 0 < float(line.split("\t")[2]) < 1 for line in lines
+    )
     assert "broken.jpg: cannot be read as an image" in r.stderr and "missing.png: no such file" in r.stderr
     assert "Traceback" not in r.stderr
 

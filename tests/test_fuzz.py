@@ -1,19 +1,29 @@
 """Fuzzing, for a bounded time: every outcome is a loaded result or a clean user error, never an unhandled exception."""
+
 from __future__ import annotations
 
 import io
 
 import numpy as np
 import yaml
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hotdog_torch import config, images, synth
 from hotdog_torch.config import UserError
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
-scalars = st.one_of(st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True), st.text(max_size=12))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)), max_leaves=12)
+scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.floats(allow_nan=True), st.text(max_size=12)
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=10), inner, max_size=4)),
+    max_leaves=12,
+)
 known = st.sampled_from(config.valid_keys() + ["data", "model", "optim", "train", "log"])
 keys = st.one_of(known, st.text(max_size=15))
 
@@ -44,7 +54,9 @@ def test_random_config_documents(doc):
 @given(st.lists(st.tuples(known, values), max_size=4))
 def test_random_overrides(pairs):
     try:
-        config.load(None, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().replace(chr(10), ' ')}" for k, v in pairs])
+        config.load(
+            None, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip().replace(chr(10), ' ')}" for k, v in pairs]
+        )
     except UserError:
         pass
 
@@ -81,7 +93,11 @@ REAL = real_files()
 
 
 @FUZZ
-@given(st.sampled_from(range(len(REAL))), st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=12), st.floats(0.05, 1.0))
+@given(
+    st.sampled_from(range(len(REAL))),
+    st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), min_size=1, max_size=12),
+    st.floats(0.05, 1.0),
+)
 def test_mutated_real_jpegs_and_pngs(tmp_path_factory, which, flips, keep):
     fmt, raw = REAL[which]
     blob = bytearray(raw[: max(8, int(len(raw) * keep))])

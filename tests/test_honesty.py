@@ -1,4 +1,5 @@
 """The synthetic data is honest: it needs the hidden layer (checked on a reduced set)."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,10 +15,17 @@ def reduced_tree(tmp_path_factory):
 
 
 def test_only_the_hidden_layer_separates_the_classes(reduced_tree, tmp_path):
-    cfg = config.load("configs/hotdog.yaml", [
-        f"data.root={reduced_tree}", "data.generate=false", "data.image_size=64", f"data.cache_dir={tmp_path}/cache",
-        "train.epochs=25", "device=cpu",
-    ])
+    cfg = config.load(
+        "configs/hotdog.yaml",
+        [
+            f"data.root={reduced_tree}",
+            "data.generate=false",
+            "data.image_size=64",
+            f"data.cache_dir={tmp_path}/cache",
+            "train.epochs=25",
+            "device=cpu",
+        ],
+    )
     r = baselines.measure(cfg, str(tmp_path / "runs"), linear_epochs=20)
     print(r)
     assert r["majority"] == pytest.approx(1500 / 1800, abs=1e-3)  # (a) always "not hot dog": 83%

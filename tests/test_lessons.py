@@ -1,4 +1,5 @@
 """The seed's lessons: random search, the error-rate cost, divergence, and the runner that puts them side by side."""
+
 from __future__ import annotations
 
 import json
@@ -6,11 +7,11 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import tiny_doc
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hotdog_torch import checkpoint, cost, lessons, stopping, train
 from hotdog_torch.model import build_model
-from conftest import tiny_doc
 
 
 def scalars(run_dir, tag):
@@ -46,7 +47,9 @@ def test_the_error_rate_cost_has_zero_gradient_and_the_run_does_not_move(small_t
     grads = torch.autograd.grad(c, list(model.parameters()))
     assert all(torch.count_nonzero(g) == 0 for g in grads)
 
-    run_dir = train.run(make_config(small_tree, "optim.cost=error_rate", "train.epochs=3", "log.every_steps=5"), progress=False)
+    run_dir = train.run(
+        make_config(small_tree, "optim.cost=error_rate", "train.epochs=3", "log.every_steps=5"), progress=False
+    )
     assert all(e.value == 0 for e in scalars(run_dir, "grad_norm/layer1"))
     torch.manual_seed(0)  # the tiny config's seed: the starting weights again
     start = build_model(32 * 32, [16], 2).state_dict()
@@ -66,7 +69,10 @@ def test_divergence_watch_rules():
 
 
 def test_a_planted_huge_learning_rate_stops_the_run(small_tree, make_config):
-    run_dir = train.run(make_config(small_tree, "optim.lr=1e38", "model.activation=relu", "optim.momentum=0", "train.epochs=10"), progress=False)
+    run_dir = train.run(
+        make_config(small_tree, "optim.lr=1e38", "model.activation=relu", "optim.momentum=0", "train.epochs=10"),
+        progress=False,
+    )
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["stopped_because"] == "diverged" and m["epochs"] < 10
     healthy = train.run(make_config(small_tree, "train.epochs=10", "log.run_name=healthy"), progress=False)
@@ -79,23 +85,66 @@ def test_the_runner_writes_a_summary_with_every_arm(small_tree, tmp_path):
     base.write_text(yaml.safe_dump(doc))
     folder = tmp_path / "lessons"
     folder.mkdir()
-    (folder / "a_dark.yaml").write_text(yaml.safe_dump({"title": "dark", "base": "../base.yaml", "overrides": ["train.epochs=3"], "quick": ["train.epochs=2"],
-                                                        "arms": {"gd": ["optim.name=sgd"], "search": ["optim.name=random_search"]}}))
-    (folder / "b_rate.yaml").write_text(yaml.safe_dump({"title": "rate", "base": "../base.yaml", "quick": ["train.epochs=2"],
-                                                        "sweep": {"key": "optim.lr", "values": [0.001, 1.0e38]}}))
-    (folder / "c_cost.yaml").write_text(yaml.safe_dump({"title": "cost", "base": "../base.yaml", "quick": ["train.epochs=2"],
-                                                        "arms": {"mse": ["optim.cost=half_mse"], "err": ["optim.cost=error_rate"]}}))
-    (folder / "d_two.yaml").write_text(yaml.safe_dump({"title": "two", "kind": "two_weights", "base": "../base.yaml", "overrides": ["data.channels=3"],
-                                                       "budget": 15, "lr": 2.0, "start": [-2.0, -2.0]}))
+    (folder / "a_dark.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "title": "dark",
+                "base": "../base.yaml",
+                "overrides": ["train.epochs=3"],
+                "quick": ["train.epochs=2"],
+                "arms": {"gd": ["optim.name=sgd"], "search": ["optim.name=random_search"]},
+            }
+        )
+    )
+    (folder / "b_rate.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "title": "rate",
+                "base": "../base.yaml",
+                "quick": ["train.epochs=2"],
+                "sweep": {"key": "optim.lr", "values": [0.001, 1.0e38]},
+            }
+        )
+    )
+    (folder / "c_cost.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "title": "cost",
+                "base": "../base.yaml",
+                "quick": ["train.epochs=2"],
+                "arms": {"mse": ["optim.cost=half_mse"], "err": ["optim.cost=error_rate"]},
+            }
+        )
+    )
+    (folder / "d_two.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "title": "two",
+                "kind": "two_weights",
+                "base": "../base.yaml",
+                "overrides": ["data.channels=3"],
+                "budget": 15,
+                "lr": 2.0,
+                "start": [-2.0, -2.0],
+            }
+        )
+    )
     parent = tmp_path / "out"
     summary = lessons.run_all(parent, quick=True, folder=folder)
     text = lessons.write_summary(summary, parent)
     for arm in ("gd", "search", "lr=0.001", "lr=1e+38", "mse", "err"):
         assert f"| {arm} |" in text
-        assert (parent / next(k for k in summary["lessons"] if any(a["arm"] == arm for a in summary["lessons"][k].get("arms", []))) / arm / "metrics.json").is_file()
+        assert (
+            parent
+            / next(k for k in summary["lessons"] if any(a["arm"] == arm for a in summary["lessons"][k].get("arms", [])))
+            / arm
+            / "metrics.json"
+        ).is_file()
     dark = {a["arm"]: a for a in summary["lessons"]["a_dark"]["arms"]}
     assert dark["gd"]["passes"] == dark["search"]["passes"] == 2  # the same budget of passes
     assert "did not move" in text
     two = summary["lessons"]["d_two"]
-    assert (parent / "d_two" / "landscape.png").is_file() and two["gradient_descent"]["cost"] < 0.9 * two["gradient_descent"]["start_cost"]  # it walked downhill
+    assert (parent / "d_two" / "landscape.png").is_file() and two["gradient_descent"]["cost"] < 0.9 * two[
+        "gradient_descent"
+    ]["start_cost"]  # it walked downhill
     assert json.loads((parent / "summary.json").read_text())["lessons"].keys() == summary["lessons"].keys()

@@ -1,4 +1,5 @@
 """Never lose a run: kill a real training process, resume it, and end bit-identical to an uninterrupted run."""
+
 from __future__ import annotations
 
 import signal
@@ -10,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import tiny_doc
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hotdog_torch import checkpoint, train
-from conftest import tiny_doc
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 30
@@ -33,8 +34,13 @@ def write_config(small_tree, tmp_path, **changes):
 
 
 def start(*args):
-    return subprocess.Popen([sys.executable, "-m", "hotdog_torch.train", "--no-progress", *args], cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "hotdog_torch.train", "--no-progress", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_epoch(run_dir, epoch, proc, timeout=120):
@@ -64,7 +70,13 @@ def assert_same_weights(a, b):
 @pytest.fixture
 def reference(small_tree, tmp_path):
     cfg = write_config(small_tree, tmp_path, log__run_name="straight")
-    proc = subprocess.run([sys.executable, "-m", "hotdog_torch.train", "--no-progress", "--config", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "hotdog_torch.train", "--no-progress", "--config", str(cfg)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     return final_weights(tmp_path / "runs" / "straight")
 
@@ -80,7 +92,13 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(small_tree, tmp_path, re
     killed_at = checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"]
     assert killed_at < EPOCHS
 
-    resumed = subprocess.run([sys.executable, "-m", "hotdog_torch.train", "--no-progress", "--resume", str(run_dir)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "hotdog_torch.train", "--no-progress", "--resume", str(run_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from the end of epoch {killed_at}" in resumed.stdout
     assert_same_weights(final_weights(run_dir), reference)
@@ -108,7 +126,13 @@ def test_sigterm_saves_mid_epoch_and_resume_is_bit_identical(small_tree, tmp_pat
     saved = checkpoint.load(run_dir / "checkpoints" / "last.pt")
     assert saved["state"]["epoch_progress"] is not None  # stopped inside an epoch, and saved there
 
-    resumed = subprocess.run([sys.executable, "-m", "hotdog_torch.train", "--no-progress", "--resume", str(run_dir)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        [sys.executable, "-m", "hotdog_torch.train", "--no-progress", "--resume", str(run_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(final_weights(run_dir), reference)
 
@@ -126,5 +150,10 @@ def test_resuming_a_finished_run_does_nothing_unless_extended(small_tree, make_c
 
 
 def test_resume_errors_are_one_sentence(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "hotdog_torch.train", "--resume", str(tmp_path / "nope")], cwd=REPO, capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-m", "hotdog_torch.train", "--resume", str(tmp_path / "nope")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr

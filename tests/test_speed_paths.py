@@ -1,4 +1,5 @@
 """The fast paths compute the same thing as the plain ones."""
+
 from __future__ import annotations
 
 import copy
@@ -17,7 +18,9 @@ def twins(hidden, activation, lr, seed):
     a = build_model(12, hidden, 3, activation).double()
     b = copy.deepcopy(a)
     optimizer = torch.optim.SGD(b.parameters(), lr=lr, momentum=0.0)
-    cfg = config.load(None, [f"optim.lr={lr}", "optim.momentum=0", "optim.fused=false", f"model.activation={activation}"])
+    cfg = config.load(
+        None, [f"optim.lr={lr}", "optim.momentum=0", "optim.fused=false", f"model.activation={activation}"]
+    )
     autograd_step = step.make_step(b, optimizer, cfg, torch.device("cpu"))
     assert autograd_step.name.startswith("autograd")
     return a, b, autograd_step
@@ -33,7 +36,7 @@ def test_fused_sgd_step_equals_autograd_and_torch_optim(activation, hidden):
         c1, out1 = step.fused_sgd_step(a, x, t, 0.3, activation)
         ((c2, out2),) = autograd_step(x, t, [len(x)])
         assert torch.allclose(c1, c2, atol=1e-12) and torch.allclose(out1, out2, atol=1e-12)
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.allclose(pa, pb, atol=1e-12)
         assert not torch.equal(pa, torch.zeros_like(pa))
 
@@ -47,10 +50,10 @@ def test_windowed_first_layer_updates_are_the_same_sgd(activation, hidden, windo
     xs = [torch.randn(n, 12, dtype=torch.float64) for n in sizes]
     ts = [cost.one_hot(torch.randint(0, 3, (n,)), 3, torch.float64) for n in sizes]
     windowed = step.fused_sgd_window(a, torch.cat(xs), torch.cat(ts), sizes, 0.4, activation)
-    for (c1, out1), x, t in zip(windowed, xs, ts):
+    for (c1, out1), x, t in zip(windowed, xs, ts, strict=True):
         ((c2, out2),) = autograd_step(x, t, [len(x)])  # one ordinary step after another
         assert torch.allclose(c1, c2, atol=1e-12) and torch.allclose(out1, out2, atol=1e-12)
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.allclose(pa, pb, atol=1e-12)
 
 
@@ -58,8 +61,14 @@ def test_windowed_first_layer_updates_are_the_same_sgd(activation, hidden, windo
 def test_fused_and_autograd_runs_end_with_the_same_weights(small_tree, make_config, window):
     runs = {}
     for fused in (True, False):
-        cfg = make_config(small_tree, "optim.momentum=0", f"optim.fused={str(fused).lower()}", f"optim.fused_window={window}",
-                          f"log.run_name=fused-{fused}", "train.epochs=3")
+        cfg = make_config(
+            small_tree,
+            "optim.momentum=0",
+            f"optim.fused={str(fused).lower()}",
+            f"optim.fused_window={window}",
+            f"log.run_name=fused-{fused}",
+            "train.epochs=3",
+        )
         run_dir = train.run(cfg, progress=False)
         m = json.loads((run_dir / "metrics.json").read_text())
         assert m["step"].startswith("fused" if fused else "autograd")
@@ -73,14 +82,19 @@ def test_momentum_or_bf16_use_autograd():
     model = build_model(4, [3], 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     assert step.make_step(model, opt, config.load(None, ["optim.momentum=0.9"]), cpu).name.startswith("autograd")
-    assert "bf16" in step.make_step(model, opt, config.load(None, ["optim.momentum=0", "train.precision=bf16"]), cpu).name
+    assert (
+        "bf16" in step.make_step(model, opt, config.load(None, ["optim.momentum=0", "train.precision=bf16"]), cpu).name
+    )
     assert step.make_step(model, opt, config.load(None, ["optim.momentum=0"]), cpu).name.startswith("fused")
 
 
 def test_memory_mapped_data_gives_the_same_weights(small_tree, make_config):
     weights = {}
     for budget in ("null", "0"):
-        run_dir = train.run(make_config(small_tree, f"data.memory_budget={budget}", f"log.run_name=budget-{budget}", "train.epochs=3"), progress=False)
+        run_dir = train.run(
+            make_config(small_tree, f"data.memory_budget={budget}", f"log.run_name=budget-{budget}", "train.epochs=3"),
+            progress=False,
+        )
         weights[budget] = checkpoint.load(run_dir / "checkpoints/last.pt")["model"]
         metrics = json.loads((run_dir / "metrics.json").read_text())
         assert metrics["peak_memory_bytes"] > 0

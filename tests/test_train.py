@@ -1,4 +1,5 @@
 """The loop end to end: a tiny run learns, logs a falling cost, writes its outputs, and repeats itself exactly."""
+
 from __future__ import annotations
 
 import json
@@ -22,7 +23,17 @@ def test_a_tiny_run_reaches_its_target(small_tree, make_config):
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["stopped_because"] == "target_accuracy"
     assert m["val_accuracy"] >= 0.9 and m["epochs"] < 60
-    for key in ("val_accuracy", "val_error_rate", "val_cost", "train_cost", "test_accuracy", "epochs", "steps", "seconds", "train_images_per_second"):
+    for key in (
+        "val_accuracy",
+        "val_error_rate",
+        "val_cost",
+        "train_cost",
+        "test_accuracy",
+        "epochs",
+        "steps",
+        "seconds",
+        "train_images_per_second",
+    ):
         assert key in m
     assert abs(m["val_error_rate"] + m["val_accuracy"] - 1) < 1e-9
     assert m["steps"] == m["epochs"] * -(-240 // 16)  # 240 training images in batches of 16
@@ -65,16 +76,25 @@ def test_an_existing_run_is_never_overwritten(tiny_tree, make_config):
 
 
 def test_seeded_cpu_runs_are_reproducible(tiny_tree, make_config):
-    a = checkpoint.load(train.run(make_config(tiny_tree, "train.epochs=2", "log.run_name=a"), progress=False) / "checkpoints/last.pt")
-    b = checkpoint.load(train.run(make_config(tiny_tree, "train.epochs=2", "log.run_name=b"), progress=False) / "checkpoints/last.pt")
-    c = checkpoint.load(train.run(make_config(tiny_tree, "train.epochs=2", "log.run_name=c", "seed=1"), progress=False) / "checkpoints/last.pt")
+    a = checkpoint.load(
+        train.run(make_config(tiny_tree, "train.epochs=2", "log.run_name=a"), progress=False) / "checkpoints/last.pt"
+    )
+    b = checkpoint.load(
+        train.run(make_config(tiny_tree, "train.epochs=2", "log.run_name=b"), progress=False) / "checkpoints/last.pt"
+    )
+    c = checkpoint.load(
+        train.run(make_config(tiny_tree, "train.epochs=2", "log.run_name=c", "seed=1"), progress=False)
+        / "checkpoints/last.pt"
+    )
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k])
     assert any(not torch.equal(a["model"][k], c["model"][k]) for k in a["model"])
 
 
 def test_full_batch_gradient_descent_takes_one_step_per_epoch(tiny_tree, make_config):
-    run_dir = train.run(make_config(tiny_tree, "train.epochs=3", "optim.batch_size=null", "optim.momentum=0"), progress=False)
+    run_dir = train.run(
+        make_config(tiny_tree, "train.epochs=3", "optim.batch_size=null", "optim.momentum=0"), progress=False
+    )
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 3
 
 
@@ -90,7 +110,9 @@ def test_a_missing_synthetic_set_is_drawn_at_128_whatever_the_run_resizes_to(tmp
     from hotdog_torch import config
 
     root = tmp_path / "hotdog-synth"
-    cfg = config.load("configs/hotdog.yaml", [f"data.root={root}", "data.image_size=16", f"data.cache_dir={tmp_path}/c"])
+    cfg = config.load(
+        "configs/hotdog.yaml", [f"data.root={root}", "data.image_size=16", f"data.cache_dir={tmp_path}/c"]
+    )
     ds = data.prepare(cfg.data, cfg.seed, progress=False)
     assert "is missing: drawing the synthetic hot-dog set" in capsys.readouterr().out
     assert len(ds.train) + len(ds.val) == 6000 and len(ds.test) == 1200

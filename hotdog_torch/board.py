@@ -48,7 +48,7 @@ class Board:
 
     def __init__(self, run_dir, purge_step, model, feed: Feed, cost_fn):
         self.writer = open_writer(run_dir, purge_step)
-        self.model, self.cost_fn, self.seconds = model, cost_fn, 0.0
+        self.model, self.cost_fn, self.seconds, self.norms_step = model, cost_fn, 0.0, None
         split = feed.split
         x, y = feed.batch(torch.arange(min(len(split), feed.batch_size, 256), device=split.index.device))
         self.probe_x, self.probe_t = x, one_hot(y, feed.n_classes)
@@ -58,6 +58,7 @@ class Board:
         t = time.perf_counter()
         grads = probe_gradients(self.model, self.probe_x, self.probe_t, self.cost_fn)
         log_scalars(self.writer, step, {"lr": lr, **{k: v.item() for k, v in norms(self.model, grads).items()}})
+        self.norms_step = step
         self.seconds += time.perf_counter() - t
 
     def log_summaries(self, step, val: dict, confusion, split: data.Split, classes, image_shape, gradients=True):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import types
 import typing
@@ -32,7 +33,8 @@ class UserError(Exception):
 @dataclass
 class Data:
     root: str = "data/hotdog-synth"  # an ImageFolder tree: root/{class}/... or root/{train,val,test}/{class}/...
-    # draw the synthetic set (hotdog_torch.synth, the seed's numbers) into root when root is missing
+    # draw the synthetic set (hotdog_torch.synth, the seed's numbers) into root when root is missing; from a config
+    # file only into the default folder data/hotdog-synth, from the command line (data.generate=true) anywhere
     generate: bool = False
     image_size: int = 128  # images are resized to image_size x image_size
     channels: int = 1  # 1 = grayscale (128*128 = 16384 inputs), 3 = RGB
@@ -87,7 +89,8 @@ class Train:
 class Log:
     dir: str = "runs"  # runs are written to dir/run_name/
     run_name: str | None = None  # null = <config file stem>-<timestamp>; an existing run gets a -2, -3, ... suffix
-    # lr, weight and gradient norms per layer every this many steps; 0 = never (cost/train is logged every step)
+    # lr, weight and gradient norms per layer every this many steps and at the end of every epoch; 0 = only at the
+    # end of every epoch (cost/train is logged every step)
     every_steps: int = 50
     # neuron images, misclassified images, confusion matrix, PR curves, histograms: every this many epochs and at
     # the end; 0 = only at the end
@@ -227,7 +230,7 @@ def _check_ranges(cfg: Config) -> None:
         (o.batch_size is None or o.batch_size >= 1, f"optim.batch_size must be at least 1 or null, got {o.batch_size}"),
         (0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}"),
         (t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}"),
-        (cfg.log.every_steps >= 0, f"log.every_steps must be 0 (never) or more, got {cfg.log.every_steps}"),
+        (cfg.log.every_steps >= 0, f"log.every_steps must be 0 (once an epoch) or more, got {cfg.log.every_steps}"),
         (
             cfg.log.images_every_epochs >= 0,
             f"log.images_every_epochs must be 0 (only at the end) or more, got {cfg.log.images_every_epochs}",
@@ -290,11 +293,21 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def from_dict(doc: dict, overrides: list[str] = ()) -> Config:
+    """The defaults, then doc (a config file), then the command line's overrides.
+
+    data.generate from a config file draws only into the default synthetic folder: a mistyped data.root
+    must end in "does not exist", not in a run on made-up images.  On the command line it draws anywhere.
+    """
     cfg = Config()
     for key, value in doc.items():
         _set(cfg, str(key), value)
+    generate_asked = False
     for text in overrides:
-        _set(cfg, *parse_override(text))
+        key, value = parse_override(text)
+        _set(cfg, key, value)
+        generate_asked |= key == "data.generate" or (key == "data" and "generate" in (value or {}))
+    if not generate_asked and os.path.abspath(cfg.data.root) != os.path.abspath(Data.root):
+        cfg.data.generate = False
     _check_ranges(cfg)
     return cfg
 

@@ -42,7 +42,15 @@ def print_end(cfg: Config, state: RunState, m: dict, run_dir: Path) -> None:
         "diverged": f"diverged at epoch {n}",
     }.get(state.stopped_because, f"ran all {cfg.train.epochs} epochs")
     test = f", test accuracy {m['test_accuracy']:.2%}" if "test_accuracy" in m else ""
-    print(
-        f"stopped: {why}. best epoch {best['epoch']}: val accuracy {best['val_accuracy']:.2%}{test}. wrote {run_dir}",
-        flush=True,
+    print(f"stopped: {why}. best epoch {best['epoch']}: val accuracy {best['val_accuracy']:.2%}{test}. wrote {run_dir}")
+    print(next_steps(cfg, run_dir), flush=True)
+
+
+def next_steps(cfg: Config, run_dir: Path) -> str:
+    """The commands that show the run and use what it learnt."""
+    make = " (or: make tensorboard)" if Path(cfg.log.dir) == Path("runs") else ""
+    best = run_dir / "checkpoints" / "best.pt"
+    return (
+        f"see it:   tensorboard --logdir {cfg.log.dir}{make}, then open http://127.0.0.1:6006\n"
+        f"use it:   python -m hotdog_torch.predict --checkpoint {best} PHOTO_OR_FOLDER ..."
     )

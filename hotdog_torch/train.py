@@ -189,6 +189,8 @@ def end_epoch(r: Run, state: RunState, tb: Board, watch, epoch: int, done: dict,
     state.step, state.epoch_progress, state.epoch = first + done["advance"], None, epoch
     confusion = confusion_matrix(val["outputs"], r.ds.val.labels.to(r.feed.device), r.feed.n_classes)
     board.log_epoch(tb.writer, state.step, m, per_class(confusion, r.ds.classes))
+    if r.candidate is None and tb.norms_step != state.step:  # at least once an epoch, however short the run
+        tb.log_norms(state.step, r.optimizer.param_groups[0]["lr"])
     diverged = r.candidate is None and watch.update(costs)
     state.divergence = watch.state()
     state.stopped_because = stopping.verdict(r.cfg, epoch, m["val_accuracy"], diverged)

@@ -58,3 +58,11 @@ def small_tree(tmp_path_factory):
         root, hot_dogs=100, others=200, test_hot_dogs=20, test_others=40, size=32, seed=3, workers=1, progress=False
     )
     return root
+
+
+@pytest.fixture(scope="session")
+def reduced_tree(tmp_path_factory):
+    """1800 training images (300 hot dogs) of 64x64: enough for a network that learns the classes well."""
+    root = tmp_path_factory.mktemp("reduced") / "hotdog"
+    synth.generate(root, hot_dogs=300, others=1500, test_hot_dogs=0, test_others=0, size=64, seed=5, progress=False)
+    return root

@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hotdog_torch import config, data, images
+from hotdog_torch import config, data, drawings, images
 from hotdog_torch.config import UserError
 
 
@@ -157,10 +157,9 @@ def test_decode_brings_any_mode_and_size_to_the_input(tmp_path):
 
 
 def test_large_jpegs_decode_in_draft_mode(tmp_path):
-    from hotdog_torch import synth
 
     big = tmp_path / "big.jpg"
-    synth.draw_image("hot_dog", np.random.default_rng(0), size=512).save(big, quality=92)
+    drawings.draw_image("hot_dog", np.random.default_rng(0), size=512).save(big, quality=92)
     with images.open_scaled(big, 128, "RGB") as im:
         assert im.size == (128, 128)  # libjpeg decoded at 1/4 scale
     with images.open_scaled(big, 200, "RGB") as im:

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hotdog_torch import checkpoint, data, loop, synth, train
+from hotdog_torch import checkpoint, data, drawings, loop, synth, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -150,6 +150,6 @@ def test_predict_needs_no_config_and_no_dataset(trained, tmp_path):
     lonely = tmp_path / "model.pt"
     shutil.copy(run_dir / "checkpoints/best.pt", lonely)  # just the file: no run folder, no config.yaml, no data
     img = tmp_path / "x.jpg"
-    synth.draw_image("hot_dog", np.random.default_rng(5), size=200).save(img)
+    drawings.draw_image("hot_dog", np.random.default_rng(5), size=200).save(img)
     r = cli("predict", "--checkpoint", str(lonely), str(img))
     assert r.returncode == 0 and r.stdout.count("\t") == 2, r.stderr

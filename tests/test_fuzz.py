@@ -9,7 +9,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hotdog_torch import config, images, synth
+from hotdog_torch import config, drawings, images
 from hotdog_torch.config import UserError
 
 FUZZ = settings(
@@ -84,7 +84,7 @@ def real_files():
     out = []
     for fmt in ("JPEG", "PNG"):
         buf = io.BytesIO()
-        synth.draw_image("hot_dog", rng, size=48).save(buf, fmt)
+        drawings.draw_image("hot_dog", rng, size=48).save(buf, fmt)
         out.append((fmt, buf.getvalue()))
     return out
 

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hotdog_torch import baselines, config, synth
-
-
-@pytest.fixture(scope="module")
-def reduced_tree(tmp_path_factory):
-    root = tmp_path_factory.mktemp("reduced") / "hotdog"
-    synth.generate(root, hot_dogs=300, others=1500, test_hot_dogs=0, test_others=0, size=64, seed=5, progress=False)
-    return root
+from hotdog_torch import baselines, config
 
 
 def test_only_the_hidden_layer_separates_the_classes(reduced_tree, tmp_path):

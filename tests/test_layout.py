@@ -12,12 +12,14 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hotdog_torch"
 # Upstream first: a module may import only modules of an earlier layer (docs/DESIGN.md, "Who may import whom").
 LAYERS = [
     ["config"],
-    ["files", "runtime", "synth", "images", "model", "cost"],
-    ["data", "step", "stopping", "checkpoint"],
-    ["loop", "report"],
+    ["files", "runtime", "drawings", "images", "model", "cost"],
+    ["synth", "step", "stopping", "checkpoint"],
+    ["data", "report"],
+    ["loop"],
     ["search", "board"],
     ["train"],
-    ["evaluate", "predict", "baselines", "lessons"],
+    ["evaluate", "predict", "baselines", "two_weights"],
+    ["lessons"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

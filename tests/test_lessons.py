@@ -79,7 +79,7 @@ def test_a_planted_huge_learning_rate_stops_the_run(small_tree, make_config):
     assert json.loads((healthy / "metrics.json").read_text())["stopped_because"] == "epochs"
 
 
-def test_the_runner_writes_a_summary_with_every_arm(small_tree, tmp_path):
+def test_the_runner_writes_a_summary_with_every_arm(small_tree, reduced_tree, tmp_path):
     base = tmp_path / "base.yaml"
     doc = tiny_doc(small_tree, tmp_path)
     base.write_text(yaml.safe_dump(doc))
@@ -116,19 +116,13 @@ def test_the_runner_writes_a_summary_with_every_arm(small_tree, tmp_path):
             }
         )
     )
-    (folder / "d_two.yaml").write_text(
-        yaml.safe_dump(
-            {
-                "title": "two",
-                "kind": "two_weights",
-                "base": "../base.yaml",
-                "overrides": ["data.channels=3"],
-                "budget": 15,
-                "lr": 2.0,
-                "start": [-2.0, -2.0],
-            }
-        )
-    )
+    # the two-weight lesson needs a network that learnt: the reduced tree (1800 images), the default optimiser
+    medium = tiny_doc(reduced_tree, tmp_path)
+    medium["optim"].update(lr=0.2, batch_size=64)
+    (tmp_path / "medium.yaml").write_text(yaml.safe_dump(medium))
+    two_lesson = {"title": "two", "kind": "two_weights", "base": "../medium.yaml", "budget": 100, "lr": 5.0}
+    two_lesson["overrides"] = ["data.channels=3", "train.epochs=8", "model.hidden=[32]"]
+    (folder / "d_two.yaml").write_text(yaml.safe_dump(two_lesson))
     parent = tmp_path / "out"
     summary = lessons.run_all(parent, quick=True, folder=folder)
     text = lessons.write_summary(summary, parent)
@@ -147,4 +141,9 @@ def test_the_runner_writes_a_summary_with_every_arm(small_tree, tmp_path):
     assert (parent / "d_two" / "landscape.png").is_file() and two["gradient_descent"]["cost"] < 0.9 * two[
         "gradient_descent"
     ]["start_cost"]  # it walked downhill
+    assert two["gd_val_error_rate"] <= two["majority_val_error_rate"] - 0.05  # clearly better than "not hot dog"
+    assert {"bun", "sausage"} == set(two["neurons"]) and two["neurons"]["bun"]["neuron"] != two["neurons"]["sausage"][
+        "neuron"
+    ]
+    assert "random_best_val_error_rate" in two and "for always answering" in text
     assert json.loads((parent / "summary.json").read_text())["lessons"].keys() == summary["lessons"].keys()

@@ -111,7 +111,8 @@ def test_a_missing_synthetic_set_is_drawn_at_128_whatever_the_run_resizes_to(tmp
 
     root = tmp_path / "hotdog-synth"
     cfg = config.load(
-        "configs/hotdog.yaml", [f"data.root={root}", "data.image_size=16", f"data.cache_dir={tmp_path}/c"]
+        "configs/hotdog.yaml",
+        [f"data.root={root}", "data.generate=true", "data.image_size=16", f"data.cache_dir={tmp_path}/c"],
     )
     ds = data.prepare(cfg.data, cfg.seed, progress=False)
     assert "is missing: drawing the synthetic hot-dog set" in capsys.readouterr().out

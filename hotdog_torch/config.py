@@ -62,12 +62,13 @@ class Optim:
     cost: Literal["half_mse", "error_rate", "cross_entropy"] = "half_mse"
     lr: float = 0.05  # the learning rate of gradient descent
     batch_size: int | None = 64  # images per step; null = full-batch gradient descent; clamped to the training set
-    momentum: float = 0.0  # 0 = plain gradient descent
-    # plain SGD in fp32 (momentum 0): backprop written out, w <- w - lr*dC/dw folded into the weight-gradient
-    # matmul; false = autograd + torch.optim.SGD
+    momentum: float = 0.0  # 0 = plain gradient descent; else torch.optim.SGD's heavy ball (dampening 0)
+    nesterov: bool = False  # with momentum: Nesterov's form of it (torch.optim.SGD(nesterov=True))
+    # SGD in fp32 with ½·MSE: backprop written out, the update folded into the weight-gradient matmul (into the
+    # velocity with momentum); false = autograd + torch.optim.SGD
     fused: bool = True
-    # with fused: apply the first layer's updates every this many steps in one GEMM (the same SGD; faster on the
-    # CPU); 1 = every step
+    # with fused plain SGD (momentum 0): apply the first layer's updates every this many steps in one GEMM (the same
+    # SGD; faster on the CPU); 1 = every step. Momentum steps one batch at a time: its window would need a GEMM more
     fused_window: int = 2
 
 
@@ -229,6 +230,7 @@ def _check_ranges(cfg: Config) -> None:
         (o.fused_window >= 1, f"optim.fused_window must be at least 1, got {o.fused_window}"),
         (o.batch_size is None or o.batch_size >= 1, f"optim.batch_size must be at least 1 or null, got {o.batch_size}"),
         (0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}"),
+        (not o.nesterov or o.momentum > 0, "optim.nesterov needs optim.momentum above 0"),
         (t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}"),
         (cfg.log.every_steps >= 0, f"log.every_steps must be 0 (once an epoch) or more, got {cfg.log.every_steps}"),
         (

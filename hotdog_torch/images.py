@@ -12,6 +12,9 @@ import struct
 import numpy as np
 from PIL import Image
 
+# The file extensions torchvision's ImageFolder reads (torchvision.datasets.folder.IMG_EXTENSIONS)
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
 # What Pillow's decoders raise for a file that is not a (whole, sane) image; such a file is skipped and counted.
 DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, ZeroDivisionError)
 DECODE_ERRORS += (RecursionError, Image.DecompressionBombError)

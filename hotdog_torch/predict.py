@@ -19,10 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from . import checkpoint, data, images
 from .config import UserError
+from .images import IMG_EXTENSIONS
 
 
 def image_files(arguments: list[str]) -> list[Path]:

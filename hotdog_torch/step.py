@@ -53,6 +53,45 @@ def fused_sgd_step(model, x, targets, lr, activation):
     W.addmm_(deltaᵀ, a, alpha=-lr), i.e. W <- W - lr * deltaᵀ·a.  Same maths as
     autograd + torch.optim.SGD(momentum=0); tests check the two give the same weights.
     """
+
+    def update(layer, delta, a):
+        layer.weight.addmm_(delta.t(), a, alpha=-lr)  # W <- W − lr · δᵀ a
+        layer.bias.add_(delta.sum(0), alpha=-lr)  # b <- b − lr · Σ δ
+
+    return _backprop(model, x, targets, activation, update)
+
+
+@torch.no_grad()
+def fused_momentum_step(model, x, targets, lr, activation, momentum, nesterov, velocity):
+    """One step of SGD with momentum, torch.optim.SGD's (dampening 0), with backpropagation written out.
+
+    The gradient product is accumulated straight into the velocity buffer, no fresh gradient tensor:
+        v <- μ·v + δᵀa        (v.mul_(μ).addmm_(δᵀ, a))
+        W <- W − lr·v         (heavy ball), or W <- W − lr·(δᵀa + μ·v)  (Nesterov)
+    velocity maps each parameter to its buffer (torch.optim.SGD's momentum_buffer, so checkpoints and the
+    autograd path share it).  Tests check it against autograd + torch.optim.SGD step by step.
+    """
+
+    def move(p, grad_product):
+        v = velocity(p)
+        v.mul_(momentum)
+        grad_product(v, 1.0)  # v <- μ·v + ∂C/∂p
+        if nesterov:
+            grad_product(p, -lr)  # p <- p − lr·∂C/∂p ...
+            p.add_(v, alpha=-lr * momentum)  # ... − lr·μ·v
+        else:
+            p.add_(v, alpha=-lr)
+
+    def update(layer, delta, a):
+        move(layer.weight, lambda t, alpha: t.addmm_(delta.t(), a, alpha=alpha))
+        move(layer.bias, lambda t, alpha: t.add_(delta.sum(0), alpha=alpha))
+
+    return _backprop(model, x, targets, activation, update)
+
+
+def _backprop(model, x, targets, activation, update):
+    """Forward, C = ½·MSE, and backpropagation layer by layer from the top, calling update(layer, δ, a) once the
+    layer below has its δ (so each weight is read before it moves); returns (cost, outputs)."""
     layers = linear_layers(model)
     act = ACTIVATIONS[activation]()
     a = x.flatten(1)
@@ -65,10 +104,8 @@ def fused_sgd_step(model, x, targets, lr, activation):
     cost = half_mse(out, targets)  # C = ½ · mean_batch Σ_outputs (a − y)²
     delta = (out - targets) * out * (1 - out) / len(x)  # ∂C/∂z of the output layer
     for i in range(len(layers) - 1, -1, -1):
-        layer = layers[i]
-        below = (delta @ layer.weight) * DERIVATIVE[activation](inputs[i]) if i > 0 else None  # before W moves
-        layer.weight.addmm_(delta.t(), inputs[i], alpha=-lr)  # W <- W − lr · δᵀ a
-        layer.bias.add_(delta.sum(0), alpha=-lr)  # b <- b − lr · Σ δ
+        below = (delta @ layers[i].weight) * DERIVATIVE[activation](inputs[i]) if i > 0 else None  # before W moves
+        update(layers[i], delta, inputs[i])
         delta = below
     return cost, out
 
@@ -135,7 +172,7 @@ def autograd_step(model, optimizer, cost_name: str, precision: str, device: torc
     def take(x, targets, sizes):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             outputs = forward(x)
-        cost = cost_fn(outputs.float(), targets)  # by default C = ½ · mean_batch Σ_outputs (a − y)²
+        cost = cost_fn(outputs.to(targets.dtype), targets)  # C = ½ · mean_batch Σ_outputs (a − y)², in fp32 under bf16
         optimizer.zero_grad()  # set_to_none: measured faster here than zeroing and accumulating into old buffers
         cost.backward()
         optimizer.step()  # w <- w − lr · ∂C/∂w  (plus momentum when optim.momentum > 0)
@@ -154,14 +191,33 @@ def make_step(model, optimizer, cfg: Config, device: torch.device) -> Step:
     """The training step for this config."""
     precision = resolve_precision(cfg, device)
     o = cfg.optim
-    if o.fused and o.momentum == 0 and precision == "fp32" and not cfg.train.compile and o.cost == "half_mse":
-        k, lr, activation = o.fused_window, o.lr, cfg.model.activation
-        if k == 1:
-            return Step(lambda X, T, sizes: [fused_sgd_step(model, X, T, lr, activation)], 1, "fused SGD (fp32)")
-        name = f"fused SGD (fp32, first-layer updates in windows of {k} steps)"
-        return Step(lambda X, T, sizes: fused_sgd_window(model, X, T, sizes, lr, activation), k, name)
+    if o.fused and precision == "fp32" and not cfg.train.compile and o.cost == "half_mse":
+        return fused_step(model, optimizer, cfg)
     take = autograd_step(model, optimizer, o.cost, precision, device, cfg.train.compile)
     cost_name = "" if o.cost == "half_mse" else f", cost {o.cost}"
-    return Step(
-        take, 1, f"autograd + torch.optim.SGD ({precision}{', compiled' if cfg.train.compile else ''}{cost_name})"
-    )
+    compiled = ", compiled" if cfg.train.compile else ""
+    return Step(take, 1, f"autograd + torch.optim.SGD ({precision}{compiled}{cost_name})")
+
+
+def fused_step(model, optimizer, cfg: Config) -> Step:
+    """Backpropagation written out: plain SGD (windowed when optim.fused_window > 1), or SGD with momentum."""
+    o, activation = cfg.optim, cfg.model.activation
+    if o.momentum:
+        state = optimizer.state
+
+        def velocity(p):  # torch.optim.SGD's own buffer; zeros before the first step give its first step exactly
+            if state[p].get("momentum_buffer") is None:
+                state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            return state[p]["momentum_buffer"]
+
+        args = (o.lr, activation, o.momentum, o.nesterov, velocity)
+        kind = "Nesterov momentum" if o.nesterov else "momentum"
+        return Step(
+            lambda X, T, sizes: [fused_momentum_step(model, X, T, *args)],
+            1,
+            f"fused SGD with {kind} {o.momentum:g} (fp32)",
+        )
+    if o.fused_window == 1:
+        return Step(lambda X, T, sizes: [fused_sgd_step(model, X, T, o.lr, activation)], 1, "fused SGD (fp32)")
+    name = f"fused SGD (fp32, first-layer updates in windows of {o.fused_window} steps)"
+    return Step(lambda X, T, sizes: fused_sgd_window(model, X, T, sizes, o.lr, activation), o.fused_window, name)

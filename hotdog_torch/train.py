@@ -113,7 +113,7 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
     torch.manual_seed(cfg.seed)
     width = cfg.data.channels * cfg.data.image_size**2
     model = build_model(width, cfg.model.hidden, len(ds.classes), cfg.model.activation).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
+    optimizer = torch.optim.SGD(model.parameters(), cfg.optim.lr, cfg.optim.momentum, nesterov=cfg.optim.nesterov)
     generator = torch.Generator(device=ds.train.index.device).manual_seed(cfg.seed)
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
     feed = Feed(ds.train, mean, std, batch_size, len(ds.classes), device)

@@ -185,3 +185,21 @@ def test_parallel_decode_equals_one_process_and_skips_bad_files(tmp_path, tiny_t
     assert sorted(os.path.basename(p) for p in skipped) == ["empty.png", "notes.jpg"] and skipped2 == skipped
     assert len(one) == 90 and one.paths == two.paths
     assert torch.equal(images_of(one), images_of(two))
+
+
+def test_the_folder_scan_follows_torchvisions_imagefolder(tmp_path, tiny_tree):
+    from torchvision.datasets import ImageFolder
+    from torchvision.datasets.folder import IMG_EXTENSIONS
+
+    root = copy_tree(tiny_tree / "train", tmp_path / "tree")
+    (root / "hot_dog" / "nested" / "deeper").mkdir(parents=True)
+    shutil.copy(next((root / "hot_dog").glob("*.jpg")), root / "hot_dog" / "nested" / "deeper" / "B.JPEG")
+    (root / "hot_dog" / "notes.txt").write_text("not an image")
+    (root / "not_hot_dog" / ".DS_Store").write_bytes(b"\0")
+    (root / "z_empty_class").mkdir()
+    os.symlink(root / "hot_dog" / "nested", root / "not_hot_dog" / "linked")
+    reference = ImageFolder(str(root), loader=str, allow_empty=True)
+    classes, samples = data.image_folder(root)
+    assert classes == reference.classes and samples == reference.samples
+    assert images.IMG_EXTENSIONS == IMG_EXTENSIONS
+    assert any(p.endswith("B.JPEG") for p, _ in samples) and not any(p.endswith(".txt") for p, _ in samples)

@@ -12,24 +12,23 @@ from hotdog_torch import checkpoint, config, cost, step, train
 from hotdog_torch.model import build_model
 
 
-def twins(hidden, activation, lr, seed):
+def twins(hidden, activation, lr, seed, momentum=0.0, nesterov=False):
     """A float64 MLP, and a copy of it with hotdog_torch's autograd + torch.optim.SGD step."""
     torch.manual_seed(seed)
     a = build_model(12, hidden, 3, activation).double()
     b = copy.deepcopy(a)
-    optimizer = torch.optim.SGD(b.parameters(), lr=lr, momentum=0.0)
-    cfg = config.load(
-        None, [f"optim.lr={lr}", "optim.momentum=0", "optim.fused=false", f"model.activation={activation}"]
-    )
+    optimizer = torch.optim.SGD(b.parameters(), lr=lr, momentum=momentum, nesterov=nesterov)
+    options = [f"optim.momentum={momentum}", f"optim.nesterov={str(nesterov).lower()}"]
+    cfg = config.load(None, [f"optim.lr={lr}", *options, "optim.fused=false", f"model.activation={activation}"])
     autograd_step = step.make_step(b, optimizer, cfg, torch.device("cpu"))
     assert autograd_step.name.startswith("autograd")
-    return a, b, autograd_step
+    return a, b, autograd_step, optimizer
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh"])
 @pytest.mark.parametrize("hidden", [[], [7], [9, 5]])
 def test_fused_sgd_step_equals_autograd_and_torch_optim(activation, hidden):
-    a, b, autograd_step = twins(hidden, activation, 0.3, seed=0)
+    a, b, autograd_step, _ = twins(hidden, activation, 0.3, seed=0)
     for _ in range(5):
         x = torch.randn(8, 12, dtype=torch.float64)
         t = cost.one_hot(torch.randint(0, 3, (8,)), 3, torch.float64)
@@ -45,7 +44,7 @@ def test_fused_sgd_step_equals_autograd_and_torch_optim(activation, hidden):
 @pytest.mark.parametrize("hidden", [[], [7], [9, 5]])
 @pytest.mark.parametrize("window", [2, 3, 4])
 def test_windowed_first_layer_updates_are_the_same_sgd(activation, hidden, window):
-    a, b, autograd_step = twins(hidden, activation, 0.4, seed=1)
+    a, b, autograd_step, _ = twins(hidden, activation, 0.4, seed=1)
     sizes = [8] * (window - 1) + [5]  # the last batch of an epoch may be short
     xs = [torch.randn(n, 12, dtype=torch.float64) for n in sizes]
     ts = [cost.one_hot(torch.randint(0, 3, (n,)), 3, torch.float64) for n in sizes]
@@ -57,16 +56,48 @@ def test_windowed_first_layer_updates_are_the_same_sgd(activation, hidden, windo
         assert torch.allclose(pa, pb, atol=1e-12)
 
 
-@pytest.mark.parametrize("window", [1, 4])
-def test_fused_and_autograd_runs_end_with_the_same_weights(small_tree, make_config, window):
+@pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh"])
+@pytest.mark.parametrize("hidden", [[], [7], [9, 5]])
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_fused_momentum_equals_autograd_and_torch_optim_step_by_step(activation, hidden, nesterov):
+    a, b, autograd_step, optimizer = twins(hidden, activation, 0.3, seed=2, momentum=0.9, nesterov=nesterov)
+    velocity = {}
+    buffer = lambda p: velocity.setdefault(p, torch.zeros_like(p))  # noqa: E731
+    for n in (8, 8, 8, 8, 5):  # the last batch of an epoch may be short
+        x = torch.randn(n, 12, dtype=torch.float64)
+        t = cost.one_hot(torch.randint(0, 3, (n,)), 3, torch.float64)
+        c1, out1 = step.fused_momentum_step(a, x, t, 0.3, activation, 0.9, nesterov, buffer)
+        ((c2, out2),) = autograd_step(x, t, [n])
+        assert torch.allclose(c1, c2, rtol=0, atol=1e-12) and torch.allclose(out1, out2, rtol=0, atol=1e-12)
+        for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+            assert torch.allclose(pa, pb, rtol=0, atol=1e-12)
+            assert torch.allclose(velocity[pa], optimizer.state[pb]["momentum_buffer"], rtol=0, atol=1e-12)
+    assert any(v.abs().max() > 0 for v in velocity.values())
+
+
+def test_the_fused_momentum_velocity_is_torch_optims_buffer():
+    model = build_model(6, [4], 2).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    take = step.make_step(
+        model, optimizer, config.load(None, ["optim.momentum=0.9", "optim.lr=0.1"]), torch.device("cpu")
+    )
+    assert take.name == "fused SGD with momentum 0.9 (fp32)" and take.window == 1
+    x, t = torch.randn(5, 6, dtype=torch.float64), cost.one_hot(torch.tensor([0, 1, 1, 0, 1]), 2, torch.float64)
+    take(x, t, [5])
+    saved = optimizer.state_dict()["state"]
+    assert len(saved) == 4 and all(saved[i]["momentum_buffer"].abs().sum() > 0 for i in saved)
+
+
+@pytest.mark.parametrize("window, momentum", [(1, 0), (4, 0), (1, 0.9)])
+def test_fused_and_autograd_runs_end_with_the_same_weights(small_tree, make_config, window, momentum):
     runs = {}
     for fused in (True, False):
         cfg = make_config(
             small_tree,
-            "optim.momentum=0",
+            f"optim.momentum={momentum}",
             f"optim.fused={str(fused).lower()}",
             f"optim.fused_window={window}",
-            f"log.run_name=fused-{fused}",
+            f"log.run_name=fused-{fused}-{window}-{momentum}",
             "train.epochs=3",
         )
         run_dir = train.run(cfg, progress=False)
@@ -77,11 +108,14 @@ def test_fused_and_autograd_runs_end_with_the_same_weights(small_tree, make_conf
         assert torch.allclose(runs[True][k], runs[False][k], atol=1e-5), k
 
 
-def test_momentum_or_bf16_use_autograd():
+def test_bf16_or_fused_false_use_autograd_and_momentum_runs_fused():
     cpu = torch.device("cpu")
     model = build_model(4, [3], 2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    assert step.make_step(model, opt, config.load(None, ["optim.momentum=0.9"]), cpu).name.startswith("autograd")
+    assert step.make_step(model, opt, config.load(None, ["optim.momentum=0.9"]), cpu).name.startswith("fused SGD with")
+    assert step.make_step(
+        model, opt, config.load(None, ["optim.momentum=0.9", "optim.fused=false"]), cpu
+    ).name.startswith("autograd")
     assert (
         "bf16" in step.make_step(model, opt, config.load(None, ["optim.momentum=0", "train.precision=bf16"]), cpu).name
     )

@@ -9,9 +9,11 @@ is that class's score in (0, 1).
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
+FUNCTIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh}  # the same, as plain functions
 
 
 def build_model(in_features: int, hidden: list[int], n_classes: int, activation: str = "sigmoid") -> nn.Sequential:

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import torch
 
 from .config import Config
-from .cost import COSTS, half_mse
-from .model import ACTIVATIONS, linear_layers
+from .cost import COSTS
+from .model import FUNCTIONS, linear_layers
 
 DERIVATIVE = {  # the activation's slope, written in terms of its output h
     "sigmoid": lambda h: h * (1 - h),
@@ -89,11 +89,17 @@ def fused_momentum_step(model, x, targets, lr, activation, momentum, nesterov, v
     return _backprop(model, x, targets, activation, update)
 
 
+def _output_delta(out, targets):
+    """C = ½ · mean_batch Σ_outputs (a − y)², and ∂C/∂z of the sigmoid output layer: (a − y)·a·(1 − a) / batch."""
+    diff = out - targets
+    return (diff * diff).sum() * (0.5 / len(out)), diff * out * (1 - out) / len(out)
+
+
 def _backprop(model, x, targets, activation, update):
     """Forward, C = ½·MSE, and backpropagation layer by layer from the top, calling update(layer, δ, a) once the
     layer below has its δ (so each weight is read before it moves); returns (cost, outputs)."""
     layers = linear_layers(model)
-    act = ACTIVATIONS[activation]()
+    act = FUNCTIONS[activation]
     a = x.flatten(1)
     inputs = []  # each layer's input activation a_l
     for layer in layers[:-1]:
@@ -101,8 +107,7 @@ def _backprop(model, x, targets, activation, update):
         a = act(torch.addmm(layer.bias, a, layer.weight.t()))
     inputs.append(a)
     out = torch.sigmoid(torch.addmm(layers[-1].bias, a, layers[-1].weight.t()))
-    cost = half_mse(out, targets)  # C = ½ · mean_batch Σ_outputs (a − y)²
-    delta = (out - targets) * out * (1 - out) / len(x)  # ∂C/∂z of the output layer
+    cost, delta = _output_delta(out, targets)
     for i in range(len(layers) - 1, -1, -1):
         below = (delta @ layers[i].weight) * DERIVATIVE[activation](inputs[i]) if i > 0 else None  # before W moves
         update(layers[i], delta, inputs[i])
@@ -126,7 +131,7 @@ def fused_sgd_window(model, X, T, sizes, lr, activation):
     """
     layers = linear_layers(model)
     first, upper = layers[0], layers[1:]
-    act = ACTIVATIONS[activation]() if upper else torch.sigmoid
+    act = FUNCTIONS[activation] if upper else torch.sigmoid
     X = X.flatten(1)
     Z0 = X @ first.weight.t()  # every batch of the window against the window's starting weights
     D = torch.empty(len(X), first.out_features, dtype=X.dtype, device=X.device)  # the δ_s, row-aligned with X
@@ -149,12 +154,11 @@ def _upper_step(upper, a, t, lr, activation):
     """Forward and backward through the layers above the first, updating them; returns (cost, outputs, δ of layer 1)."""
     inputs = [a]  # inputs[k]: what upper[k] reads
     for k, layer in enumerate(upper, start=1):
-        act = torch.sigmoid if k == len(upper) else ACTIVATIONS[activation]()
+        act = torch.sigmoid if k == len(upper) else FUNCTIONS[activation]
         a = act(torch.addmm(layer.bias, a, layer.weight.t()))
         inputs.append(a)
     out = a
-    cost = half_mse(out, t)  # C = ½ · mean_batch Σ_outputs (a − y)²
-    delta = (out - t) * out * (1 - out) / len(t)  # ∂C/∂z of the output layer
+    cost, delta = _output_delta(out, t)
     for k in range(len(upper) - 1, -1, -1):
         layer = upper[k]
         below = (delta @ layer.weight) * DERIVATIVE[activation](inputs[k])  # before W moves

@@ -78,6 +78,9 @@ class Train:
     target_accuracy: float | None = 0.99  # stop once validation accuracy reaches it; null = run every epoch
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the network (autograd path)
+    # CUDA only, off until scripts/gpu_check.sh has run it on a GPU: capture the fused fp32 step (train.precision=fp32)
+    # as a CUDA graph and replay it, one launch a step instead of dozens
+    cuda_graphs: bool = False
     # stop with stopped_because "diverged" when the cost is NaN/inf, or when its mean over the last diverge_steps
     # steps stays above diverge_factor x the lowest such mean, and above the first such mean, for diverge_steps steps
     diverge_factor: float = 3.0

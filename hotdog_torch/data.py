@@ -136,11 +136,11 @@ def _cache_root(data: Data) -> Path:
 
 
 def _cache_key(samples, data: Data) -> str:
+    """A hash of the image settings and of every sample's path, class, size and modification time."""
     h = hashlib.sha256()
     h.update(json.dumps([CACHE_VERSION, data.image_size, data.channels]).encode())
-    for path, label in samples:
-        st = os.stat(path)
-        h.update(os.fsencode(os.path.abspath(path)) + f"\0{label}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    for path, label, size, mtime in samples:
+        h.update(os.fsencode(os.path.abspath(path)) + f"\0{label}\0{size}\0{mtime}\0".encode())
     return h.hexdigest()[:32]
 
 
@@ -155,8 +155,9 @@ def image_folder(folder) -> tuple[list[str], list[tuple[str, int]]]:
     return classes, samples
 
 
-def _scan(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
-    """ImageFolder's classes and (path, class) samples; a file reached twice through symlinks counts once."""
+def _scan(folder: Path) -> tuple[list[str], list[tuple[str, int, int, int]]]:
+    """ImageFolder's classes and (path, class, size, mtime) samples, each file stat()ed once; a file reached twice
+    (through a symlink, or a hard link) counts once.  A dangling link stays in, to be skipped as undecodable."""
     try:
         classes, found = image_folder(folder)
     except (FileNotFoundError, NotADirectoryError):
@@ -165,10 +166,14 @@ def _scan(folder: Path) -> tuple[list[str], list[tuple[str, int]]]:
         raise UserError(f"{folder} holds no class folders: expected {folder}/<class name>/<images>")
     seen, samples = set(), []
     for path, label in found:
-        real = os.path.realpath(path)
-        if real not in seen:
-            seen.add(real)
-            samples.append((path, label))
+        try:
+            st = os.stat(path)
+        except OSError:
+            samples.append((path, label, -1, -1))
+            continue
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            samples.append((path, label, st.st_size, st.st_mtime_ns))
     return classes, samples
 
 
@@ -182,7 +187,7 @@ def _decode_all(samples, data: Data, out_file: Path, offset: int, progress: bool
 
     block = 32
     jobs = [
-        ([p for p, _ in samples[i : i + block]], i, str(out_file), offset, data.image_size, data.channels)
+        ([sample[0] for sample in samples[i : i + block]], i, str(out_file), offset, data.image_size, data.channels)
         for i in range(0, len(samples), block)
     ]
     workers = min(data.workers or os.cpu_count() or 1, len(jobs))
@@ -352,23 +357,22 @@ def load_dataset(data: Data, seed: int, progress: bool = True, memory_budget: in
 # ---------------------------------------------------------------- on the device
 
 
-def normalisation(split: Split, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel mean and std of a split's images, as floats in [0, 1] units."""
+def normalisation(split: Split, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std of a split's images, as floats in [0, 1] units.
+
+    From each channel's histogram of the 256 uint8 values (exact integer counts): mean = Σ v·n_v / N and
+    E[x²] = Σ v²·n_v / N, in float64, then std = √(E[x²] − mean²).
+    """
     c = split.images.shape[1]
-    total = torch.zeros(c, dtype=torch.float64, device=split.index.device)
-    squares = torch.zeros(c, dtype=torch.float64, device=split.index.device)
+    counts = torch.zeros(c, 256, dtype=torch.int64, device=split.index.device)
     for i in range(0, len(split), chunk):
-        x = (
-            split.batch(torch.arange(i, min(i + chunk, len(split)), device=split.index.device)).to(
-                total.device, torch.float64
-            )
-            / 255
-        )
-        total += x.sum(dim=(0, 2, 3))
-        squares += (x * x).sum(dim=(0, 2, 3))
-    n = len(split) * split.images.shape[2] * split.images.shape[3]
-    mean = total / n
-    std = (squares / n - mean * mean).clamp_min(1e-12).sqrt()
+        x = split.batch(torch.arange(i, min(i + chunk, len(split)), device=split.index.device))
+        for k in range(c):
+            counts[k] += torch.bincount(x[:, k].flatten(), minlength=256).to(counts.device)
+    values = torch.arange(256, dtype=torch.float64, device=counts.device) / 255
+    n = counts.sum(dim=1).double()
+    mean = (counts.double() * values).sum(dim=1) / n
+    std = ((counts.double() * values * values).sum(dim=1) / n - mean * mean).clamp_min(1e-12).sqrt()
     return mean.float(), std.float()
 
 

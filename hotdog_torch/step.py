@@ -191,12 +191,57 @@ def resolve_precision(cfg: Config, device: torch.device) -> str:
     return "bf16" if device.type == "cuda" else "fp32"
 
 
+def fuses(cfg: Config, device: torch.device) -> bool:
+    """Does this config take the fused path (SGD in fp32 on ½·MSE, not compiled)?"""
+    o = cfg.optim
+    return o.fused and resolve_precision(cfg, device) == "fp32" and not cfg.train.compile and o.cost == "half_mse"
+
+
+class FusedSGD:
+    """The optimiser of the fused steps: torch.optim.SGD's hyper-parameters and momentum buffers, without building
+    torch.optim.SGD, whose first construction imports torch._dynamo (1.5 s of start-up here).  Its state_dict has
+    SGD's form, so a checkpoint resumes on either path."""
+
+    def __init__(self, params, lr: float, momentum: float, nesterov: bool):
+        self.params = list(params)
+        hyper = {"lr": lr, "momentum": momentum, "dampening": 0, "weight_decay": 0, "nesterov": nesterov}
+        self.param_groups = [{**hyper, "maximize": False}]
+        self.state: dict = {p: {} for p in self.params}
+
+    def state_dict(self) -> dict:
+        buffers = [self.state[p].get("momentum_buffer") for p in self.params]
+        state = {i: {"momentum_buffer": b} for i, b in enumerate(buffers) if b is not None}
+        return {"state": state, "param_groups": [{**self.param_groups[0], "params": list(range(len(self.params)))}]}
+
+    def load_state_dict(self, saved: dict) -> None:
+        groups = saved["param_groups"]
+        if len(groups) != 1 or len(groups[0]["params"]) != len(self.params):
+            raise ValueError("the saved optimiser has other parameters")
+        for i, p in enumerate(self.params):
+            buffer = saved["state"].get(i, {}).get("momentum_buffer")
+            if buffer is not None:
+                if buffer.shape != p.shape:
+                    raise ValueError(f"a saved momentum buffer has shape {tuple(buffer.shape)}, not {tuple(p.shape)}")
+                self.state[p]["momentum_buffer"] = buffer.to(p.device, p.dtype).clone()
+
+
+def make_optimizer(model, cfg: Config, device: torch.device):
+    """torch.optim.SGD for the autograd step; for the fused steps, FusedSGD (the same state, built in no time)."""
+    o = cfg.optim
+    if fuses(cfg, device):
+        return FusedSGD(model.parameters(), o.lr, o.momentum, o.nesterov)
+    return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
+
+
 def make_step(model, optimizer, cfg: Config, device: torch.device) -> Step:
     """The training step for this config."""
     precision = resolve_precision(cfg, device)
     o = cfg.optim
-    if o.fused and precision == "fp32" and not cfg.train.compile and o.cost == "half_mse":
-        return fused_step(model, optimizer, cfg)
+    if fuses(cfg, device):
+        step = fused_step(model, optimizer, cfg)
+        if cfg.train.cuda_graphs and device.type == "cuda":
+            step = cuda_graphed(step, model, optimizer)
+        return step
     take = autograd_step(model, optimizer, o.cost, precision, device, cfg.train.compile)
     cost_name = "" if o.cost == "half_mse" else f", cost {o.cost}"
     compiled = ", compiled" if cfg.train.compile else ""
@@ -225,3 +270,52 @@ def fused_step(model, optimizer, cfg: Config) -> Step:
         return Step(lambda X, T, sizes: [fused_sgd_step(model, X, T, o.lr, activation)], 1, "fused SGD (fp32)")
     name = f"fused SGD (fp32, first-layer updates in windows of {o.fused_window} steps)"
     return Step(lambda X, T, sizes: fused_sgd_window(model, X, T, sizes, o.lr, activation), o.fused_window, name)
+
+
+def cuda_graphed(step: Step, model, optimizer) -> Step:
+    """The step captured once as a CUDA graph for the batch sizes of its first window, then replayed for every
+    window of those sizes: one launch instead of one per operation.  Other windows (the epoch's last, short
+    batch) run the step as it is.
+
+    Capture needs warm-up runs of the step first; they move the weights, so the weights and momentum buffers
+    are put back before capture, and the run goes on as if they had never happened.  The results are the
+    graph's own tensors, overwritten by the next replay: the loop copies them at once, on the same stream.
+    """
+    graph, static = None, {}
+
+    def take(x, targets, sizes):
+        nonlocal graph
+        if graph is None:
+            static["sizes"] = sizes
+            graph = _capture(step, static, x, targets, sizes, model, optimizer)
+        if sizes != static["sizes"]:
+            return step(x, targets, sizes)
+        static["x"].copy_(x)
+        static["t"].copy_(targets)
+        graph.replay()
+        return static["results"]
+
+    return Step(take, step.window, step.name + ", replayed as a CUDA graph")
+
+
+def _capture(step: Step, static: dict, x, targets, sizes, model, optimizer):
+    saved = [(p, p.detach().clone()) for p in model.parameters()]
+    buffers = lambda: [s["momentum_buffer"] for s in optimizer.state.values() if "momentum_buffer" in s]  # noqa: E731
+    saved += [(b, b.clone()) for b in buffers()]
+    static["x"], static["t"] = x.clone(), targets.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):  # cuBLAS and the caching allocator settle before capture
+            step(static["x"], static["t"], sizes)
+    torch.cuda.current_stream().wait_stream(side)
+    with torch.no_grad():
+        for tensor, before in saved:
+            tensor.copy_(before)
+        for b in buffers():  # buffers the warm-up created start from zero, as they would have
+            if all(b is not t for t, _ in saved):
+                b.zero_()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static["results"] = step(static["x"], static["t"], sizes)
+    return graph

@@ -32,7 +32,7 @@ from .config import Config, UserError
 from .cost import COSTS, confusion_matrix, per_class
 from .loop import Feed, clamp_batch_size, evaluate, train_one_epoch
 from .model import build_model
-from .step import make_step
+from .step import make_optimizer, make_step
 
 
 @dataclass
@@ -113,7 +113,7 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
     torch.manual_seed(cfg.seed)
     width = cfg.data.channels * cfg.data.image_size**2
     model = build_model(width, cfg.model.hidden, len(ds.classes), cfg.model.activation).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), cfg.optim.lr, cfg.optim.momentum, nesterov=cfg.optim.nesterov)
+    optimizer = make_optimizer(model, cfg, device)
     generator = torch.Generator(device=ds.train.index.device).manual_seed(cfg.seed)
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
     feed = Feed(ds.train, mean, std, batch_size, len(ds.classes), device)

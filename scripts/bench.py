@@ -35,6 +35,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import bench_more as more  # noqa: E402
+
 from hotdog_torch import config, data, loop, runtime, step  # noqa: E402
 from hotdog_torch.cost import half_mse, one_hot  # noqa: E402
 from hotdog_torch.model import build_model, linear_layers  # noqa: E402
@@ -235,7 +237,7 @@ def decode_rates(d, folder, tmp, cores, repeats=3):
     """Images/s of the decode step alone (into an .npy), on one process and on every core: median of `repeats`."""
     import numpy as np
 
-    _, samples = data._scan(folder)
+    _, samples = data._scan(folder)  # (path, class, size, mtime)
     rates = {1: [], cores: []}
     for _ in range(repeats):
         for workers in rates:
@@ -258,129 +260,43 @@ def decode_rates(d, folder, tmp, cores, repeats=3):
     return out
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/bench.yaml")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: the config's device")
-    p.add_argument("--json", help="write every figure to this file")
-    p.add_argument(
-        "--epochs", type=int, default=3, help="timed epochs of each pipeline, alternating, after one warm-up epoch each"
-    )
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    a = p.parse_args(argv)
-    try:
-        cfg = config.load(a.config, a.overrides + ([f"device={a.device}"] if a.device else []))
-        device = runtime.resolve_device(cfg.device)
-        data.prepare(cfg.data, cfg.seed, progress=False)  # draws the synthetic set if it is missing
-    except config.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
+def machine(device) -> dict:
     cores = os.cpu_count() or 1
-    root = Path(cfg.data.root)
-    train_root = root / "train" if (root / "train").is_dir() else root
     r = {
         "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}",
         "device": str(device),
-        "config": a.config,
-        "overrides": a.overrides,
+        "machine": f"{platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}",
     }
     if device.type == "cuda":
         r["gpu"] = torch.cuda.get_device_name(device)
     else:
         with open("/proc/cpuinfo") as f:
             r["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    budget = data.default_memory_budget(device)
+    return r
 
-    # cold start on every core, cold start on one core, warm start: each cold one into an empty cache
-    with tempfile.TemporaryDirectory() as tmp:
-        for label, workers in (("cold_start_seconds", None), ("cold_start_1_worker_seconds", 1)):
-            c = config.from_dict(
-                config.to_dict(cfg), [f"data.cache_dir={tmp}/{label}", f"data.workers={workers or 'null'}"]
-            )
-            t0 = time.perf_counter()
-            data.load_dataset(c.data, c.seed, progress=False, memory_budget=budget)
-            r[label] = time.perf_counter() - t0
-        r["cold_start_speedup_all_cores"] = r["cold_start_1_worker_seconds"] / r["cold_start_seconds"]
-        r.update(decode_rates(cfg.data, train_root, tmp, cores))
-        c = config.from_dict(config.to_dict(cfg), [f"data.cache_dir={tmp}/cold_start_seconds"])
-        warm = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            ds = data.load_dataset(c.data, c.seed, progress=False, memory_budget=budget).to(device)
-            sync(device)
-            warm.append(time.perf_counter() - t0)
-            del ds
-        r["warm_start_seconds"] = statistics.median(warm)
 
-        # each pipeline's set-up and first (warm-up) epoch, measured for memory
-        def own_first():
-            ds = data.load_dataset(c.data, c.seed, progress=False, memory_budget=budget).to(device)
-            epoch, name, model = own_pipeline(cfg, ds, device)
-            return epoch, name, model, timed(epoch)
-
-        (own, step_name, model, _), r["own_peak_memory_bytes"] = peak_memory(device, own_first)
-
-        def tutorial_first():
-            epoch = tutorial_pipeline(cfg, train_root, device, cores)
-            return epoch, timed(epoch)
-
-        (tutorial, _), r["tutorial_peak_memory_bytes"] = peak_memory(device, tutorial_first)
-
-        # then the timed epochs, alternating, so that both see the same machine
-        r["own_epoch_rates"], r["tutorial_epoch_rates"] = [], []
-        for _ in range(a.epochs):
-            r["own_epoch_rates"].append(timed(own))
-            r["tutorial_epoch_rates"].append(timed(tutorial))
-    r["own_step"] = step_name
-    r["own_images_per_second"] = statistics.median(r["own_epoch_rates"])
-    r["tutorial_images_per_second"] = statistics.median(r["tutorial_epoch_rates"])
-    r["speedup"] = r["own_images_per_second"] / r["tutorial_images_per_second"]
-    r["speedup_per_pair"] = [o / t for o, t in zip(r["own_epoch_rates"], r["tutorial_epoch_rates"], strict=True)]
-
-    dtype = torch.bfloat16 if "bf16" in step_name else torch.float32
-    r["flops_per_image"] = flops_per_image(model)
-    r["gemm_dtype"] = str(dtype).replace("torch.", "")
-    r["gemm_gflops"] = gemm_rates(
-        model, cfg.optim.batch_size or 64, device, dtype, 8192 if device.type == "cuda" else 2048
-    )
-    square = [v for k, v in r["gemm_gflops"].items() if k.startswith("square")][0]
-    r["roofline_images_per_second"] = square * 1e9 / r["flops_per_image"]
-    r["roofline_fraction"] = r["own_images_per_second"] / r["roofline_images_per_second"]
-    r["own_gflops"] = r["own_images_per_second"] * r["flops_per_image"] / 1e9
-    r["model_shape_roofline_images_per_second"] = 1 / model_shape_seconds(
-        model, cfg.optim.batch_size or 64, r["gemm_gflops"], step_name.startswith("fused")
-    )
-    r["model_shape_roofline_fraction"] = r["own_images_per_second"] / r["model_shape_roofline_images_per_second"]
-
+def startup(cfg, device, tmp, train_root) -> tuple[dict, list]:
+    """Cold start on every core and on one (each into an empty cache), decode alone, warm start (cache hit)."""
+    r, cores, budget = {}, os.cpu_count() or 1, data.default_memory_budget(device)
+    for label, workers in (("cold_start_seconds", None), ("cold_start_1_worker_seconds", 1)):
+        c = config.from_dict(
+            config.to_dict(cfg), [f"data.cache_dir={tmp}/{label}", f"data.workers={workers or 'null'}"]
+        )
+        t0 = time.perf_counter()
+        data.load_dataset(c.data, c.seed, progress=False, memory_budget=budget)
+        r[label] = time.perf_counter() - t0
+    r["cold_start_speedup_all_cores"] = r["cold_start_1_worker_seconds"] / r["cold_start_seconds"]
+    r.update(decode_rates(cfg.data, train_root, tmp, cores))
+    c = config.from_dict(config.to_dict(cfg), [f"data.cache_dir={tmp}/cold_start_seconds"])
+    warm = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        ds = data.load_dataset(c.data, c.seed, progress=False, memory_budget=budget).to(device)
+        sync(device)
+        warm.append(time.perf_counter() - t0)
+        del ds
+    r["warm_start_seconds"] = statistics.median(warm)
     rows = [
-        ("machine", r.get("cpu") or r.get("gpu"), r["machine"]),
-        (
-            f"tutorial pipeline (DataLoader, {cores} workers)",
-            f"{r['tutorial_images_per_second']:,.0f} images/s",
-            "median of epochs " + ", ".join(f"{x:,.0f}" for x in r["tutorial_epoch_rates"]),
-        ),
-        (
-            "hotdog_torch (" + step_name + ")",
-            f"{r['own_images_per_second']:,.0f} images/s",
-            "median of epochs " + ", ".join(f"{x:,.0f}" for x in r["own_epoch_rates"]),
-        ),
-        ("speedup", f"{r['speedup']:.2f}x", "epoch pairs: " + ", ".join(f"{x:.2f}" for x in r["speedup_per_pair"])),
-        ("FLOPs per image", f"{r['flops_per_image'] / 1e6:.1f} MFLOP", "forward + backward, from the model's shapes"),
-    ]
-    rows += [(f"GEMM {k}", f"{v:,.1f} GFLOP/s", r["gemm_dtype"]) for k, v in r["gemm_gflops"].items()]
-    rows += [
-        ("hotdog_torch achieved", f"{r['own_gflops']:,.1f} GFLOP/s", ""),
-        ("roofline (square GEMM / FLOPs per image)", f"{r['roofline_images_per_second']:,.0f} images/s", ""),
-        ("fraction of roofline", f"{r['roofline_fraction']:.0%}", "of the square GEMM's rate"),
-        (
-            "model-shape roofline",
-            f"{r['model_shape_roofline_images_per_second']:,.0f} images/s",
-            "the step's own GEMMs at the rates measured at their shapes",
-        ),
-        ("fraction of model-shape roofline", f"{r['model_shape_roofline_fraction']:.0%}", ""),
         ("cold start, every core", f"{r['cold_start_seconds']:.2f} s", "ImageFolder scan + decode + cache write"),
         (
             "cold start, one worker",
@@ -398,26 +314,142 @@ def main(argv=None):
             f"{r['warm_start_seconds']:.2f} s",
             "median of 3: scan + stat + load + move to device",
         ),
+    ]
+    return r, rows
+
+
+def throughput(cfg, device, tmp, train_root, epochs) -> tuple[dict, list]:
+    """Both pipelines' steady-state images/s, epochs alternating, and the roofline of the step's GEMMs."""
+    r, cores, budget = {}, os.cpu_count() or 1, data.default_memory_budget(device)
+    c = config.from_dict(config.to_dict(cfg), [f"data.cache_dir={tmp}/throughput"])
+
+    def own_first():  # each pipeline's set-up and first (warm-up) epoch, measured for memory
+        ds = data.load_dataset(c.data, c.seed, progress=False, memory_budget=budget).to(device)
+        epoch, name, model = own_pipeline(cfg, ds, device)
+        return epoch, name, model, timed(epoch)
+
+    (own, step_name, model, _), r["own_peak_memory_bytes"] = peak_memory(device, own_first)
+
+    def tutorial_first():
+        epoch = tutorial_pipeline(cfg, train_root, device, cores)
+        return epoch, timed(epoch)
+
+    (tutorial, _), r["tutorial_peak_memory_bytes"] = peak_memory(device, tutorial_first)
+    r["own_epoch_rates"], r["tutorial_epoch_rates"] = [], []
+    for _ in range(epochs):  # the timed epochs, alternating, so that both see the same machine
+        r["own_epoch_rates"].append(timed(own))
+        r["tutorial_epoch_rates"].append(timed(tutorial))
+    r["own_step"] = step_name
+    r["own_images_per_second"] = statistics.median(r["own_epoch_rates"])
+    r["tutorial_images_per_second"] = statistics.median(r["tutorial_epoch_rates"])
+    r["speedup"] = r["own_images_per_second"] / r["tutorial_images_per_second"]
+    r["speedup_per_pair"] = [o / t for o, t in zip(r["own_epoch_rates"], r["tutorial_epoch_rates"], strict=True)]
+    r.update(roofline(model, cfg, device, step_name, r["own_images_per_second"]))
+    return r, throughput_rows(r, device, cores)
+
+
+def roofline(model, cfg, device, step_name, rate) -> dict:
+    r = {"flops_per_image": flops_per_image(model)}
+    dtype = torch.bfloat16 if "bf16" in step_name else torch.float32
+    batch = cfg.optim.batch_size or 64
+    r["gemm_dtype"] = str(dtype).replace("torch.", "")
+    r["gemm_gflops"] = gemm_rates(model, batch, device, dtype, 8192 if device.type == "cuda" else 2048)
+    square = [v for k, v in r["gemm_gflops"].items() if k.startswith("square")][0]
+    r["roofline_images_per_second"] = square * 1e9 / r["flops_per_image"]
+    r["roofline_fraction"] = rate / r["roofline_images_per_second"]
+    r["own_gflops"] = rate * r["flops_per_image"] / 1e9
+    fused = step_name.startswith("fused SGD (")  # the plain fused update: W.addmm_ rather than a fresh gradient
+    r["model_shape_roofline_images_per_second"] = 1 / model_shape_seconds(model, batch, r["gemm_gflops"], fused)
+    r["model_shape_roofline_fraction"] = rate / r["model_shape_roofline_images_per_second"]
+    return r
+
+
+def throughput_rows(r, device, cores) -> list:
+    added = "added GPU memory" if device.type == "cuda" else "added resident memory"
+    rows = [
+        (
+            f"tutorial pipeline (DataLoader, {cores} workers)",
+            f"{r['tutorial_images_per_second']:,.0f} images/s",
+            "median of epochs " + ", ".join(f"{x:,.0f}" for x in r["tutorial_epoch_rates"]),
+        ),
+        (
+            "hotdog_torch (" + r["own_step"] + ")",
+            f"{r['own_images_per_second']:,.0f} images/s",
+            "median of epochs " + ", ".join(f"{x:,.0f}" for x in r["own_epoch_rates"]),
+        ),
+        ("speedup", f"{r['speedup']:.2f}x", "epoch pairs: " + ", ".join(f"{x:.2f}" for x in r["speedup_per_pair"])),
+        ("FLOPs per image", f"{r['flops_per_image'] / 1e6:.1f} MFLOP", "forward + backward, from the model's shapes"),
+    ]
+    rows += [(f"GEMM {k}", f"{v:,.1f} GFLOP/s", r["gemm_dtype"]) for k, v in r["gemm_gflops"].items()]
+    rows += [
+        ("hotdog_torch achieved", f"{r['own_gflops']:,.1f} GFLOP/s", ""),
+        ("roofline (square GEMM / FLOPs per image)", f"{r['roofline_images_per_second']:,.0f} images/s", ""),
+        ("fraction of roofline", f"{r['roofline_fraction']:.0%}", "of the square GEMM's rate"),
+        (
+            "model-shape roofline",
+            f"{r['model_shape_roofline_images_per_second']:,.0f} images/s",
+            "the step's own GEMMs at the rates measured at their shapes",
+        ),
+        ("fraction of model-shape roofline", f"{r['model_shape_roofline_fraction']:.0%}", ""),
         (
             "peak memory, hotdog_torch",
             f"{r['own_peak_memory_bytes'] / 2**20:,.0f} MiB",
-            ("added GPU memory" if device.type == "cuda" else "added resident memory") + ": data, model, first epoch",
+            added + ": data, model, first epoch",
         ),
         (
             "peak memory, tutorial",
             f"{r['tutorial_peak_memory_bytes'] / 2**20:,.0f} MiB",
-            ("added GPU memory" if device.type == "cuda" else "added resident memory, process + workers")
-            + ": model, first epoch",
+            added + ": model, first epoch",
         ),
     ]
-    print(
-        f"\n{r['date']}  python scripts/bench.py --config {a.config}"
-        + (f" --device {a.device}" if a.device else "")
-        + "".join(" " + o for o in a.overrides)
-    )
-    print("| what | figure | note |\n|---|---|---|")
+    return rows
+
+
+def print_table(title: str, rows: list) -> None:
+    print(f"\n### {title}\n\n| what | figure | note |\n|---|---|---|")
     for row in rows:
         print("| " + " | ".join(str(x) for x in row) + " |")
+
+
+PARTS = ("start", "throughput", "momentum", "cold", "small", "import")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default="configs/bench.yaml")
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: the config's device")
+    p.add_argument("--json", help="write every figure to this file")
+    p.add_argument("--epochs", type=int, default=3, help="timed epochs of each pipeline, alternating, after a warm-up")
+    p.add_argument("--parts", default=",".join(PARTS), help=f"which measurements, comma-separated: {','.join(PARTS)}")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value")
+    a = p.parse_args(argv)
+    parts = a.parts.split(",")
+    try:
+        cfg = config.load(a.config, a.overrides + ([f"device={a.device}"] if a.device else []))
+        device = runtime.resolve_device(cfg.device)
+        data.prepare(cfg.data, cfg.seed, progress=False)  # draws the synthetic set if it is missing
+    except config.UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    runtime.use_tf32(device)
+    root = Path(cfg.data.root)
+    train_root = root / "train" if (root / "train").is_dir() else root
+    r = {**machine(device), "config": a.config, "overrides": a.overrides}
+    command = f"python scripts/bench.py --config {a.config}" + (f" --device {a.device}" if a.device else "")
+    print(f"\n{r['date']}  {command}{''.join(' ' + o for o in a.overrides)}  ({r.get('cpu') or r.get('gpu')})")
+    with tempfile.TemporaryDirectory() as tmp:
+        if "start" in parts:
+            r["start"], rows = startup(cfg, device, tmp, train_root)
+            print_table("Start-up: decode once, then the cache", rows)
+        if "throughput" in parts:
+            r["throughput"], rows = throughput(cfg, device, tmp, train_root, a.epochs)
+            print_table(f"Steady state, {cfg.optim.momentum:g} momentum: tutorial pipeline against hotdog_torch", rows)
+        if "momentum" in parts and cfg.optim.momentum == 0:
+            c = config.from_dict(config.to_dict(cfg), ["optim.momentum=0.9"])
+            r["momentum"], rows = throughput(c, device, tmp, train_root, a.epochs)
+            print_table("Steady state, momentum 0.9: tutorial pipeline against hotdog_torch", rows)
+    r.update(more.run_parts(parts, device, print_table))
+    print_table("Against the targets", more.targets(r))
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
     return 0

@@ -195,3 +195,15 @@ def test_resume_from_a_corrupt_checkpoint_exits_2(good_checkpoint, tmp_path):
     assert r.stderr.strip().splitlines() == [
         f"error: checkpoint {run_dir}/checkpoints/last.pt is damaged or not a hotdog_torch checkpoint"
     ]
+
+
+def test_a_dangling_link_is_skipped_and_a_hard_link_counts_once(tmp_path, tiny_tree):
+    root = tmp_path / "links"
+    shutil.copytree(tiny_tree / "train", root)
+    os.symlink(tmp_path / "gone.jpg", root / "hot_dog" / "dangling.jpg")
+    first = sorted((root / "not_hot_dog").glob("*.jpg"))[0]
+    os.link(first, root / "not_hot_dog" / "zz_hard_link.jpg")
+    d = config.Data(root=str(root), image_size=16, channels=1, cache_dir=str(tmp_path / "c"), workers=1)
+    _, split, skipped = data.load_folder(root, d, progress=False)
+    assert [os.path.basename(p) for p in skipped] == ["dangling.jpg"]
+    assert len(split) == 90 and not any(p.endswith("zz_hard_link.jpg") for p in split.paths)

@@ -20,14 +20,22 @@ def test_data_lives_on_the_gpu_as_uint8(small_tree, make_config):
     assert ds.train.images is ds.val.images  # one pool, moved once
 
 
-def test_an_epoch_never_waits_for_the_host(small_tree, make_config):
-    cfg = make_config(small_tree, "device=cuda")
+@pytest.mark.parametrize(
+    "extra, name",
+    [
+        ([], "bf16"),
+        (["train.precision=fp32"], "fused"),
+        (["train.precision=fp32", "train.cuda_graphs=true"], "CUDA graph"),
+    ],
+)
+def test_an_epoch_never_waits_for_the_host(small_tree, make_config, extra, name):
+    cfg = make_config(small_tree, "device=cuda", *extra)
     device = torch.device("cuda")
     ds = data.load_dataset(cfg.data, cfg.seed, progress=False).to(device)
     model = build_model(32 * 32, [16], 2).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=cfg.optim.momentum)
     take = step.make_step(model, optimizer, cfg, device)
-    assert "bf16" in take.name  # auto precision on CUDA
+    assert name in take.name  # auto precision on CUDA is bf16; the fused fp32 step; the CUDA graph
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
     feed = loop.Feed(ds.train, mean, std, 16, 2, device)
     generator = torch.Generator(device=device).manual_seed(0)
@@ -38,6 +46,24 @@ def test_an_epoch_never_waits_for_the_host(small_tree, make_config):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(done["costs"]).all()
+
+
+def test_the_cuda_graph_replays_the_same_steps(small_tree, make_config):
+    weights = {}
+    for graphs in ("false", "true"):
+        cfg = make_config(
+            small_tree,
+            "device=cuda",
+            "train.precision=fp32",
+            f"train.cuda_graphs={graphs}",
+            f"log.run_name=graphs-{graphs}",
+            "train.epochs=3",
+        )
+        run_dir = train.run(cfg, progress=False)
+        assert ("CUDA graph" in json.loads((run_dir / "metrics.json").read_text())["step"]) == (graphs == "true")
+        weights[graphs] = checkpoint.load(run_dir / "checkpoints/last.pt")["model"]
+    for k in weights["true"]:
+        assert torch.allclose(weights["true"][k], weights["false"][k], atol=1e-5), k
 
 
 @pytest.mark.parametrize(

@@ -83,13 +83,14 @@ def meta(config: dict, classes: list[str], mean, std) -> dict:
     return {"config": config, "classes": list(classes), **image, **normalisation}
 
 
-def save(path: str | Path, model, optimizer, meta: dict, metrics: dict, state: RunState | None = None) -> None:
-    """Atomically: the weights, the optimiser, meta(), the epoch's metrics, and the loop's state for --resume."""
+def save(path: str | Path, model, optimizer, meta: dict, metrics: dict, state: RunState, resumable=True) -> None:
+    """Atomically: the weights, meta(), the epoch and its metrics; when resumable (last.pt), also the optimiser
+    and the loop's state for --resume (best.pt, for using the network, goes without them: half the size)."""
     payload = {"format": FORMAT, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    payload["optimizer"] = optimizer.state_dict() if optimizer is not None else None
+    payload["optimizer"] = optimizer.state_dict() if resumable else None
     payload |= meta
-    payload |= {"epoch": state.epoch if state else None, "step": state.step if state else None, "metrics": metrics}
-    payload["state"] = state.as_dict() if state else None
+    payload |= {"epoch": state.epoch, "step": state.step, "metrics": metrics}
+    payload["state"] = state.as_dict() if resumable else None
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write(path, lambda f: f.write(buffer.getbuffer()))

@@ -90,6 +90,10 @@ class Dataset:
             out[name] = Split(pool, s.index.to(device), s.labels.to(device), s.paths)
         return Dataset(self.classes, out["train"], out["val"], out.get("test"), self.skipped, self.layout)
 
+    def where(self, device) -> str:
+        mapped = self.train.mapped
+        return "memory-mapped from the cache (larger than data.memory_budget)" if mapped else f"resident on {device}"
+
     def summary(self) -> str:
         lines = [f"classes: {', '.join(self.classes)} ({self.layout} layout)"]
         for name, split in self.splits().items():

@@ -53,7 +53,8 @@ class Run:
         """checkpoints/<name>.pt; progress, when an epoch stopped part-way, is where (for --resume)."""
         state.epoch_progress = checkpoint.on_cpu(progress)
         state.rng = checkpoint.rng_state(self.generator)
-        checkpoint.save(self.dir / "checkpoints" / f"{name}.pt", self.model, self.optimizer, self.meta, metrics, state)
+        path = self.dir / "checkpoints" / f"{name}.pt"
+        checkpoint.save(path, self.model, self.optimizer, self.meta, metrics, state, resumable=name == "last")
 
     def evaluate(self, split: data.Split, model=None) -> dict:
         return evaluate(model or self.model, split, self.feed.mean, self.feed.std, self.feed.n_classes)
@@ -66,8 +67,7 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
         return r.dir
     step = make_step(r.model, r.optimizer, cfg, r.feed.device)
     step_name = step.name if r.candidate is None else search.NAME
-    mapped = "memory-mapped from the cache (larger than data.memory_budget)"
-    print(f"step: {step_name}; data {mapped if r.ds.train.mapped else f'resident on {r.feed.device}'}", flush=True)
+    print(f"step: {step_name}; data {r.ds.where(r.feed.device)}", flush=True)
     # purge_step, on resume: TensorBoard drops whatever was logged after the checkpoint, so no step appears twice
     tb = Board(r.dir, state.step + 1 if resumed else None, r.model, r.feed, COSTS[cfg.optim.cost])
     if not resumed:

@@ -210,11 +210,9 @@ def own_pipeline(cfg, ds, device):
     """The data already decoded on the device; returns (run_one_epoch() -> images, step name, model)."""
     torch.manual_seed(cfg.seed)
     k = len(ds.classes)
-    model = build_model(cfg.data.channels * cfg.data.image_size**2, cfg.model.hidden, k, cfg.model.activation).to(
-        device
-    )
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-    take = step.make_step(model, optimizer, cfg, device)
+    width = cfg.data.channels * cfg.data.image_size**2
+    model = build_model(width, cfg.model.hidden, k, cfg.model.activation).to(device)
+    take = step.make_step(model, step.make_optimizer(model, cfg, device), cfg, device)
     generator = torch.Generator(device=ds.train.index.device).manual_seed(cfg.seed)
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
     feed = loop.Feed(ds.train, mean, std, cfg.optim.batch_size or len(ds.train), k, device)

@@ -35,7 +35,7 @@ from . import data
 from .config import Config
 from .cost import half_mse, one_hot
 from .loop import Feed
-from .model import linear_layers
+from .model import linear_layers, neuron_pictures
 
 HISTOGRAM_SAMPLE = 1 << 16  # larger tensors are histogrammed from a fixed random sample of this many entries
 
@@ -208,10 +208,7 @@ def _font(size: int):
 
 def neuron_images(weight: torch.Tensor, channels: int, size: int, limit: int = 64, columns: int = 8) -> Image.Image:
     """Each first-layer neuron's weights as an input image, scaled to 0..255 per neuron: what it looks for."""
-    w = weight.detach()[:limit].float().cpu().view(-1, channels, size, size)
-    lo = w.flatten(1).min(dim=1).values.view(-1, 1, 1, 1)
-    hi = w.flatten(1).max(dim=1).values.view(-1, 1, 1, 1)
-    tiles = ((w - lo) / (hi - lo).clamp_min(1e-12) * 255).round().to(torch.uint8).numpy()
+    tiles = neuron_pictures(weight[:limit], channels, size).numpy()
     n, pad = len(tiles), 2
     rows = (n + columns - 1) // columns
     sheet = np.full((channels, rows * (size + pad) + pad, columns * (size + pad) + pad), 255, np.uint8)

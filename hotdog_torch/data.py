@@ -30,7 +30,7 @@ from .config import Data, UserError
 from .files import atomic_write
 from .images import DECODE_ERRORS, IMG_EXTENSIONS, decode, shown
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: EXIF orientation applied
 SPLITS = ("train", "val", "test")
 
 

@@ -1,16 +1,18 @@
-"""One image file as the network sees it: decoded, converted, resized, as uint8.
+"""One image file as the network sees it: decoded, turned upright, converted, resized, as uint8.
 
-Training's decode cache, evaluate and predict all read images through decode(), so a
-model sees a photo the same way whichever command shows it one.
+Training's decode cache, evaluate, predict and the app all read images through decode(), so a
+model sees a photo the same way whichever command shows it one, and the way people see it: a
+photo taken upright but stored sideways with an EXIF orientation tag is turned upright first.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 # The file extensions torchvision's ImageFolder reads (torchvision.datasets.folder.IMG_EXTENSIONS)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -27,17 +29,25 @@ def open_scaled(path, size: int, mode: str) -> Image.Image:
     return im
 
 
-def decode(path: str | os.PathLike, size: int, channels: int) -> np.ndarray:
-    """One file as a (channels, size, size) uint8 array, the way training sees it.
+ORIENTATION = 0x0112  # the EXIF tag: 1 upright, 2-8 mirrored and/or turned
 
-    Raises OSError (or a subclass Pillow uses) for a file that is not a decodable image.
+
+def decode(path: str | os.PathLike | BinaryIO, size: int, channels: int, max_pixels: int | None = None) -> np.ndarray:
+    """One file (a path or a binary file object) as a (channels, size, size) uint8 array, the way training sees it.
+
+    Raises OSError (or a subclass Pillow uses) for a file that is not a decodable image, and
+    Image.DecompressionBombError for one of more than max_pixels pixels (default: Pillow's own limit).
     """
     mode = "L" if channels == 1 else "RGB"
     with open_scaled(path, size, mode) as im:
+        if max_pixels is not None and im.width * im.height > max_pixels:
+            raise Image.DecompressionBombError(f"{im.width} x {im.height} pixels")
+        if im.getexif().get(ORIENTATION, 1) != 1:
+            im = ImageOps.exif_transpose(im)  # as the photo was taken, not as the sensor stored it
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: keep the top 8 bits rather than clipping
             im = Image.fromarray((np.asarray(im, dtype=np.uint32) >> 8).astype(np.uint8))
         im = im.convert(mode).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=None)
-        arr = np.asarray(im, dtype=np.uint8)
+        arr = np.array(im, dtype=np.uint8)  # a writable copy (torch.from_numpy of a read-only view warns)
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 

@@ -28,3 +28,12 @@ def build_model(in_features: int, hidden: list[int], n_classes: int, activation:
 
 def linear_layers(model: nn.Sequential) -> list[nn.Linear]:
     return [m for m in model if isinstance(m, nn.Linear)]
+
+
+def neuron_pictures(weight: torch.Tensor, channels: int, size: int) -> torch.Tensor:
+    """Each first-layer neuron's weights as an input image, (N, C, S, S) uint8, scaled to 0..255 per neuron:
+    what it looks for (bright: pixels that excite it, dark: pixels that inhibit it)."""
+    w = weight.detach().float().cpu().view(-1, channels, size, size)
+    lo = w.flatten(1).min(dim=1).values.view(-1, 1, 1, 1)
+    hi = w.flatten(1).max(dim=1).values.view(-1, 1, 1, 1)
+    return ((w - lo) / (hi - lo).clamp_min(1e-12) * 255).round().to(torch.uint8)

@@ -12,6 +12,8 @@ the rest are still classified; the exit code is then 1.
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import os
 import sys
@@ -19,10 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 
 from . import checkpoint, data, images
 from .config import UserError
 from .images import IMG_EXTENSIONS
+from .model import linear_layers, neuron_pictures
 
 
 def image_files(arguments: list[str]) -> list[Path]:
@@ -36,16 +40,62 @@ def image_files(arguments: list[str]) -> list[Path]:
     return files
 
 
-@torch.no_grad()
+class Classifier:
+    """A trained network from its checkpoint alone: decode, normalise, score, explain.
+
+    The one code path from a photo to a verdict, for predict, evaluate's users and the app (serve.py).
+    """
+
+    def __init__(self, ckpt: dict):
+        self.model = checkpoint.model_from(ckpt)
+        self.classes, self.size, self.channels = ckpt["classes"], ckpt["image_size"], ckpt["channels"]
+        self.mean, self.std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
+        layers = linear_layers(self.model)
+        self.hidden = len(layers) > 1  # the first layer's neurons are hidden ones (not the output's)
+        self.pictures = neuron_pictures(layers[0].weight, self.channels, self.size) if self.hidden else None
+
+    def decode(self, file, max_pixels: int | None = None) -> np.ndarray:
+        """A path or binary file as the network's (C, S, S) uint8 input; raises images.DECODE_ERRORS."""
+        return images.decode(file, self.size, self.channels, max_pixels)
+
+    @torch.no_grad()
+    def scores(self, arrays: np.ndarray) -> torch.Tensor:
+        """(N, K) class scores of (N, C, S, S) uint8 images."""
+        return self.model(data.normalise(torch.from_numpy(arrays), self.mean, self.std))
+
+    @torch.no_grad()
+    def explain(self, array: np.ndarray, top: int = 8) -> dict:
+        """The verdict on one image, every class's score, and the hidden neurons that fired most for it."""
+        x = data.normalise(torch.from_numpy(array[None]), self.mean, self.std)
+        scores = self.model(x)[0]
+        k = int(scores.argmax())
+        out = {"class": self.classes[k], "score": float(scores[k])}
+        out["scores"] = {c: float(s) for c, s in zip(self.classes, scores, strict=True)}
+        out["neurons"] = []
+        if self.hidden:
+            fired = self.model[:3](x)[0]  # Flatten, the first Linear, its activation
+            for j in fired.argsort(descending=True)[:top].tolist():
+                out["neurons"].append({"index": j, "activation": float(fired[j]), "picture": png_url(self.pictures[j])})
+        out["seen"] = png_url(torch.from_numpy(array))
+        return out
+
+
+def png_url(image: torch.Tensor) -> str:
+    """A (C, S, S) uint8 image as a data: URL of a PNG, for a page to show."""
+    a = image.numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(a[0] if len(a) == 1 else a.transpose(1, 2, 0)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
 def predict(ckpt: dict, files: list[Path], batch: int = 256):
     """Yield (path, class, score) for each readable file, or (path, None, reason) for one that is not."""
-    model = checkpoint.model_from(ckpt)
-    mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
+    net = Classifier(ckpt)
     for i in range(0, len(files), batch):
         chunk, arrays, results = files[i : i + batch], [], {}
         for f in chunk:
             try:
-                arrays.append((f, images.decode(f, ckpt["image_size"], ckpt["channels"])))
+                arrays.append((f, net.decode(f)))
             except FileNotFoundError:
                 results[f] = (None, "no such file")
             except IsADirectoryError:
@@ -53,11 +103,10 @@ def predict(ckpt: dict, files: list[Path], batch: int = 256):
             except images.DECODE_ERRORS as e:
                 results[f] = (None, f"cannot be read as an image ({e.__class__.__name__})")
         if arrays:
-            x = data.normalise(torch.from_numpy(np.stack([a for _, a in arrays])), mean, std)
-            scores = model(x)
+            scores = net.scores(np.stack([a for _, a in arrays]))
             best = scores.argmax(dim=1)
             for (f, _), k, s in zip(arrays, best.tolist(), scores.tolist(), strict=True):
-                results[f] = (ckpt["classes"][k], s[k])
+                results[f] = (net.classes[k], s[k])
         for f in chunk:
             yield (f, *results[f])
 

@@ -66,3 +66,20 @@ def reduced_tree(tmp_path_factory):
     root = tmp_path_factory.mktemp("reduced") / "hotdog"
     synth.generate(root, hot_dogs=300, others=1500, test_hot_dogs=0, test_others=0, size=64, seed=5, progress=False)
     return root
+
+
+@pytest.fixture(scope="session")
+def trained(small_tree, tmp_path_factory):
+    """(run folder, metrics) of a run on small_tree that learnt (90% validation accuracy), shared by the tests of
+    what uses a trained network: evaluate, predict, serve, export."""
+    import json
+
+    from hotdog_torch import train
+
+    tmp = tmp_path_factory.mktemp("trained")
+    doc = tiny_doc(small_tree, tmp)
+    doc["train"].update(epochs=60, target_accuracy=0.9)
+    doc["model"]["hidden"] = [32]
+    doc["optim"]["lr"] = 0.2
+    run_dir = train.run(config.from_dict(doc), progress=False)
+    return run_dir, json.loads((run_dir / "metrics.json").read_text())

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from hotdog_torch import checkpoint, data, drawings, loop, synth, train
+from hotdog_torch import checkpoint, data, drawings, loop, synth
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -23,21 +23,6 @@ def cli(module, *args):
     return subprocess.run(
         [sys.executable, "-m", f"hotdog_torch.{module}", *args], cwd=REPO, capture_output=True, text=True, timeout=300
     )
-
-
-@pytest.fixture(scope="module")
-def trained(small_tree, tmp_path_factory):
-    from conftest import tiny_doc
-
-    from hotdog_torch import config
-
-    tmp = tmp_path_factory.mktemp("trained")
-    doc = tiny_doc(small_tree, tmp)
-    doc["train"].update(epochs=60, target_accuracy=0.9)
-    doc["model"]["hidden"] = [32]
-    doc["optim"]["lr"] = 0.2
-    run_dir = train.run(config.from_dict(doc), progress=False)
-    return run_dir, json.loads((run_dir / "metrics.json").read_text())
 
 
 def test_evaluate_reproduces_the_runs_test_accuracy(trained, small_tree, tmp_path):

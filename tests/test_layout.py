@@ -18,8 +18,8 @@ LAYERS = [
     ["loop"],
     ["search", "board"],
     ["train"],
-    ["evaluate", "predict", "baselines", "two_weights"],
-    ["lessons"],
+    ["evaluate", "predict", "baselines", "two_weights", "export"],
+    ["lessons", "serve"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

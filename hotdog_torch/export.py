@@ -1,0 +1,88 @@
+"""Export a trained network for an app, as ONNX or TorchScript:
+
+    python -m hotdog_torch.export --checkpoint PATH --format onnx|torchscript --out FILE
+
+The exported model takes what an app has after it has resized a photo: a uint8 image batch
+(N, C, S, S) of the trained size and channels, N free.  The normalisation is folded into the first
+layer (x/255, then (x − mean)/std per channel, is linear: W' = W·diag(1/(255·std)), b' = b − W·(mean/std)),
+so the model is Flatten -> float -> the MLP, and it returns the class scores (N, K), each class's sigmoid
+output, in the checkpoint's class order (they are listed in FILE.classes.json beside the model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import checkpoint
+from .config import UserError
+from .model import linear_layers
+
+
+class Deployable(nn.Module):
+    """uint8 images in, class scores out; the checkpoint's normalisation folded into the first layer's weights."""
+
+    def __init__(self, ckpt: dict):
+        super().__init__()
+        self.model = checkpoint.model_from(ckpt)
+        first = linear_layers(self.model)[0]
+        s = ckpt["image_size"]
+        mean, std = torch.tensor(ckpt["mean"], dtype=torch.float64), torch.tensor(ckpt["std"], dtype=torch.float64)
+        scale = (1 / (255 * std)).repeat_interleave(s * s)  # each input pixel's factor, channel by channel
+        shift = (mean / std).repeat_interleave(s * s)
+        with torch.no_grad():
+            w = first.weight.double()
+            first.bias.copy_(first.bias.double() - w @ shift)
+            first.weight.copy_(w * scale)
+        self.requires_grad_(False)  # for inference only: its outputs carry no autograd history
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images.flatten(1).float())
+
+
+def export(ckpt: dict, fmt: str, out: Path) -> Path:
+    model = Deployable(ckpt).eval()
+    example = torch.zeros(2, ckpt["channels"], ckpt["image_size"], ckpt["image_size"], dtype=torch.uint8)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # both exporters announce their own futures
+        if fmt == "onnx":
+            torch.onnx.export(
+                model,
+                (example,),
+                str(out),
+                dynamo=False,
+                input_names=["images"],
+                output_names=["scores"],
+                dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}},
+            )
+        else:
+            torch.jit.trace(model, example).save(str(out))
+    meta = {"classes": ckpt["classes"], "input": ["batch", ckpt["channels"], ckpt["image_size"], ckpt["image_size"]]}
+    out.with_suffix(".classes.json").write_text(json.dumps(meta | {"dtype": "uint8", "output": "scores"}) + "\n")
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hotdog_torch.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True, help="a checkpoints/best.pt of a run")
+    p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
+    p.add_argument("--out", required=True, help="the file to write (e.g. hotdog.onnx or hotdog.pt)")
+    a = p.parse_args(argv)
+    try:
+        out = export(checkpoint.load(a.checkpoint), a.format, Path(a.out))
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out} and {out.with_suffix('.classes.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -44,25 +44,30 @@ class Board:
     """One run's TensorBoard: the writer, the fixed probe batch that gradient summaries use, and the time they take.
 
     The optional summaries (norms, histograms, pictures) add to `seconds`, so a run can report what logging cost.
+    Not enabled (the processes of torchrun but rank 0), it writes nothing and computes nothing.
     """
 
-    def __init__(self, run_dir, purge_step, model, feed: Feed, cost_fn):
-        self.writer = open_writer(run_dir, purge_step)
-        self.model, self.cost_fn, self.seconds, self.norms_step = model, cost_fn, 0.0, None
+    def __init__(self, run_dir, purge_step, model, feed: Feed, cost_fn, enabled: bool = True):
+        self.writer = open_writer(run_dir, purge_step) if enabled else Silent()
+        self.model, self.cost_fn, self.seconds, self.norms_step, self.enabled = model, cost_fn, 0.0, None, enabled
         split = feed.split
         x, y = feed.batch(torch.arange(min(len(split), feed.batch_size, 256), device=split.index.device))
         self.probe_x, self.probe_t = x, one_hot(y, feed.n_classes)
 
     def log_norms(self, step: int, lr: float) -> None:
         """lr, and each layer's weight norm and gradient norm on the probe batch: one transfer to the host."""
+        self.norms_step = step
+        if not self.enabled:
+            return
         t = time.perf_counter()
         grads = probe_gradients(self.model, self.probe_x, self.probe_t, self.cost_fn)
         log_scalars(self.writer, step, {"lr": lr, **{k: v.item() for k, v in norms(self.model, grads).items()}})
-        self.norms_step = step
         self.seconds += time.perf_counter() - t
 
     def log_summaries(self, step, val: dict, confusion, split: data.Split, classes, image_shape, gradients=True):
         """Histograms, neuron images, the misclassified grid, the confusion matrix and PR curves of a split."""
+        if not self.enabled:
+            return
         t = time.perf_counter()
         layers = linear_layers(self.model)
         grads = probe_gradients(self.model, self.probe_x, self.probe_t, self.cost_fn) if gradients else None
@@ -81,6 +86,13 @@ class Board:
             classes,
         )
         self.seconds += time.perf_counter() - t
+
+
+class Silent:
+    """A SummaryWriter that writes nothing, for the processes that do not speak for the run."""
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: self
 
 
 def probe_gradients(model, x, targets, cost_fn=half_mse):

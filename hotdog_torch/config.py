@@ -81,6 +81,9 @@ class Train:
     # CUDA only, off until scripts/gpu_check.sh has run it on a GPU: capture the fused fp32 step (train.precision=fp32)
     # as a CUDA graph and replay it, one launch a step instead of dozens
     cuda_graphs: bool = False
+    # under torchrun, how the fused step shares a layer's gradient: "factors" (all-gather each rank's δ and input
+    # rows), "gradients" (all-reduce the gradient), or "auto" (per layer, whichever sends fewer numbers)
+    ddp_sync: Literal["auto", "factors", "gradients"] = "auto"
     # stop with stopped_because "diverged" when the cost is NaN/inf, or when its mean over the last diverge_steps
     # steps stays above diverge_factor x the lowest such mean, and above the first such mean, for diverge_steps steps
     diverge_factor: float = 3.0

@@ -1,11 +1,15 @@
-"""Atomic writes: a reader sees the old file or the new one, never half of one."""
+"""The run's files: atomic writes (a reader sees the old file or the new one, never half of one), the run folder."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
-from .config import UserError
+import yaml
+
+from . import config
+from .config import Config, UserError
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -45,3 +49,21 @@ def make_run_dir(log_dir: str, name: str) -> Path:
         except FileExistsError:
             continue
     raise UserError(f"{base} already holds 10,000 runs named {name}")
+
+
+def open_run_dir(cfg: Config, config_name: str, resume_dir, resumed, ds, device) -> Path:
+    """A new runs/<name> (or the resumed one), with the resolved config.yaml written into it."""
+    if resumed is None:
+        run_dir = make_run_dir(cfg.log.dir, cfg.log.run_name or f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+        (run_dir / "checkpoints").mkdir()
+    else:
+        run_dir = Path(resume_dir)
+        if resumed["classes"] != ds.classes:
+            raise UserError(
+                f"{run_dir} was trained on classes {resumed['classes']}, but {cfg.data.root} has {ds.classes}"
+            )
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
+    test = f", {len(ds.test)} test" if ds.test else ""
+    images = f"{len(ds.train)} train, {len(ds.val)} val{test} images of {len(ds.classes)} classes"
+    print(f"run {run_dir}: {images} on {device}", flush=True)
+    return run_dir

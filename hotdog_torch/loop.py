@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import data
+from . import data, dist
 from .cost import error_rate, half_mse, one_hot
 from .step import Step
 
@@ -30,6 +30,7 @@ class Feed:
     batch_size: int
     n_classes: int
     device: torch.device
+    world: dist.World = dist.SINGLE  # under torchrun, this process takes its share of every batch
     scale: torch.Tensor = field(init=False)  # data.normalise's constants, computed once
     shift: torch.Tensor = field(init=False)
 
@@ -42,7 +43,15 @@ class Feed:
 
     def images(self, rows: torch.Tensor) -> torch.Tensor:
         """These rows of the pool, on the device, normalised (as data.normalise does)."""
-        return self.split.images[rows].to(self.device, non_blocking=True).float().mul_(self.scale).sub_(self.shift)
+        return self.normalised(self.split.images[rows])
+
+    def normalised(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True).float().mul_(self.scale).sub_(self.shift)
+
+    def shard(self, rows: torch.Tensor) -> torch.Tensor | None:
+        """This process's images of an epoch, uint8 on its device, gathered once (None for a memory-mapped pool,
+        whose batches are read one by one)."""
+        return None if self.split.mapped else self.split.images[rows].to(self.device, non_blocking=True)
 
     def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised images, labels) at these positions of the split, on the device."""
@@ -60,51 +69,77 @@ def clamp_batch_size(batch_size: int | None, n: int) -> int:
     return min(batch_size or n, n)
 
 
+def epoch_plan(n: int, batch_size: int, world: dist.World) -> tuple[torch.Tensor | None, list[int], list[int]]:
+    """Which positions of an epoch's order this process trains on, where each step's rows start and end among
+    them, and each step's whole batch size: (positions, bounds, totals).  In one process: all (None)."""
+    totals = [min(batch_size, n - s) for s in range(0, n, batch_size)]
+    if not world.distributed:
+        return None, [min(s, n) for s in range(0, n + batch_size, batch_size)][: len(totals) + 1], totals
+    p = torch.arange(n)
+    step, offset = p // batch_size, p % batch_size
+    total = torch.tensor(totals)[step]
+    mine = (offset >= total * world.rank // world.size) & (offset < total * (world.rank + 1) // world.size)
+    counts = torch.bincount(step[mine], minlength=len(totals)).tolist()
+    bounds = [0]
+    for c in counts:
+        bounds.append(bounds[-1] + c)
+    return p[mine], bounds, totals
+
+
 def train_one_epoch(
     step: Step, feed: Feed, generator, resume=None, should_stop=lambda: False, first_step=0, log_every=0, on_log=None
 ) -> dict:
     """One pass over the training split in shuffled batches.
 
-    Returns {"order", "next", "costs", "wrongs"}: the epoch's batch order, the
-    number of steps taken (all of them unless should_stop() said stop), and the
-    per-step costs and wrong counts.  These stay on the device until the caller
-    asks for them: no host sync inside the epoch, except on_log(global_step),
-    called every log_every steps.  resume, a dict of the same form saved
+    Returns {"order", "next", "costs", "wrongs"}: the epoch's batch order, the number of steps taken (all of
+    them unless should_stop() said stop), and the per-step costs and wrong counts of the whole batches (summed
+    over torchrun's processes).  These stay on the device until the caller asks for them: no host sync inside
+    the epoch, except on_log(global_step), called every log_every steps.  resume, a dict of the same form saved
     mid-epoch, continues that epoch where it stopped.
     """
-    n, n_steps, b, split = len(feed.split), feed.steps(), feed.batch_size, feed.split
+    n, n_steps, split, world = len(feed.split), feed.steps(), feed.split, feed.world
     if resume is None:
         order, start = torch.randperm(n, generator=generator, device=split.index.device), 0
     else:
         order, start = resume["order"].to(split.index.device), resume["next"]
-    rows, labels = split.index[order], split.labels[order].to(feed.device)  # the epoch's images, in batch order
-    targets = one_hot(labels, feed.n_classes)
-    outputs = torch.empty(n, feed.n_classes, device=feed.device)
+    positions, bounds, totals = epoch_plan(n, feed.batch_size, world)
+    mine = order if positions is None else order[positions.to(order.device)]  # this process's images, in order
+    rows, labels = split.index[mine], split.labels[mine].to(feed.device)
+    targets, shard = one_hot(labels, feed.n_classes), feed.shard(rows)
+    outputs = torch.empty(len(mine), feed.n_classes, device=feed.device)
     costs = torch.zeros(n_steps, device=feed.device)
     i = start
     while i < n_steps and not should_stop():
         k = min(step.window, n_steps - i)  # the window's batches, one after another
-        first, end = i * b, min((i + k) * b, n)
-        sizes = [b] * (k - 1) + [end - first - (k - 1) * b]
-        for j, (cost, out) in enumerate(step(feed.images(rows[first:end]), targets[first:end], sizes)):
+        lo, hi = bounds[i], bounds[i + k]
+        x = feed.images(rows[lo:hi]) if shard is None else feed.normalised(shard[lo:hi])
+        sizes = [bounds[s + 1] - bounds[s] for s in range(i, i + k)]
+        for j, (cost, out) in enumerate(step(x, targets[lo:hi], sizes, totals[i : i + k])):
             costs[i + j] = cost
-            outputs[first + j * b : first + j * b + sizes[j]] = out
+            outputs[bounds[i + j] : bounds[i + j + 1]] = out
         i += k
         if log_every and any((first_step + s + 1) % log_every == 0 for s in range(i - k, i)):
             on_log(first_step + i)  # at the end of the window that held the log step
-    wrongs = wrong_counts(outputs[start * b : min(i * b, n)], labels[start * b : min(i * b, n)], b)
+    sizes = [bounds[s + 1] - bounds[s] for s in range(start, i)]
+    wrongs = wrong_counts(outputs[bounds[start] : bounds[i]], labels[bounds[start] : bounds[i]], sizes)
+    dist.all_sum(world, costs[start:i])  # the whole batches' figures: every process's part, summed
+    dist.all_sum(world, wrongs)
     if resume is not None:
         costs[:start] = resume["costs"].to(feed.device)
         wrongs = torch.cat([resume["wrongs"].to(feed.device), wrongs])
     return {"order": order, "next": i, "costs": costs[:i], "wrongs": wrongs}
 
 
-def wrong_counts(outputs: torch.Tensor, labels: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """How many of each batch's images were wrongly identified, the batches being consecutive rows."""
+def wrong_counts(outputs: torch.Tensor, labels: torch.Tensor, sizes: list[int]) -> torch.Tensor:
+    """How many images of each step were wrongly identified, the steps' rows (sizes[s] of them) one after another."""
     wrong = (outputs.argmax(dim=1) != labels).to(torch.int64)
-    padded = wrong.new_zeros(math.ceil(len(wrong) / batch_size) * batch_size)
-    padded[: len(wrong)] = wrong
-    return padded.view(-1, batch_size).sum(dim=1)
+    b = max(sizes, default=1)
+    if all(size == b for size in sizes[:-1]):  # equal batches, the last maybe short: no data from the host
+        padded = wrong.new_zeros(len(sizes) * b)
+        padded[: len(wrong)] = wrong
+        return padded.view(-1, b).sum(dim=1)
+    step = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)).to(wrong.device, non_blocking=True)
+    return torch.zeros(len(sizes), dtype=torch.int64, device=wrong.device).index_add_(0, step, wrong)
 
 
 @torch.no_grad()

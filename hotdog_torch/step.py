@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from . import dist
 from .config import Config
 from .cost import COSTS
 from .model import FUNCTIONS, linear_layers
@@ -33,18 +34,22 @@ DERIVATIVE = {  # the activation's slope, written in terms of its output h
 
 @dataclass
 class Step:
-    """take(x, targets, sizes) -> [(cost, outputs), ...]: `window` batches per call, one pair per batch."""
+    """take(x, targets, sizes, totals) -> [(cost, outputs), ...]: `window` batches per call, one pair per batch.
+
+    sizes are this process's rows of each batch, totals the whole batches' (they differ under torchrun, where
+    each rank holds its share); a batch's cost is this process's part of the whole batch's mean cost.
+    """
 
     take: Callable
     window: int
     name: str
 
-    def __call__(self, x, targets, sizes):
-        return self.take(x, targets, sizes)
+    def __call__(self, x, targets, sizes, totals=None):
+        return self.take(x, targets, sizes, totals or sizes)
 
 
 @torch.no_grad()
-def fused_sgd_step(model, x, targets, lr, activation):
+def fused_sgd_step(model, x, targets, lr, activation, total=None, gradient=dist.Product):
     """One step of plain gradient descent with backpropagation written out, for the MLP.
 
     Instead of materialising each weight gradient dC/dW = deltaᵀ·a (for the first
@@ -54,15 +59,17 @@ def fused_sgd_step(model, x, targets, lr, activation):
     autograd + torch.optim.SGD(momentum=0); tests check the two give the same weights.
     """
 
-    def update(layer, delta, a):
-        layer.weight.addmm_(delta.t(), a, alpha=-lr)  # W <- W − lr · δᵀ a
-        layer.bias.add_(delta.sum(0), alpha=-lr)  # b <- b − lr · Σ δ
+    def update(layer, g):
+        g.into(layer.weight, -lr)  # W <- W − lr · δᵀ a
+        g.bias_into(layer.bias, -lr)  # b <- b − lr · Σ δ
 
-    return _backprop(model, x, targets, activation, update)
+    return _backprop(model, x, targets, activation, update, total or len(x), gradient)
 
 
 @torch.no_grad()
-def fused_momentum_step(model, x, targets, lr, activation, momentum, nesterov, velocity):
+def fused_momentum_step(
+    model, x, targets, lr, activation, momentum, nesterov, velocity, total=None, gradient=dist.Product
+):
     """One step of SGD with momentum, torch.optim.SGD's (dampening 0), with backpropagation written out.
 
     The gradient product is accumulated straight into the velocity buffer, no fresh gradient tensor:
@@ -72,32 +79,37 @@ def fused_momentum_step(model, x, targets, lr, activation, momentum, nesterov, v
     autograd path share it).  Tests check it against autograd + torch.optim.SGD step by step.
     """
 
-    def move(p, grad_product):
+    def move(p, add):  # add(t, alpha): t <- t + alpha · ∂C/∂p
         v = velocity(p)
         v.mul_(momentum)
-        grad_product(v, 1.0)  # v <- μ·v + ∂C/∂p
+        add(v, 1.0)  # v <- μ·v + ∂C/∂p
         if nesterov:
-            grad_product(p, -lr)  # p <- p − lr·∂C/∂p ...
+            add(p, -lr)  # p <- p − lr·∂C/∂p ...
             p.add_(v, alpha=-lr * momentum)  # ... − lr·μ·v
         else:
             p.add_(v, alpha=-lr)
 
-    def update(layer, delta, a):
-        move(layer.weight, lambda t, alpha: t.addmm_(delta.t(), a, alpha=alpha))
-        move(layer.bias, lambda t, alpha: t.add_(delta.sum(0), alpha=alpha))
+    def update(layer, g):
+        move(layer.weight, g.into)
+        move(layer.bias, g.bias_into)
 
-    return _backprop(model, x, targets, activation, update)
-
-
-def _output_delta(out, targets):
-    """C = ½ · mean_batch Σ_outputs (a − y)², and ∂C/∂z of the sigmoid output layer: (a − y)·a·(1 − a) / batch."""
-    diff = out - targets
-    return (diff * diff).sum() * (0.5 / len(out)), diff * out * (1 - out) / len(out)
+    return _backprop(model, x, targets, activation, update, total or len(x), gradient)
 
 
-def _backprop(model, x, targets, activation, update):
-    """Forward, C = ½·MSE, and backpropagation layer by layer from the top, calling update(layer, δ, a) once the
-    layer below has its δ (so each weight is read before it moves); returns (cost, outputs)."""
+def _output_delta(out, targets, total=None):
+    """C = ½ · mean_batch Σ_outputs (a − y)², and ∂C/∂z of the sigmoid output layer: (a − y)·a·(1 − a) / batch.
+
+    The batch has `total` rows, of which out holds this process's (all of them, outside torchrun).
+    """
+    diff, total = out - targets, total or len(out)
+    return (diff * diff).sum() * (0.5 / total), diff * out * (1 - out) / total
+
+
+def _backprop(model, x, targets, activation, update, total, gradient):
+    """Forward, C = ½·MSE, and backpropagation layer by layer from the top, calling update(layer, gradient) once
+    the layer below has its δ (so each weight is read before it moves); returns (cost, outputs).
+
+    gradient(δ, a, total) is the layer's gradient of the whole batch: dist.Product in one process."""
     layers = linear_layers(model)
     act = FUNCTIONS[activation]
     a = x.flatten(1)
@@ -107,10 +119,10 @@ def _backprop(model, x, targets, activation, update):
         a = act(torch.addmm(layer.bias, a, layer.weight.t()))
     inputs.append(a)
     out = torch.sigmoid(torch.addmm(layers[-1].bias, a, layers[-1].weight.t()))
-    cost, delta = _output_delta(out, targets)
+    cost, delta = _output_delta(out, targets, total)
     for i in range(len(layers) - 1, -1, -1):
         below = (delta @ layers[i].weight) * DERIVATIVE[activation](inputs[i]) if i > 0 else None  # before W moves
-        update(layers[i], delta, inputs[i])
+        update(layers[i], gradient(delta, inputs[i], total))
         delta = below
     return cost, out
 
@@ -168,19 +180,28 @@ def _upper_step(upper, a, t, lr, activation):
     return cost, out, delta
 
 
-def autograd_step(model, optimizer, cost_name: str, precision: str, device: torch.device, compile: bool) -> Callable:
-    """The textbook step: forward, cost, backward, torch.optim.SGD."""
-    forward = torch.compile(model) if compile else model
-    cost_fn = COSTS[cost_name]
+def autograd_step(model, optimizer, cfg: Config, precision: str, device: torch.device, world: dist.World) -> Callable:
+    """The textbook step: forward, cost, backward, torch.optim.SGD; under torchrun, DistributedDataParallel.
 
-    def take(x, targets, sizes):
+    DDP averages the ranks' gradients; each rank's cost is weighted by its share of the batch (world size ×
+    its rows ÷ the batch's rows), so that the average is the gradient of the whole batch's mean cost.
+    """
+    forward = torch.compile(model) if cfg.train.compile else model
+    if world.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+
+        forward = DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
+    cost_fn = COSTS[cfg.optim.cost]
+
+    def take(x, targets, sizes, totals):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             outputs = forward(x)
         cost = cost_fn(outputs.to(targets.dtype), targets)  # C = ½ · mean_batch Σ_outputs (a − y)², in fp32 under bf16
+        share = sizes[0] / totals[0]  # 1 in one process
         optimizer.zero_grad()  # set_to_none: measured faster here than zeroing and accumulating into old buffers
-        cost.backward()
+        (cost * (share * world.size) if world.distributed else cost).backward()
         optimizer.step()  # w <- w − lr · ∂C/∂w  (plus momentum when optim.momentum > 0)
-        return [(cost.detach(), outputs.detach())]
+        return [((cost * share).detach() if world.distributed else cost.detach(), outputs.detach())]
 
     return take
 
@@ -233,24 +254,34 @@ def make_optimizer(model, cfg: Config, device: torch.device):
     return torch.optim.SGD(model.parameters(), lr=o.lr, momentum=o.momentum, nesterov=o.nesterov)
 
 
-def make_step(model, optimizer, cfg: Config, device: torch.device) -> Step:
-    """The training step for this config."""
+def make_step(model, optimizer, cfg: Config, device: torch.device, world: dist.World = dist.SINGLE) -> Step:
+    """The training step for this config (and this process's place among torchrun's)."""
     precision = resolve_precision(cfg, device)
     o = cfg.optim
     if fuses(cfg, device):
-        step = fused_step(model, optimizer, cfg)
+        step = fused_step(model, optimizer, cfg, world)
         if cfg.train.cuda_graphs and device.type == "cuda":
             step = cuda_graphed(step, model, optimizer)
         return step
-    take = autograd_step(model, optimizer, o.cost, precision, device, cfg.train.compile)
+    take = autograd_step(model, optimizer, cfg, precision, device, world)
     cost_name = "" if o.cost == "half_mse" else f", cost {o.cost}"
     compiled = ", compiled" if cfg.train.compile else ""
-    return Step(take, 1, f"autograd + torch.optim.SGD ({precision}{compiled}{cost_name})")
+    ddp = f", DistributedDataParallel over {world.size} processes" if world.distributed else ""
+    return Step(take, 1, f"autograd + torch.optim.SGD ({precision}{compiled}{cost_name}{ddp})")
 
 
-def fused_step(model, optimizer, cfg: Config) -> Step:
-    """Backpropagation written out: plain SGD (windowed when optim.fused_window > 1), or SGD with momentum."""
+def fused_step(model, optimizer, cfg: Config, world: dist.World = dist.SINGLE) -> Step:
+    """Backpropagation written out: plain SGD (windowed when optim.fused_window > 1), or SGD with momentum.
+
+    Under torchrun each layer's gradient of the whole batch comes from every rank's rows (dist.gradient), and
+    the step goes one batch at a time: a window would need every rank's inputs for its Gram blocks.
+    """
     o, activation = cfg.optim, cfg.model.activation
+
+    def gradient(delta, a, total):
+        return dist.gradient(world, cfg.train.ddp_sync, delta, a, total)
+
+    shared = f", {world.size} processes" if world.distributed else ""
     if o.momentum:
         state = optimizer.state
 
@@ -259,17 +290,26 @@ def fused_step(model, optimizer, cfg: Config) -> Step:
                 state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             return state[p]["momentum_buffer"]
 
-        args = (o.lr, activation, o.momentum, o.nesterov, velocity)
+        def momentum_step(X, T, sizes, totals):
+            return [
+                fused_momentum_step(
+                    model, X, T, o.lr, activation, o.momentum, o.nesterov, velocity, totals[0], gradient
+                )
+            ]
+
         kind = "Nesterov momentum" if o.nesterov else "momentum"
-        return Step(
-            lambda X, T, sizes: [fused_momentum_step(model, X, T, *args)],
-            1,
-            f"fused SGD with {kind} {o.momentum:g} (fp32)",
-        )
-    if o.fused_window == 1:
-        return Step(lambda X, T, sizes: [fused_sgd_step(model, X, T, o.lr, activation)], 1, "fused SGD (fp32)")
+        return Step(momentum_step, 1, f"fused SGD with {kind} {o.momentum:g} (fp32{shared})")
+
+    def plain_step(X, T, sizes, totals):
+        return [fused_sgd_step(model, X, T, o.lr, activation, totals[0], gradient)]
+
+    def window_step(X, T, sizes, totals):
+        return fused_sgd_window(model, X, T, sizes, o.lr, activation)
+
+    if o.fused_window == 1 or world.distributed:
+        return Step(plain_step, 1, f"fused SGD (fp32{shared})")
     name = f"fused SGD (fp32, first-layer updates in windows of {o.fused_window} steps)"
-    return Step(lambda X, T, sizes: fused_sgd_window(model, X, T, sizes, o.lr, activation), o.fused_window, name)
+    return Step(window_step, o.fused_window, name)
 
 
 def cuda_graphed(step: Step, model, optimizer) -> Step:

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import board, checkpoint, config, data, files, report, runtime, search, stopping
+from . import board, checkpoint, config, data, dist, files, report, runtime, search, stopping
 from .board import Board
 from .checkpoint import RunState
 from .config import Config, UserError
@@ -47,10 +47,13 @@ class Run:
     generator: torch.Generator  # the batch order
     feed: Feed  # the training split's batches
     meta: dict  # what a checkpoint needs besides the weights (checkpoint.meta)
+    world: dist.World = dist.SINGLE  # under torchrun, rank 0 alone writes
     candidate: torch.nn.Sequential | None = None  # random search's fresh draw
 
     def save(self, name: str, state: RunState, metrics: dict, progress=None) -> None:
         """checkpoints/<name>.pt; progress, when an epoch stopped part-way, is where (for --resume)."""
+        if not self.world.main:
+            return
         state.epoch_progress = checkpoint.on_cpu(progress)
         state.rng = checkpoint.rng_state(self.generator)
         path = self.dir / "checkpoints" / f"{name}.pt"
@@ -65,23 +68,26 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
     r, state, resumed = set_up(cfg, config_name, progress, resume_dir)
     if state is None:
         return r.dir
-    step = make_step(r.model, r.optimizer, cfg, r.feed.device)
+    step = make_step(r.model, r.optimizer, cfg, r.feed.device, r.world)
     step_name = step.name if r.candidate is None else search.NAME
     print(f"step: {step_name}; data {r.ds.where(r.feed.device)}", flush=True)
     # purge_step, on resume: TensorBoard drops whatever was logged after the checkpoint, so no step appears twice
-    tb = Board(r.dir, state.step + 1 if resumed else None, r.model, r.feed, COSTS[cfg.optim.cost])
+    tb = Board(r.dir, state.step + 1 if resumed else None, r.model, r.feed, COSTS[cfg.optim.cost], r.world.main)
     if not resumed:
         board.log_text(tb.writer, yaml.safe_dump(config.to_dict(cfg), sort_keys=False), r.ds.summary())
     watch = stopping.DivergenceWatch(cfg.train.diverge_factor, cfg.train.diverge_steps, state.divergence)
     session_start, seconds_before = time.perf_counter(), state.seconds
-    with stopping.StopRequest() as stop:
+    if r.world.distributed and not resumed:  # a restart after a worker dies resumes from here at the least
+        r.save("last", state, {})
+    with stopping.StopRequest() as request:
+        stop = (lambda: dist.agree(r.world, request())) if r.world.distributed else request  # all at the same step
         for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
             t0, tb.seconds = time.perf_counter(), 0.0
             first = state.step - (state.epoch_progress or {}).get("next", 0)  # also when resumed mid-epoch
             done = train_pass(r, state, step, tb, stop, first)
             state.seconds = seconds_before + time.perf_counter() - session_start
             if stop():
-                interrupt(r, state, done, first, epoch, stop.signal)
+                interrupt(r, state, done, first, epoch, request.signal or signal.SIGTERM)
             seconds = time.perf_counter() - t0
             if epoch > 1 or cfg.train.epochs == 1:  # steady state: the first epoch pays for warm-up
                 state.train_seconds += seconds
@@ -98,51 +104,42 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
             if state.stopped_because in ("target_accuracy", "diverged"):
                 break
     finish(r, state, tb, step_name)
+    dist.finish(r.world)
     return r.dir
 
 
 def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[Run, RunState | None, bool]:
     """Data, run folder, model, optimiser and batch order; the state to go on from (None: nothing left to do)."""
-    device = runtime.resolve_device(cfg.device)
+    world = dist.from_env()  # one process, or one of torchrun's
+    device = dist.start(world, runtime.resolve_device(cfg.device))
     runtime.use_tf32(device)
+    if world.distributed and cfg.optim.name == "random_search":
+        raise UserError("random search runs in one process: start it without torchrun")
+    resume_dir = resume_dir or dist.restarted_run(world, cfg.log.dir)  # a worker died: go on where the run was
     resumed = checkpoint.load(Path(resume_dir) / "checkpoints" / "last.pt") if resume_dir else None
     budget = cfg.data.memory_budget if cfg.data.memory_budget is not None else data.default_memory_budget(device)
-    ds = data.prepare(cfg.data, cfg.seed, progress, budget).to(device)
+    ds = dist.main_first(world, lambda: data.prepare(cfg.data, cfg.seed, progress, budget))  # decoded once
+    ds = ds if world.distributed else ds.to(device)  # under torchrun each process moves its shard, epoch by epoch
     batch_size = clamp_batch_size(cfg.optim.batch_size, len(ds.train))
-    run_dir = open_run_dir(cfg, config_name, resume_dir, resumed, ds, device)
+    if world.main:
+        run_dir = files.open_run_dir(cfg, config_name, resume_dir, resumed, ds, device)
+        dist.note_run(world, cfg.log.dir, run_dir)
+    run_dir = dist.broadcast(world, run_dir if world.main else None)
     torch.manual_seed(cfg.seed)
     width = cfg.data.channels * cfg.data.image_size**2
     model = build_model(width, cfg.model.hidden, len(ds.classes), cfg.model.activation).to(device)
     optimizer = make_optimizer(model, cfg, device)
     generator = torch.Generator(device=ds.train.index.device).manual_seed(cfg.seed)
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
-    feed = Feed(ds.train, mean, std, batch_size, len(ds.classes), device)
+    feed = Feed(ds.train, mean, std, batch_size, len(ds.classes), device, world)
     meta = checkpoint.meta(config.to_dict(cfg), ds.classes, mean.tolist(), std.tolist())
-    r = Run(cfg, ds, run_dir, model, optimizer, generator, feed, meta)
+    r = Run(cfg, ds, run_dir, model, optimizer, generator, feed, meta, world)
     state = RunState()
     if resumed is not None:
         state = checkpoint.restore(resumed, model, optimizer, generator, run_dir, cfg.train.epochs)
     if cfg.optim.name == "random_search":
         r.candidate = copy.deepcopy(model)
     return r, state, resumed is not None
-
-
-def open_run_dir(cfg: Config, config_name: str, resume_dir, resumed, ds: data.Dataset, device) -> Path:
-    """A new runs/<name> (or the resumed one), with the resolved config.yaml written into it."""
-    if resumed is None:
-        run_dir = files.make_run_dir(cfg.log.dir, cfg.log.run_name or f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        (run_dir / "checkpoints").mkdir()
-    else:
-        run_dir = Path(resume_dir)
-        if resumed["classes"] != ds.classes:
-            raise UserError(
-                f"{run_dir} was trained on classes {resumed['classes']}, but {cfg.data.root} has {ds.classes}"
-            )
-    files.atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
-    test = f", {len(ds.test)} test" if ds.test else ""
-    images = f"{len(ds.train)} train, {len(ds.val)} val{test} images of {len(ds.classes)} classes"
-    print(f"run {run_dir}: {images} on {device}", flush=True)
-    return run_dir
 
 
 def train_pass(r: Run, state: RunState, step, tb: Board, stop, first: int) -> dict:
@@ -207,6 +204,8 @@ def end_epoch(r: Run, state: RunState, tb: Board, watch, epoch: int, done: dict,
 
 def finish(r: Run, state: RunState, tb: Board, step_name: str) -> None:
     """metrics.json (the best epoch, and the test split scored with best.pt), HParams, and the last line."""
+    if not r.world.main:
+        return
     device = r.feed.device
     m = report.metrics(state, peak_memory_bytes=runtime.peak_memory_bytes(device), step=step_name)
     m |= {"stopped_because": state.stopped_because, "device": str(device), "classes": r.ds.classes}

@@ -1,0 +1,140 @@
+"""Training under torchrun, with real processes (gloo on the CPU): one run, the same training as one process,
+every image once an epoch, and a worker killed mid-run that the restarted workers carry on from last.pt."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import tiny_doc
+
+from hotdog_torch import checkpoint, dist, loop
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def config_file(tree, tmp_path, name, **changes) -> Path:
+    doc = tiny_doc(tree, tmp_path)
+    doc["log"]["run_name"] = name
+    for key, value in changes.items():
+        section, field = key.split("__")
+        doc[section][field] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+def torchrun(*args, processes=2, restarts=0) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    return [*launcher, f"--max-restarts={restarts}", "-m", "hotdog_torch.train", "--no-progress", *args]
+
+
+def single(*args) -> list[str]:
+    return [sys.executable, "-m", "hotdog_torch.train", "--no-progress", *args]
+
+
+def train(command: list[str]) -> subprocess.CompletedProcess:
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+def weights(run_dir: Path) -> dict:
+    return checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]
+
+
+def close(a: dict, b: dict, atol: float) -> bool:
+    return a.keys() == b.keys() and all(torch.allclose(a[k], b[k], rtol=0, atol=atol) for k in a)
+
+
+@pytest.mark.parametrize("n, batch, world", [(240, 16, 2), (240, 15, 2), (300, 64, 3), (7, 64, 2), (10, 3, 4)])
+def test_every_image_is_taken_once_an_epoch_by_one_rank(n, batch, world):
+    taken = []
+    for rank in range(world):
+        positions, bounds, totals = loop.epoch_plan(n, batch, dist.World(rank, world))
+        assert len(totals) == -(-n // batch) and sum(totals) == n and bounds[-1] == len(positions)
+        for s, total in enumerate(totals):  # this rank's rows of step s lie inside step s's batch
+            mine = positions[bounds[s] : bounds[s + 1]]
+            assert all(s * batch <= p < s * batch + total for p in mine.tolist())
+            assert abs(len(mine) - total / world) < 1  # the shares differ by one image at most
+        taken += positions.tolist()
+    assert sorted(taken) == list(range(n))  # disjoint, and together the whole epoch
+
+
+def test_two_processes_make_one_run_that_trains_as_one_process_does(small_tree, tmp_path):
+    train(single("--config", str(config_file(small_tree, tmp_path, "one", optim__batch_size=15))))
+    two = train(torchrun("--config", str(config_file(small_tree, tmp_path, "two", optim__batch_size=15))))
+    runs = tmp_path / "runs"
+    assert sorted(p.name for p in runs.iterdir() if not p.name.startswith(".")) == ["one", "two"]  # one folder each
+    metrics = json.loads((runs / "two" / "metrics.json").read_text())
+    assert metrics["step"] == "fused SGD with momentum 0.9 (fp32, 2 processes)" and metrics["epochs"] == 3
+    assert two.stdout.count("epoch   1/3") == 1 and "stopped:" in two.stdout  # one process speaks for the run
+    assert len(list((runs / "two").glob("events.out.tfevents.*"))) == 1
+    # 15 a batch: shares of 7 and 8; the same SGD with momentum, summed in another order
+    assert close(weights(runs / "one"), weights(runs / "two"), 1e-5)
+    assert metrics["val_accuracy"] == pytest.approx(
+        json.loads((runs / "one" / "metrics.json").read_text())["val_accuracy"]
+    )
+
+
+@pytest.mark.parametrize("sync", ["factors", "gradients"])
+def test_full_batch_gradient_descent_matches_one_process(small_tree, tmp_path, sync):
+    options = dict(optim__batch_size=None, optim__momentum=0.0, optim__lr=2.0, train__epochs=5, train__ddp_sync=sync)
+    train(single("--config", str(config_file(small_tree, tmp_path, "one", **options))))
+    train(torchrun("--config", str(config_file(small_tree, tmp_path, "two", **options))))
+    assert close(weights(tmp_path / "runs" / "one"), weights(tmp_path / "runs" / "two"), 1e-5)
+
+
+def test_the_autograd_step_under_ddp_matches_one_process(small_tree, tmp_path):
+    options = dict(optim__fused=False, optim__batch_size=15, train__epochs=2)
+    train(single("--config", str(config_file(small_tree, tmp_path, "one", **options))))
+    two = train(torchrun("--config", str(config_file(small_tree, tmp_path, "two", **options))))
+    assert "DistributedDataParallel over 2 processes" in two.stdout
+    assert close(weights(tmp_path / "runs" / "one"), weights(tmp_path / "runs" / "two"), 1e-5)
+
+
+def workers(launcher: subprocess.Popen) -> dict[int, int]:
+    """LOCAL_RANK -> pid of torchrun's worker processes."""
+    out = {}
+    for pid in Path(f"/proc/{launcher.pid}/task/{launcher.pid}/children").read_text().split():
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        rank = next((int(e.split(b"=")[1]) for e in environ if e.startswith(b"LOCAL_RANK=")), None)
+        if rank is not None:
+            out[rank] = int(pid)
+    return out
+
+
+def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_nothing_happened(small_tree, tmp_path):
+    options = dict(optim__batch_size=4, optim__lr=0.1, train__epochs=8)
+    train(torchrun("--config", str(config_file(small_tree, tmp_path, "straight", **options))))
+    command = torchrun("--config", str(config_file(small_tree, tmp_path, "killed", **options)), restarts=1)
+    launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    last, deadline = tmp_path / "runs" / "killed" / "checkpoints" / "last.pt", time.time() + 120
+    while not (last.exists() and checkpoint.load(last)["epoch"] >= 2):
+        assert launcher.poll() is None and time.time() < deadline, launcher.communicate()
+        time.sleep(0.05)
+    os.kill(workers(launcher)[1], signal.SIGKILL)  # rank 1, mid-run
+    out, err = launcher.communicate(timeout=300)
+    assert launcher.returncode == 0, err[-3000:]
+    assert "resuming from the end of epoch" in out  # the restarted workers went on from last.pt, in the same folder
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")) == ["killed", "straight"]
+    a, b = weights(tmp_path / "runs" / "straight"), weights(tmp_path / "runs" / "killed")
+    assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical on the CPU
+
+
+def test_one_process_resumes_a_two_process_run(small_tree, tmp_path):
+    options = dict(optim__batch_size=15, train__epochs=4)
+    train(torchrun("--config", str(config_file(small_tree, tmp_path, "straight", **options))))
+    train(torchrun("--config", str(config_file(small_tree, tmp_path, "halfway", **options)), "train.epochs=2"))
+    halfway = tmp_path / "runs" / "halfway"
+    train(single("--resume", str(halfway), "train.epochs=4"))
+    assert checkpoint.load(halfway / "checkpoints" / "last.pt")["epoch"] == 4
+    assert close(weights(tmp_path / "runs" / "straight"), weights(halfway), 1e-5)  # the same batches, summed otherwise

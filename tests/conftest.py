@@ -33,6 +33,20 @@ def make_config(tmp_path):
     return make
 
 
+def config_file(tree, tmp_path, name, **changes):
+    """A YAML config file of tiny_doc, the run named `name`, with changes given as section__key=value."""
+    import yaml
+
+    doc = tiny_doc(tree, tmp_path)
+    doc["log"]["run_name"] = name
+    for key, value in changes.items():
+        section, field = key.split("__")
+        doc[section][field] = value
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
 def tiny_doc(root, tmp_path) -> dict:
     return {
         "data": {

@@ -13,23 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import tiny_doc
+from conftest import config_file
 
 from hotdog_torch import checkpoint, dist, loop
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def config_file(tree, tmp_path, name, **changes) -> Path:
-    doc = tiny_doc(tree, tmp_path)
-    doc["log"]["run_name"] = name
-    for key, value in changes.items():
-        section, field = key.split("__")
-        doc[section][field] = value
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
 
 
 def torchrun(*args, processes=2, restarts=0) -> list[str]:

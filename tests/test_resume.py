@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import tiny_doc
+from conftest import config_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hotdog_torch import checkpoint, train
@@ -20,17 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 30
 
 
-def write_config(small_tree, tmp_path, **changes):
-    doc = tiny_doc(small_tree, tmp_path)
-    doc["optim"].update(batch_size=4, lr=0.1)
-    doc["model"]["hidden"] = [24]
-    doc["train"].update(epochs=EPOCHS)
-    for key, value in changes.items():
-        section, name = key.split("__")
-        doc[section][name] = value
-    path = tmp_path / f"{doc['log']['run_name']}.yaml"
-    path.write_text(yaml.safe_dump(doc))
-    return path
+def write_config(small_tree, tmp_path, log__run_name, **changes):
+    settings = dict(optim__batch_size=4, optim__lr=0.1, model__hidden=[24], train__epochs=EPOCHS) | changes
+    return config_file(small_tree, tmp_path, log__run_name, **settings)
 
 
 def start(*args):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every CUDA check in one short run, for a lent GPU machine (budget: about 8 minutes on one GPU).
 #   bash scripts/gpu_check.sh            # figures on stdout; runs and JSON under $OUT (or /tmp/gpu_check)
-# It uses the machine's own python3 (its image carries torch, torchvision, tensorboard, pyyaml, tqdm, pytest).
+# It uses the machine's own python3 (its image carries torch, tensorboard, pyyaml, tqdm, matplotlib, pytest); nothing
+# is installed there (the machine reaches no network).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -13,13 +14,12 @@ step() { echo; echo "=== $* ($(date +%T))"; }
 step machine
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
 $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_name())"
-$PY -m pip install -q matplotlib 2>&1 | tail -1  # the lessons' only extra; everything else is in the image
 
 step "data (the default synthetic set)"
 $PY -m hotdog_torch.synth --out data/hotdog-synth 2>/dev/null | tail -1
 
 step "CUDA-marked tests (bf16 autograd, fused fp32, CUDA graphs, no host sync inside an epoch)"
-timeout 180 $PY -m pytest -q -m cuda tests -p no:cacheprovider 2>&1 | tail -15
+timeout 180 $PY -m pytest -q tests/test_cuda.py -p no:cacheprovider 2>&1 | tail -15
 
 step "the main job on CUDA (configs/hotdog.yaml: bf16 autocast, autograd)"
 timeout 60 $PY -m hotdog_torch.train --config configs/hotdog.yaml --no-progress device=cuda log.dir="$OUT/runs" \

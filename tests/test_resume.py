@@ -24,6 +24,12 @@ def write_config(small_tree, tmp_path, log__run_name, **changes):
     return config_file(small_tree, tmp_path, log__run_name, **settings)
 
 
+def train_cli(*args) -> subprocess.CompletedProcess:
+    """The training command in a process of its own, run to the end."""
+    command = [sys.executable, "-m", "hotdog_torch.train", "--no-progress", *args]
+    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
+
+
 def start(*args):
     return subprocess.Popen(
         [sys.executable, "-m", "hotdog_torch.train", "--no-progress", *args],
@@ -61,13 +67,7 @@ def assert_same_weights(a, b):
 @pytest.fixture
 def reference(small_tree, tmp_path):
     cfg = write_config(small_tree, tmp_path, log__run_name="straight")
-    proc = subprocess.run(
-        [sys.executable, "-m", "hotdog_torch.train", "--no-progress", "--config", str(cfg)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = train_cli("--config", str(cfg))
     assert proc.returncode == 0, proc.stderr
     return final_weights(tmp_path / "runs" / "straight")
 
@@ -83,13 +83,7 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(small_tree, tmp_path, re
     killed_at = checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"]
     assert killed_at < EPOCHS
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "hotdog_torch.train", "--no-progress", "--resume", str(run_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = train_cli("--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from the end of epoch {killed_at}" in resumed.stdout
     assert_same_weights(final_weights(run_dir), reference)
@@ -117,13 +111,7 @@ def test_sigterm_saves_mid_epoch_and_resume_is_bit_identical(small_tree, tmp_pat
     saved = checkpoint.load(run_dir / "checkpoints" / "last.pt")
     assert saved["state"]["epoch_progress"] is not None  # stopped inside an epoch, and saved there
 
-    resumed = subprocess.run(
-        [sys.executable, "-m", "hotdog_torch.train", "--no-progress", "--resume", str(run_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    resumed = train_cli("--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
     assert_same_weights(final_weights(run_dir), reference)
 

@@ -30,6 +30,41 @@ class UserError(Exception):
     """A mistake the user can fix: reported as one sentence and exit code 2."""
 
 
+# ---------------------------------------------------------------- data.augment (issue 17)
+
+
+@dataclass
+class Augment:
+    """Each training image framed afresh at every step, on the device (hotdog_torch/augment.py)."""
+
+    enabled: bool = False  # false: the images as drawn, bit for bit the run without augmentation
+    shift: float = 0.1  # moved by up to ± this fraction of the side, each way
+    zoom: float = 1.15  # scaled by a factor within [1/zoom, zoom] (log-uniform): zoomed in and out
+    rotate: float = 8.0  # turned by up to ± this many degrees
+    flip: bool = True  # mirrored left to right with probability 1/2
+    light: float = 0.2  # brightness and contrast within ± this fraction; for RGB a colour cast of ± half of it
+    border: Literal["reflect", "replicate"] = "reflect"  # what fills the border a shift or zoom out uncovers
+    # the curriculum: magnitudes rise linearly over this many epochs (epoch e at e/(warmup_epochs+1)), then stay
+    # at the full values above; 0 = full from the first step
+    warmup_epochs: int = 0
+
+
+def _check_augment(a: Augment) -> None:
+    checks = [
+        (0 <= a.shift < 0.5, f"data.augment.shift must be in [0, 0.5) of the side, got {a.shift}"),
+        (a.zoom >= 1, f"data.augment.zoom must be a factor of at least 1 (1 = no zoom), got {a.zoom}"),
+        (0 <= a.rotate <= 180, f"data.augment.rotate must be between 0 and 180 degrees, got {a.rotate}"),
+        (0 <= a.light < 1, f"data.augment.light must be in [0, 1), got {a.light}"),
+        (a.warmup_epochs >= 0, f"data.augment.warmup_epochs must be 0 or more, got {a.warmup_epochs}"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+# ---------------------------------------------------------------- the sections
+
+
 @dataclass
 class Data:
     root: str = "data/hotdog-synth"  # an ImageFolder tree: root/{class}/... or root/{train,val,test}/{class}/...
@@ -44,6 +79,7 @@ class Data:
     # bytes of decoded images held in (device) memory; null = half the free RAM (CPU) or GPU memory (CUDA);
     # a larger set is memory-mapped from the cache and streamed in batches
     memory_budget: int | None = None
+    augment: Augment = field(default_factory=Augment)  # data.augment.*: random framing of the training images
 
 
 @dataclass
@@ -123,13 +159,11 @@ def _sections() -> dict[str, type]:
     return {name: t for name, t in hints.items() if dataclasses.is_dataclass(t)}
 
 
-def valid_keys() -> list[str]:
+def valid_keys(schema: type | None = None, prefix: str = "") -> list[str]:
+    """Every leaf key of the schema, dotted: data.root, data.augment.shift, ..., seed."""
     keys = []
-    for name, t in typing.get_type_hints(Config).items():
-        if dataclasses.is_dataclass(t):
-            keys += [f"{name}.{k}" for k in typing.get_type_hints(t)]
-        else:
-            keys.append(name)
+    for name, t in typing.get_type_hints(schema or Config).items():
+        keys += valid_keys(t, f"{prefix}{name}.") if dataclasses.is_dataclass(t) else [prefix + name]
     return keys
 
 
@@ -197,23 +231,22 @@ def _coerce(value, t):
 
 
 def _set(cfg: Config, key: str, value) -> None:
-    parts = key.split(".")
-    sections = _sections()
-    if len(parts) == 1 and parts[0] in sections:
+    """Set one dotted key (any depth: seed, optim.lr, data.augment.shift); a section takes a mapping of its keys."""
+    owner, *path, name = [cfg, *key.split(".")]
+    for part in path:  # walk down the nested sections
+        hints = typing.get_type_hints(type(owner))
+        if part not in hints or not dataclasses.is_dataclass(hints[part]):
+            raise _unknown(key)
+        owner = getattr(owner, part)
+    hints = typing.get_type_hints(type(owner))
+    if name not in hints:
+        raise _unknown(key)
+    if dataclasses.is_dataclass(hints[name]):
         if not isinstance(value, dict):
             raise UserError(f"config key '{key}' must be a mapping of its keys, got {value!r}")
         for k, v in value.items():
             _set(cfg, f"{key}.{k}", v)
         return
-    if len(parts) == 1:
-        owner, name, hints = cfg, parts[0], typing.get_type_hints(Config)
-    elif len(parts) == 2 and parts[0] in sections:
-        owner, name = getattr(cfg, parts[0]), parts[1]
-        hints = typing.get_type_hints(sections[parts[0]])
-    else:
-        raise _unknown(key)
-    if name not in hints or dataclasses.is_dataclass(hints[name]):
-        raise _unknown(key)
     try:
         setattr(owner, name, _coerce(value, hints[name]))
     except TypeError:
@@ -264,6 +297,7 @@ def _check_ranges(cfg: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    _check_augment(d.augment)
 
 
 def parse_override(text: str) -> tuple[str, object]:

@@ -36,11 +36,11 @@ def assert_one_sentence(result):
 
 
 def test_default_config_sets_every_schema_key():
-    doc = yaml.safe_load((REPO / "configs/hotdog.yaml").read_text())
-    flat = {f"{s}.{k}" for s, sec in doc.items() if isinstance(sec, dict) for k in sec} | {
-        s for s, sec in doc.items() if not isinstance(sec, dict)
-    }
-    assert flat == set(config.valid_keys())
+    def leaves(doc, prefix=""):  # data.augment.shift, ..., seed
+        for k, v in doc.items():
+            yield from leaves(v, f"{prefix}{k}.") if isinstance(v, dict) else [prefix + k]
+
+    assert set(leaves(yaml.safe_load((REPO / "configs/hotdog.yaml").read_text()))) == set(config.valid_keys())
     cfg = config.load(REPO / "configs/hotdog.yaml")
     assert cfg.data.image_size == 128 and cfg.data.channels == 1  # the seed's 16384 input neurons
     assert cfg.train.target_accuracy == 0.99
@@ -54,6 +54,22 @@ def test_overrides_are_parsed_as_yaml_and_win():
     assert isinstance(config.load(None, ["optim.lr=1"]).optim.lr, float)
     assert config.load(None, ["optim.lr=1e-3"]).optim.lr == 0.001  # YAML 1.1 alone would read this as a string
     assert config.load(None, ["optim.lr=2E+2"]).optim.lr == 200.0
+
+
+def test_nested_keys_of_data_augment_from_file_and_command_line(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("data:\n  augment:\n    enabled: true\n    zoom: 1.3\n")
+    cfg = config.load(f, ["data.augment.shift=0.05", "data.augment={rotate: 12}"])
+    a = cfg.data.augment
+    assert (a.enabled, a.zoom, a.shift, a.rotate, a.light) == (True, 1.3, 0.05, 12.0, 0.2)
+    assert config.load(None).data.augment.enabled is False
+    again = config.from_dict(config.to_dict(cfg))  # a run's config.yaml reads back the same (--resume)
+    assert again.data.augment == a
+
+
+def test_an_augment_range_error_is_one_sentence_on_the_command_line():
+    line = assert_one_sentence(cli("--config", "configs/hotdog.yaml", "data.augment.shift=0.6"))
+    assert "data.augment.shift" in line
 
 
 @pytest.mark.parametrize(
@@ -71,6 +87,13 @@ def test_overrides_are_parsed_as_yaml_and_win():
         ("data.val_fraction=0", ["data.val_fraction"]),
         ("data.image_size=4", ["data.image_size"]),
         ("data.channels=2", ["data.channels"]),
+        ("data.augment.shift=0.5", ["data.augment.shift must be in [0, 0.5)"]),
+        ("data.augment.zoom=0.9", ["data.augment.zoom must be a factor of at least 1"]),
+        ("data.augment.rotate=181", ["data.augment.rotate must be between 0 and 180"]),
+        ("data.augment.rotate=-1", ["data.augment.rotate must be between 0 and 180"]),
+        ("data.augment.light=1", ["data.augment.light must be in [0, 1)"]),
+        ("data.augment.shfit=0.1", ["unknown config key 'data.augment.shfit'", "did you mean 'data.augment.shift'"]),
+        ("data.augment=on", ["config key 'data.augment' must be a mapping"]),
         ("device=gpu", ["device must be"]),
         ("optim.lr", ["section.key=value"]),
     ],

@@ -12,7 +12,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hotdog_torch"
 # Upstream first: a module may import only modules of an earlier layer (docs/DESIGN.md, "Who may import whom").
 LAYERS = [
     ["config"],
-    ["files", "runtime", "drawings", "images", "model", "cost", "dist"],
+    ["files", "runtime", "drawings", "images", "model", "cost", "dist", "augment"],
     ["synth", "step", "stopping", "checkpoint"],
     ["data", "report"],
     ["loop"],

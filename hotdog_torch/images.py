@@ -17,9 +17,16 @@ from PIL import Image, ImageOps
 # The file extensions torchvision's ImageFolder reads (torchvision.datasets.folder.IMG_EXTENSIONS)
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 
-# What Pillow's decoders raise for a file that is not a (whole, sane) image; such a file is skipped and counted.
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, ZeroDivisionError)
-DECODE_ERRORS += (RecursionError, Image.DecompressionBombError)
+
+class BadImage(OSError):
+    """A file Pillow's parsers or decoders failed on, whatever they raised (their errors for damaged files vary)."""
+
+
+# What decode() raises for a file that is not a (whole, sane) image; such a file is skipped and counted.
+DECODE_ERRORS = (OSError, Image.DecompressionBombError)
+# What Pillow's code raises besides OSError on damaged files (fuzzing finds each); from our own code these are bugs
+PILLOW_FAILURES = (SyntaxError, ValueError, EOFError, struct.error, IndexError, TypeError, ZeroDivisionError)
+PILLOW_FAILURES += (RecursionError,)
 
 
 def open_scaled(path, size: int, mode: str) -> Image.Image:
@@ -35,9 +42,27 @@ ORIENTATION = 0x0112  # the EXIF tag: 1 upright, 2-8 mirrored and/or turned
 def decode(path: str | os.PathLike | BinaryIO, size: int, channels: int, max_pixels: int | None = None) -> np.ndarray:
     """One file (a path or a binary file object) as a (channels, size, size) uint8 array, the way training sees it.
 
-    Raises OSError (or a subclass Pillow uses) for a file that is not a decodable image, and
-    Image.DecompressionBombError for one of more than max_pixels pixels (default: Pillow's own limit).
+    Raises OSError (BadImage for whatever else Pillow raised on it) for a file that is not a decodable image, and
+    Image.DecompressionBombError for one of more than max_pixels pixels (default: Pillow's own limit); anything
+    else is a bug and raises as it is.
     """
+    try:
+        return _decode(path, size, channels, max_pixels)
+    except PILLOW_FAILURES as e:
+        if not _raised_in_pillow(e):
+            raise  # a bug of ours: it must not pass for an undecodable image
+        raise BadImage(f"{type(e).__name__}: {e}") from e
+
+
+def _raised_in_pillow(e: BaseException) -> bool:
+    """Was e raised by Pillow's code (its innermost Python frame in a PIL module)?"""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("PIL.")
+
+
+def _decode(path, size: int, channels: int, max_pixels: int | None) -> np.ndarray:
     mode = "L" if channels == 1 else "RGB"
     with open_scaled(path, size, mode) as im:
         if max_pixels is not None and im.width * im.height > max_pixels:

@@ -203,3 +203,21 @@ def test_the_folder_scan_follows_torchvisions_imagefolder(tmp_path, tiny_tree):
     assert classes == reference.classes and samples == reference.samples
     assert images.IMG_EXTENSIONS == IMG_EXTENSIONS
     assert any(p.endswith("B.JPEG") for p, _ in samples) and not any(p.endswith(".txt") for p, _ in samples)
+
+
+@pytest.mark.parametrize("bug", [TypeError, IndexError, ZeroDivisionError, RecursionError, ValueError])
+def test_a_bug_in_decoding_raises_instead_of_skipping_every_image(tmp_path, tiny_tree, monkeypatch, bug):
+    def broken(*a, **k):  # our code failing, not Pillow reading a bad file
+        raise bug("a bug in hotdog_torch, not a bad image")
+
+    monkeypatch.setattr(images, "open_scaled", broken)
+    with pytest.raises(bug, match="a bug in hotdog_torch"):
+        data.load_folder(tiny_tree / "test", settings(tmp_path), progress=False)
+
+
+def test_what_pillow_raises_for_a_bad_file_is_a_decode_error(tmp_path, tiny_tree):
+    good = sorted((tiny_tree / "test" / "hot_dog").glob("*.jpg"))[0].read_bytes()
+    for name, blob in [("half.jpg", good[: len(good) // 2]), ("text.png", b"no"), ("zero.webp", b"")]:
+        (tmp_path / name).write_bytes(blob)
+        with pytest.raises(images.DECODE_ERRORS):
+            images.decode(tmp_path / name, 16, 1)

@@ -27,7 +27,7 @@ import torch
 
 from . import synth
 from .config import Data, UserError
-from .files import atomic_write
+from .files import atomic_write, locked
 from .images import DECODE_ERRORS, IMG_EXTENSIONS, decode, shown
 
 CACHE_VERSION = 2  # 2: EXIF orientation applied
@@ -53,13 +53,8 @@ class Split:
         return len(self.labels)
 
     def subset(self, positions: torch.Tensor) -> Split:
-        return Split(
-            self.images,
-            self.index[positions],
-            self.labels[positions],
-            [self.paths[i] for i in positions.tolist()],
-            self.mapped,
-        )
+        paths = [self.paths[i] for i in positions.tolist()]
+        return Split(self.images, self.index[positions], self.labels[positions], paths, self.mapped)
 
     def batch(self, positions: torch.Tensor) -> torch.Tensor:
         """uint8 images at these positions of the split (a gather from the pool)."""
@@ -217,8 +212,11 @@ def _decode_all(samples, data: Data, out_file: Path, offset: int, progress: bool
 
 
 def _build_entry(samples, classes, data: Data, images_file: Path, meta_file: Path, progress: bool, desc: str) -> None:
-    """Decode into a temporary .npy, fsync, rename into place; then the .json that marks the entry complete."""
+    """Decode into a temporary .npy, fsync, rename into place; then the .json that marks the entry complete.
+    Called holding the entry's lock: any temporary file of this entry is a killed process's."""
     shape = (len(samples), data.channels, data.image_size, data.image_size)
+    for stale in images_file.parent.glob(f".{images_file.stem}.*.tmp"):  # of a process killed building this entry
+        stale.unlink()
     tmp = images_file.with_name(f".{images_file.name}.{os.getpid()}.tmp")
     try:
         empty = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)  # header + room for every row
@@ -281,8 +279,11 @@ def load_folder(
             raise UserError(
                 f"cannot create the decode cache folder {root} ({e.strerror}); set data.cache_dir to a writable folder"
             ) from None
-        _build_entry(samples, classes, data, images_file, meta_file, progress, f"decoding {folder}")
-        entry = _read_entry(images_file, meta_file, classes, in_memory)
+        with locked(root / f"{key}.lock", f"waiting for another process decoding {folder} into {root}"):
+            entry = _read_entry(images_file, meta_file, classes, in_memory)  # it decoded while this one waited
+            if entry is None:
+                _build_entry(samples, classes, data, images_file, meta_file, progress, f"decoding {folder}")
+                entry = _read_entry(images_file, meta_file, classes, in_memory)
         if entry is None:
             raise OSError(f"the decode cache entry {images_file} could not be read back after writing it")
     pool, meta = entry

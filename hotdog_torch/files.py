@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
@@ -31,6 +35,25 @@ def atomic_write(path: str | os.PathLike, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+@contextmanager
+def locked(path: str | os.PathLike, waiting: str) -> Iterator[None]:
+    """Hold an exclusive lock on the file `path` (created if missing), printing `waiting` if another process has it.
+
+    fcntl.flock: the kernel drops the lock when its holder exits, however it dies (SIGKILL too), so a lock is never
+    left stale, and whatever temporary files the holder of this lock writes are stale once another process has it.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(waiting, file=sys.stderr, flush=True)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

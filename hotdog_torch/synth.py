@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import files
 from .drawings import HOT_DOG, Variation, draw_scene
 
 NOT_HOT_DOG = "not_hot_dog"
@@ -127,16 +128,22 @@ def draw_if_missing(root, wanted: bool, progress: bool = True) -> None:
     root = Path(root)
     if root.exists() or not wanted:
         return
-    # always the seed's set at 128x128, whatever data.image_size a run resizes to: the folder is shared
-    print(
-        f"{root} is missing: drawing the synthetic hot-dog set there (1000 hot dogs and 5000 others to train, "
-        "200 and 1000 to test, 128x128)",
-        flush=True,
-    )
-    drawing = root.with_name(f".{root.name}.drawing-{os.getpid()}")  # renamed into place once complete
-    shutil.rmtree(drawing, ignore_errors=True)
-    generate(drawing, seed=0, progress=progress)
-    drawing.rename(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # one process draws, the others started with it wait and use its set
+    with files.locked(root.with_name(f".{root.name}.lock"), f"waiting for another process drawing {root}"):
+        if root.exists():
+            return
+        for stale in root.parent.glob(f".{root.name}.drawing-*"):  # a drawing process killed before its rename
+            shutil.rmtree(stale, ignore_errors=True)
+        # always the seed's set at 128x128, whatever data.image_size a run resizes to: the folder is shared
+        print(
+            f"{root} is missing: drawing the synthetic hot-dog set there (1000 hot dogs and 5000 others to train, "
+            "200 and 1000 to test, 128x128)",
+            flush=True,
+        )
+        drawing = root.with_name(f".{root.name}.drawing-{os.getpid()}")  # renamed into place once complete
+        generate(drawing, seed=0, progress=progress)
+        drawing.rename(root)
 
 
 def main(argv=None):

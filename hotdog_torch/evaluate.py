@@ -1,12 +1,14 @@
 """Score a trained network on an ImageFolder tree:
 
     python -m hotdog_torch.evaluate --checkpoint runs/<name>/checkpoints/best.pt --data data/hotdog-synth/test \
-        [--json OUT]
+        [--framings] [--json OUT]
 
 Accuracy, error rate, cost (½·MSE), per-class precision, recall and F1, balanced
 accuracy and the confusion matrix.  --data is a class folder tree (DIR/<class>/...);
 given a tree with train/ val/ test/ splits, its test/ split is scored.  The images
 are decoded, resized and normalised exactly as in training, from the checkpoint alone.
+With --framings, also each framing kind of hotdog_torch/framing.py (the pictures shifted, zoomed out and in,
+tilted, mirrored, dimmed, saved as a poor JPEG): accuracy and balanced accuracy per kind, beside as-is.
 """
 
 from __future__ import annotations
@@ -18,13 +20,18 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data
+from . import checkpoint, data, framing
 from .config import Data, UserError
 from .cost import confusion_matrix, per_class
 from .loop import evaluate as score_split
 
 
-def evaluate_folder(ckpt: dict, folder: Path, progress: bool = False) -> dict:
+def evaluate_folder(ckpt: dict, folder: Path, progress: bool = False, framings: bool = False) -> dict:
+    if framings and len(ckpt["classes"]) < 2:
+        raise UserError(
+            f"--framings needs a network of at least two classes (it reports balanced accuracy); "
+            f"this checkpoint has {len(ckpt['classes'])}"
+        )
     if not folder.is_dir():
         raise UserError(f"data folder {folder} does not exist")
     if {p.name for p in folder.iterdir() if p.is_dir()} <= set(data.SPLITS) and (folder / "test").is_dir():
@@ -40,7 +47,7 @@ def evaluate_folder(ckpt: dict, folder: Path, progress: bool = False) -> dict:
     r = score_split(model, split, mean, std, len(classes))
     confusion = confusion_matrix(r["outputs"], split.labels, len(classes))
     report = per_class(confusion, classes)
-    return {
+    out = {
         "data": str(folder),
         "images": len(split),
         "skipped_files": len(skipped),
@@ -51,6 +58,9 @@ def evaluate_folder(ckpt: dict, folder: Path, progress: bool = False) -> dict:
         "per_class": report["classes"],
         "confusion_matrix": {"rows_true_columns_predicted": classes, "counts": confusion.tolist()},
     }
+    if framings:
+        out["framings"] = framing.report(model, split.batch(torch.arange(len(split))), split.labels, mean, std, classes)
+    return out
 
 
 def format_report(r: dict) -> str:
@@ -73,6 +83,8 @@ def format_report(r: dict) -> str:
     ]
     for name, row in zip(classes, r["confusion_matrix"]["counts"], strict=True):
         lines.append(f"{name:<{width}}" + "".join(f"{n:>{width}}" for n in row))
+    if "framings" in r:
+        lines += ["", "framed as people take photos (hotdog_torch/framing.py)", framing.format_table(r["framings"])]
     return "\n".join(lines)
 
 
@@ -83,9 +95,10 @@ def main(argv=None) -> int:
         "--data", required=True, help="an ImageFolder tree DIR/<class>/..., or a tree whose test/ split is scored"
     )
     p.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
+    p.add_argument("--framings", action="store_true", help="also score each framing kind (shift, zoom_out, ...)")
     a = p.parse_args(argv)
     try:
-        r = evaluate_folder(checkpoint.load(a.checkpoint), Path(a.data), progress=sys.stderr.isatty())
+        r = evaluate_folder(checkpoint.load(a.checkpoint), Path(a.data), sys.stderr.isatty(), a.framings)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

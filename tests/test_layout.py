@@ -15,7 +15,7 @@ LAYERS = [
     ["files", "runtime", "drawings", "images", "model", "cost", "dist", "augment"],
     ["synth", "step", "stopping", "checkpoint"],
     ["data", "report"],
-    ["loop"],
+    ["loop", "framing"],
     ["search", "board"],
     ["train"],
     ["evaluate", "predict", "baselines", "two_weights", "export"],

@@ -74,15 +74,14 @@ class Dataset:
         return {name: getattr(self, name) for name in SPLITS if getattr(self, name) is not None}
 
     def to(self, device: torch.device) -> Dataset:
-        """Each pool moved to the device once (memory-mapped pools stay mapped; their batches move)."""
-        moved: dict[int, torch.Tensor] = {}
-        out = {}
-        for name, s in self.splits().items():
-            if s.mapped:
-                out[name] = s
-                continue
-            pool = moved.setdefault(id(s.images), s.images.to(device))
-            out[name] = Split(pool, s.index.to(device), s.labels.to(device), s.paths)
+        """Each pool moved to the device once, the splits cut from it sharing the copy (memory-mapped pools stay
+        mapped; their batches move).  It is the only copy of the images made for training: the budget counts it."""
+        pools = {id(s.images): s.images for s in self.splits().values() if not s.mapped}
+        moved = {key: pool.to(device) for key, pool in pools.items()}
+        out = {
+            name: s if s.mapped else Split(moved[id(s.images)], s.index.to(device), s.labels.to(device), s.paths)
+            for name, s in self.splits().items()
+        }
         return Dataset(self.classes, out["train"], out["val"], out.get("test"), self.skipped, self.layout)
 
     def where(self, device) -> str:

@@ -48,11 +48,6 @@ class Feed:
     def normalised(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.device, non_blocking=True).float().mul_(self.scale).sub_(self.shift)
 
-    def shard(self, rows: torch.Tensor) -> torch.Tensor | None:
-        """This process's images of an epoch, uint8 on its device, gathered once (None for a memory-mapped pool,
-        whose batches are read one by one)."""
-        return None if self.split.mapped else self.split.images[rows].to(self.device, non_blocking=True)
-
     def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(normalised images, labels) at these positions of the split, on the device."""
         x = self.images(self.split.index[positions])
@@ -105,14 +100,14 @@ def train_one_epoch(
     positions, bounds, totals = epoch_plan(n, feed.batch_size, world)
     mine = order if positions is None else order[positions.to(order.device)]  # this process's images, in order
     rows, labels = split.index[mine], split.labels[mine].to(feed.device)
-    targets, shard = one_hot(labels, feed.n_classes), feed.shard(rows)
+    targets = one_hot(labels, feed.n_classes)
     outputs = torch.empty(len(mine), feed.n_classes, device=feed.device)
     costs = torch.zeros(n_steps, device=feed.device)
     i = start
     while i < n_steps and not should_stop():
         k = min(step.window, n_steps - i)  # the window's batches, one after another
         lo, hi = bounds[i], bounds[i + k]
-        x = feed.images(rows[lo:hi]) if shard is None else feed.normalised(shard[lo:hi])
+        x = feed.images(rows[lo:hi])  # gathered from the pool a window at a time: no copy of the epoch's images
         sizes = [bounds[s + 1] - bounds[s] for s in range(i, i + k)]
         for j, (cost, out) in enumerate(step(x, targets[lo:hi], sizes, totals[i : i + k])):
             costs[i + j] = cost

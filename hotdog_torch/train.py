@@ -119,7 +119,7 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
     resumed = checkpoint.load(Path(resume_dir) / "checkpoints" / "last.pt") if resume_dir else None
     budget = cfg.data.memory_budget if cfg.data.memory_budget is not None else data.default_memory_budget(device)
     ds = dist.main_first(world, lambda: data.prepare(cfg.data, cfg.seed, progress, budget))  # decoded once
-    ds = ds if world.distributed else ds.to(device)  # under torchrun each process moves its shard, epoch by epoch
+    ds = ds.to(device)  # each pool once, in every process: the batches are gathered from it on the device
     batch_size = clamp_batch_size(cfg.optim.batch_size, len(ds.train))
     if world.main:
         run_dir = files.open_run_dir(cfg, config_name, resume_dir, resumed, ds, device)

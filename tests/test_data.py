@@ -221,3 +221,57 @@ def test_what_pillow_raises_for_a_bad_file_is_a_decode_error(tmp_path, tiny_tree
         (tmp_path / name).write_bytes(blob)
         with pytest.raises(images.DECODE_ERRORS):
             images.decode(tmp_path / name, 16, 1)
+
+
+# ---------------------------------------------------------------- copies on the device
+
+
+class Moves(torch.overrides.TorchFunctionMode):
+    """Counts Tensor.to calls on uint8 image pools (4-D), whatever device they go to."""
+
+    def __init__(self):
+        super().__init__()
+        self.pools = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.Tensor.to and args[0].dtype == torch.uint8 and args[0].dim() == 4:
+            self.pools.append(args[0].data_ptr())
+        return func(*args, **(kwargs or {}))
+
+
+def test_each_pool_is_moved_to_the_device_once(tmp_path, tiny_tree):
+    ds = data.load_dataset(settings(tmp_path, root=str(tiny_tree)), seed=0, progress=False)
+    assert ds.train.images is ds.val.images  # train/ split into train and val: one pool; test/ another
+    with Moves() as moves:
+        moved = ds.to(torch.device("meta"))  # a real move of the tensors, with no memory behind it
+    assert sorted(moves.pools) == sorted({ds.train.images.data_ptr(), ds.test.images.data_ptr()})
+    assert moved.train.images is moved.val.images and moved.train.images.device.type == "meta"
+
+
+class LargestImages(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most uint8 numbers any one operation made (an image gather's size)."""
+
+    most = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.uint8:
+                LargestImages.most = max(LargestImages.most, t.numel())
+        return out
+
+
+def test_an_epoch_makes_no_copy_of_its_images(tiny_tree, make_config, monkeypatch):
+    from hotdog_torch import loop, train
+
+    real = loop.train_one_epoch
+
+    def watched(*a, **k):
+        with LargestImages():
+            return real(*a, **k)
+
+    monkeypatch.setattr(train, "train_one_epoch", watched)
+    cfg = make_config(tiny_tree, "train.epochs=2", "optim.batch_size=16")
+    train.run(cfg, progress=False)
+    image = cfg.data.channels * cfg.data.image_size**2
+    assert 0 < LargestImages.most <= 16 * image  # a batch's rows at a time, never the epoch's 72 images at once

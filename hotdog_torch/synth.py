@@ -18,11 +18,15 @@ grills, napkins) under the same lighting, so neither the mean colour nor a
 single linear template separates the classes: the hidden layer has to learn
 "bun AND sausage".  Each image is drawn from its own seeded generator, so the
 set is identical whatever the number of worker processes.
+
+--framing photo draws the same things framed as people take photos: anywhere in the
+picture, at any size, tilted, sometimes cut by the frame, in any light (drawings.FRAMINGS).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import shutil
@@ -33,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from . import files
-from .drawings import HOT_DOG, Variation, draw_scene
+from .drawings import FRAMINGS, HOT_DOG, Variation, draw_scene
 
 NOT_HOT_DOG = "not_hot_dog"
 MANIFEST = "manifest.json"  # what each image shows (kind/variant), written beside train/ and test/
@@ -108,7 +112,10 @@ def generate(
             drawn, total=len(jobs), desc="drawing", unit="img", disable=not progress, file=sys.stderr
         ):
             shows[Path(path).relative_to(out).as_posix()] = what
-    (out / MANIFEST).write_text(json.dumps({"seed": seed, "size": size, "shows": shows}, indent=0) + "\n")
+    header = {"seed": seed, "size": size}
+    if variation is not None and variation != Variation():  # the seed's manifest stays as it was, byte for byte
+        header["variation"] = dataclasses.asdict(variation)
+    (out / MANIFEST).write_text(json.dumps({**header, "shows": shows}, indent=0) + "\n")
     return out
 
 
@@ -155,10 +162,13 @@ def main(argv=None):
     p.add_argument("--test-others", type=int, default=1000, help="test not-hot-dogs (default 1000)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0)
+    framing = "how the subject is framed: seed (centred, level, the default) or photo (as people take photos: "
+    framing += "anywhere, at any size, tilted, sometimes cut by the frame, in any light)"
+    p.add_argument("--framing", choices=sorted(FRAMINGS), default="seed", help=framing)
     a = p.parse_args(argv)
     if min(a.hot_dogs, a.others, a.test_hot_dogs, a.test_others) < 0 or not 8 <= a.size <= 1024:
         p.exit(2, "synth: counts must be >= 0 and --size between 8 and 1024.\n")
-    generate(a.out, a.hot_dogs, a.others, a.test_hot_dogs, a.test_others, a.size, a.seed)
+    generate(a.out, a.hot_dogs, a.others, a.test_hot_dogs, a.test_others, a.size, a.seed, FRAMINGS[a.framing])
     print(f"wrote {a.hot_dogs + a.others} training and {a.test_hot_dogs + a.test_others} test images to {a.out}")
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import subprocess
 import sys
@@ -10,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hotdog_torch import checkpoint, framing
+from hotdog_torch import checkpoint, framing, synth
+from hotdog_torch.drawings import FRAMINGS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,3 +69,28 @@ def test_framings_on_a_one_class_checkpoint_is_one_sentence(trained, small_tree,
     r = evaluate("--checkpoint", str(one), "--data", str(small_tree / "test"), "--framings")
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "--framings needs" in lines[0], r.stderr
+
+
+def tree_hash(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(root).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+SEED_SET = "1a78c2f308f9e0122ba56c8424e85f2ece2eeacd9e7da255bf9c6887e1762f07"  # drawn before --framing existed
+
+
+def test_the_seed_set_is_drawn_byte_for_byte_as_before_and_photo_framing_draws_the_same_things(tmp_path):
+    counts = dict(hot_dogs=4, others=10, test_hot_dogs=2, test_others=4, size=48, seed=7, workers=1, progress=False)
+    assert tree_hash(synth.generate(tmp_path / "seed", **counts)) == SEED_SET
+    synth.main(["--out", str(tmp_path / "photo"), "--hot-dogs", "4", "--others", "10", "--test-hot-dogs", "2"]
+               + ["--test-others", "4", "--size", "48", "--seed", "7", "--framing", "photo"])  # fmt: skip
+    assert synth.manifest(tmp_path / "photo") == synth.manifest(tmp_path / "seed")  # the same things, framed anew
+    header = json.loads((tmp_path / "photo" / synth.MANIFEST).read_text())
+    assert header["variation"] == dataclasses.asdict(FRAMINGS["photo"])
+    seed_files, photo_files = sorted((tmp_path / "seed").rglob("*.jpg")), sorted((tmp_path / "photo").rglob("*.jpg"))
+    assert [p.name for p in seed_files] == [p.name for p in photo_files]
+    assert all(a.read_bytes() != b.read_bytes() for a, b in zip(seed_files, photo_files, strict=True))

@@ -16,7 +16,7 @@ $(BIN)/python:
 
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,app,export]'
+	$(BIN)/pip install -q -e '.[test,app,export,heif]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -7,6 +7,7 @@ photo taken upright but stored sideways with an EXIF orientation tag is turned u
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 from typing import BinaryIO
@@ -14,8 +15,12 @@ from typing import BinaryIO
 import numpy as np
 from PIL import Image, ImageOps
 
-# The file extensions torchvision's ImageFolder reads (torchvision.datasets.folder.IMG_EXTENSIONS)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# The file extensions torchvision's ImageFolder reads (torchvision.datasets.folder.IMG_EXTENSIONS) ...
+TORCHVISION_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# ... and the phones' photos: HEIC/HEIF (an iPhone's, read through pillow-heif, the heif extra) and AVIF (Pillow's
+# own reader, where Pillow was built with it).  Without the reader such a file is skipped and counted, not ignored.
+PHOTO_EXTENSIONS = (".heic", ".heif", ".avif")
+IMG_EXTENSIONS = TORCHVISION_EXTENSIONS + PHOTO_EXTENSIONS
 
 
 class BadImage(OSError):
@@ -29,8 +34,20 @@ PILLOW_FAILURES = (SyntaxError, ValueError, EOFError, struct.error, IndexError, 
 PILLOW_FAILURES += (RecursionError,)
 
 
+@functools.cache
+def read_heif() -> bool:
+    """Teach Pillow to open HEIC/HEIF files, once per process, when pillow-heif is installed; whether it is."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
 def open_scaled(path, size: int, mode: str) -> Image.Image:
     """Image.open, with a JPEG larger than size x size set to decode at 1/2, 1/4 or 1/8 scale (Pillow's draft mode)."""
+    read_heif()  # here, not at import: the decoding processes each register it, and no command pays for it unused
     im = Image.open(path)
     im.draft(mode, (size, size))  # libjpeg scales in the DCT: decoding 512x512 for a 128x128 input costs about 1/16
     return im
@@ -59,7 +76,7 @@ def _raised_in_pillow(e: BaseException) -> bool:
     tb = e.__traceback__
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
-    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith("PIL.")
+    return tb is not None and tb.tb_frame.f_globals.get("__name__", "").startswith(("PIL.", "pillow_heif"))
 
 
 def _decode(path, size: int, channels: int, max_pixels: int | None) -> np.ndarray:

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, features
 
 from hotdog_torch import checkpoint, drawings, images
 from hotdog_torch.predict import Classifier
@@ -58,6 +58,13 @@ def encoded(image: Image.Image, fmt: str, **kw) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, fmt, **kw)
     return buffer.getvalue()
+
+
+def heic(image: Image.Image) -> bytes:
+    """The image as an iPhone stores a photo: HEIC, written by pillow-heif (the heif extra)."""
+    pillow_heif = pytest.importorskip("pillow_heif", reason="the heif extra: pip install -e '.[heif]'")
+    pillow_heif.register_heif_opener()
+    return encoded(image, "HEIF", quality=90)
 
 
 @pytest.fixture(scope="module")
@@ -139,6 +146,8 @@ def test_photos_as_phones_and_the_web_send_them(server, hot_dog_photo):
         ("alpha.png", encoded(photo.convert("RGBA"), "PNG")),
         ("cmyk.jpg", encoded(photo.convert("CMYK"), "JPEG")),
         ("photo.webp", encoded(photo, "WEBP")),
+        ("iphone.heic", heic(photo)),  # what an iPhone sends
+        *([("photo.avif", encoded(photo, "AVIF"))] if features.check("avif") else []),
     ]:
         status, r = upload(server, data, name)
         assert status == 200, (name, r)

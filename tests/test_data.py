@@ -198,10 +198,12 @@ def test_the_folder_scan_follows_torchvisions_imagefolder(tmp_path, tiny_tree):
     (root / "not_hot_dog" / ".DS_Store").write_bytes(b"\0")
     (root / "z_empty_class").mkdir()
     os.symlink(root / "hot_dog" / "nested", root / "not_hot_dog" / "linked")
-    reference = ImageFolder(str(root), loader=str, allow_empty=True)
+    (root / "hot_dog" / "iphone.HEIC").write_bytes(b"")  # the phones' formats too (images.PHOTO_EXTENSIONS)
+    ours = images.IMG_EXTENSIONS  # torchvision's and the phones'
+    reference = ImageFolder(str(root), loader=str, is_valid_file=lambda p: p.lower().endswith(ours), allow_empty=True)
     classes, samples = data.image_folder(root)
     assert classes == reference.classes and samples == reference.samples
-    assert images.IMG_EXTENSIONS == IMG_EXTENSIONS
+    assert images.TORCHVISION_EXTENSIONS == IMG_EXTENSIONS and any(p.endswith(".HEIC") for p, _ in samples)
     assert any(p.endswith("B.JPEG") for p, _ in samples) and not any(p.endswith(".txt") for p, _ in samples)
 
 

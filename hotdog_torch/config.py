@@ -118,7 +118,7 @@ class Train:
     # as a CUDA graph and replay it, one launch a step instead of dozens
     cuda_graphs: bool = False
     # under torchrun, how the fused step shares a layer's gradient: "factors" (all-gather each rank's δ and input
-    # rows), "gradients" (all-reduce the gradient), or "auto" (per layer, whichever sends fewer numbers)
+    # rows), "gradients" (all-reduce the gradient), or "auto" (per layer, the fewer bytes received)
     ddp_sync: Literal["auto", "factors", "gradients"] = "auto"
     # stop with stopped_because "diverged" when the cost is NaN/inf, or when its mean over the last diverge_steps
     # steps stays above diverge_factor x the lowest such mean, and above the first such mean, for diverge_steps steps

@@ -207,16 +207,34 @@ class Summed:
         t.add_(self.bias, alpha=alpha)
 
 
+def sync_bytes(world: World, n: int, n_out: int, n_in: int, itemsize: int = 4) -> dict[str, int]:
+    """The bytes each rank receives per step to share an n_in -> n_out layer's gradient of a batch of n rows.
+
+    factors: every other rank's δ and input rows (all_rows pads each share to the largest); gradients: a ring
+    all-reduce of the weight and bias gradients, which moves each number twice (reduce-scatter, all-gather).
+    """
+    most = -(-n // world.size)
+    factors = (world.size - 1) * most * (n_out + n_in) * itemsize
+    gradients = 2 * (world.size - 1) * (n_out * n_in + n_out) * itemsize // world.size
+    return {"factors": factors, "gradients": gradients}
+
+
+def shares_factors(world: World, sync: str, n: int, n_out: int, n_in: int) -> bool:
+    """train.ddp_sync: "factors", "gradients", or "auto", whichever makes each rank receive fewer bytes."""
+    if sync == "auto":
+        sent = sync_bytes(world, n, n_out, n_in)
+        return sent["factors"] < sent["gradients"]
+    return sync == "factors"
+
+
 def gradient(world: World, sync: str, delta: torch.Tensor, a: torch.Tensor, n: int):
     """The whole batch's gradient of a layer, from this rank's rows of it (delta and a; the batch has n rows).
 
-    One process: its own factors.  Under torchrun, either every rank's factors, all-gathered (n·(in + out)
-    numbers), or the gradients, all-reduced (in·out numbers): sync "factors" or "gradients", or "auto", the
-    fewer numbers.  Either way every rank applies the same update to the same weights.
+    One process: its own factors.  Under torchrun, either every rank's factors, all-gathered, or the gradients,
+    all-reduced (shares_factors chooses).  Either way every rank applies the same update to the same weights.
     """
     if not world.distributed:
         return Product(delta, a)
-    size = delta.shape[1] * a.shape[1]
-    if sync == "factors" or (sync == "auto" and n * (delta.shape[1] + a.shape[1]) < size):
+    if shares_factors(world, sync, n, delta.shape[1], a.shape[1]):
         return Product(all_rows(world, delta, n), all_rows(world, a, n))
     return Summed(world, delta, a)

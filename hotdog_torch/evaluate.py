@@ -36,7 +36,8 @@ def evaluate_folder(ckpt: dict, folder: Path, progress: bool = False, framings: 
         raise UserError(f"data folder {folder} does not exist")
     if {p.name for p in folder.iterdir() if p.is_dir()} <= set(data.SPLITS) and (folder / "test").is_dir():
         folder = folder / "test"
-    settings = Data(root=str(folder), image_size=ckpt["image_size"], channels=ckpt["channels"])
+    cache_dir = ckpt["config"]["data"].get("cache_dir")  # the run's data.cache_dir, where its decodes are cached
+    settings = Data(root=str(folder), image_size=ckpt["image_size"], channels=ckpt["channels"], cache_dir=cache_dir)
     classes, split, skipped = data.load_folder(folder, settings, progress)
     if classes != ckpt["classes"]:
         raise UserError(f"{folder} has classes {classes}, but the checkpoint was trained on {ckpt['classes']}")

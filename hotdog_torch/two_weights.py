@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from . import board, checkpoint, config, data, synth, train
+from .config import UserError
 from .cost import half_mse, one_hot
 from .model import linear_layers
 
@@ -40,10 +41,11 @@ def quiet_run(cfg: config.Config, name: str) -> Path:
 
 def hidden_activations(model, split: data.Split, mean, std) -> torch.Tensor:
     """(N, H): what each first-layer hidden neuron answers to each image of the split."""
+    layers = list(model)
     first = linear_layers(model)[0]
     x = data.normalise(split.batch(torch.arange(len(split))), mean, std).flatten(1)
     with torch.no_grad():
-        return model[2](first(x))  # model = Flatten, Linear, activation, ...
+        return layers[layers.index(first) + 1](first(x))  # the activation that follows the first layer
 
 
 def shows(split: data.Split, root) -> list[str]:
@@ -133,6 +135,8 @@ def run(lesson: dict, parent: Path, quick: bool) -> dict:
     """Train the network, pick its two neurons, descend and draw on two weights, draw the picture."""
     extra = list(lesson.get("overrides", [])) + (list(lesson.get("quick", [])) if quick else [])
     cfg = config.load(lesson["base"], extra + [f"log.dir={parent}", "log.run_name=network"])
+    if not cfg.model.hidden:  # the two features are hidden neurons
+        raise UserError("the two-weight lesson needs a hidden layer (its bun and sausage neurons); set model.hidden")
     run_dir = quiet_run(cfg, "network")
     ckpt = checkpoint.load(run_dir / "checkpoints" / "best.pt")
     model, mean, std = checkpoint.model_from(ckpt), torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])

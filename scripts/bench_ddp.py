@@ -21,7 +21,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from hotdog_torch import config  # noqa: E402
+from hotdog_torch import config, dist  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -51,9 +51,8 @@ def bytes_per_step(layers: list[tuple[int, int]], batch: int, world: int) -> lis
     """Per layer (in -> out): bytes a process receives per step, gathering factors / all-reducing gradients."""
     rows = []
     for n_in, n_out in layers:
-        factors = (world - 1) * -(-batch // world) * (n_in + n_out) * 4  # every other rank's δ and input rows
-        gradients = 2 * (world - 1) * (n_in * n_out + n_out) * 4 // world  # a ring all-reduce of weights and bias
-        rows.append((f"{n_in} -> {n_out}", factors, gradients))
+        sent = dist.sync_bytes(dist.World(0, world), batch, n_out, n_in)  # what train.ddp_sync: auto compares
+        rows.append((f"{n_in} -> {n_out}", sent["factors"], sent["gradients"]))
     return rows
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -11,6 +13,12 @@ from hotdog_torch import config, synth
 def pytest_runtest_setup(item):
     if item.get_closest_marker("cuda") and not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_home_cache(tmp_path_factory):
+    """No test, nor a process it starts, writes the real ~/.cache: the default decode cache is the session's."""
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
 
 
 @pytest.fixture(scope="session")

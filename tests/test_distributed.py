@@ -126,3 +126,12 @@ def test_one_process_resumes_a_two_process_run(small_tree, tmp_path):
     train(single("--resume", str(halfway), "train.epochs=4"))
     assert checkpoint.load(halfway / "checkpoints" / "last.pt")["epoch"] == 4
     assert close(weights(tmp_path / "runs" / "straight"), weights(halfway), 1e-5)  # the same batches, summed otherwise
+
+
+def test_ddp_sync_auto_picks_the_fewer_bytes_each_process_receives():
+    two = dist.World(0, 2)
+    # a 1024 -> 16 layer at 24 rows: the factors are more numbers than the gradient (24·1040 > 16·1024) but fewer
+    # bytes, since a ring all-reduce moves each number twice (reduce-scatter, then all-gather), an all-gather once
+    assert dist.sync_bytes(two, 24, 16, 1024) == {"factors": 12 * 1040 * 4, "gradients": 16 * 1025 * 4}
+    assert dist.shares_factors(two, "auto", 24, 16, 1024) and not dist.shares_factors(two, "auto", 64, 16, 1024)
+    assert dist.shares_factors(two, "factors", 64, 16, 1024) and not dist.shares_factors(two, "gradients", 8, 16, 1024)

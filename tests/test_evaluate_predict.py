@@ -4,6 +4,7 @@ checkpoint alone."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -19,10 +20,24 @@ from hotdog_torch import checkpoint, data, drawings, loop, synth
 REPO = Path(__file__).resolve().parents[1]
 
 
-def cli(module, *args):
+def cli(module, *args, env=None):
     return subprocess.run(
-        [sys.executable, "-m", f"hotdog_torch.{module}", *args], cwd=REPO, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", f"hotdog_torch.{module}", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
     )
+
+
+def test_evaluate_decodes_into_the_runs_cache_not_the_home_folder(trained, small_tree, tmp_path):
+    run_dir, _ = trained
+    home = tmp_path / "home"  # where the default cache (~/.cache/hotdog_torch) would be
+    env = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(home / ".cache")}
+    r = cli("evaluate", "--checkpoint", str(run_dir / "checkpoints/best.pt"), "--data", str(small_tree), env=env)
+    assert r.returncode == 0, r.stderr
+    assert not home.exists()  # the run's data.cache_dir (tests/conftest.py: under its tmp_path) held the entry
 
 
 def test_evaluate_reproduces_the_runs_test_accuracy(trained, small_tree, tmp_path):

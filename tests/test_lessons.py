@@ -11,6 +11,7 @@ from conftest import tiny_doc
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hotdog_torch import checkpoint, cost, lessons, stopping, train
+from hotdog_torch.config import UserError
 from hotdog_torch.model import build_model
 
 
@@ -147,3 +148,14 @@ def test_the_runner_writes_a_summary_with_every_arm(small_tree, reduced_tree, tm
     ]
     assert "random_best_val_error_rate" in two and "for always answering" in text
     assert json.loads((parent / "summary.json").read_text())["lessons"].keys() == summary["lessons"].keys()
+
+
+def test_the_two_weight_lesson_refuses_a_network_without_a_hidden_layer(small_tree, tmp_path):
+    from hotdog_torch import two_weights
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_doc(small_tree, tmp_path)))
+    lesson = {"title": "two", "kind": "two_weights", "base": str(tmp_path / "base.yaml"), "budget": 5, "lr": 5.0}
+    lesson["overrides"] = ["model.hidden=[]", "train.epochs=1"]
+    with pytest.raises(UserError, match="needs a hidden layer") as refused:
+        two_weights.run(lesson, tmp_path / "out", quick=True)
+    assert "\n" not in str(refused.value) and not (tmp_path / "runs").exists()  # refused before training

@@ -126,6 +126,9 @@ class Train:
     diverge_steps: int = 20
     # write checkpoints/last.pt every this many epochs (and at the end; Ctrl-C/SIGTERM always saves)
     checkpoint_every_epochs: int = 1
+    # flush subnormal floats (|x| < 1.2e-38 in fp32) to zero in every CPU thread: x86 arithmetic on them is many
+    # times slower, and ½·MSE on saturated sigmoids makes them; auto = on for CPU runs (runtime.flush_denormal)
+    flush_denormal: Literal["auto"] | bool = "auto"
 
 
 @dataclass

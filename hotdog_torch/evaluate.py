@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, framing
+from . import checkpoint, data, framing, runtime
 from .config import Data, UserError
 from .cost import confusion_matrix, per_class
 from .loop import evaluate as score_split
@@ -44,6 +44,7 @@ def evaluate_folder(ckpt: dict, folder: Path, progress: bool = False, framings: 
     if len(split) == 0:
         raise UserError(f"{folder} holds no decodable images")
     model = checkpoint.model_from(ckpt)
+    runtime.flush_denormal_as_trained(ckpt["config"])
     mean, std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
     r = score_split(model, split, mean, std, len(classes))
     confusion = confusion_matrix(r["outputs"], split.labels, len(classes))

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import checkpoint, data, images
+from . import checkpoint, data, images, runtime
 from .config import UserError
 from .images import IMG_EXTENSIONS
 from .model import linear_layers, neuron_pictures
@@ -48,6 +48,7 @@ class Classifier:
 
     def __init__(self, ckpt: dict):
         self.model = checkpoint.model_from(ckpt)
+        runtime.flush_denormal_as_trained(ckpt["config"])  # as in training (the app too)
         self.classes, self.size, self.channels = ckpt["classes"], ckpt["image_size"], ckpt["channels"]
         self.mean, self.std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
         layers = linear_layers(self.model)

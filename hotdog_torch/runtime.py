@@ -38,3 +38,38 @@ def peak_memory_bytes(device: torch.device) -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def flush_denormal(setting: str | bool, device: torch.device) -> bool:
+    """Flush subnormal floats to zero (FTZ + DAZ) in this thread and in every intra-op thread; returns whether on.
+
+    setting is train.flush_denormal: auto = on for CPU runs.  torch.set_flush_denormal changes only the calling
+    thread's MXCSR; OpenMP's worker threads, once started, keep their own (half of a parallel product would still
+    be subnormal), so the call is repeated inside one OpenMP parallel region, on every thread of the team.  Threads
+    started later (a larger team, the app's worker threads) copy the flag from the thread that starts them.
+    """
+    on = device.type == "cpu" if setting == "auto" else bool(setting)
+    if not torch.set_flush_denormal(on):  # a CPU without FTZ/DAZ (not x86 with SSE3): nothing to flush
+        return False
+    _on_every_omp_thread(lambda: torch.set_flush_denormal(on))
+    return on
+
+
+def flush_denormal_as_trained(config: dict) -> bool:
+    """For a trained network used on the CPU (evaluate, predict, the app): its run's train.flush_denormal."""
+    return flush_denormal(config.get("train", {}).get("flush_denormal", "auto"), torch.device("cpu"))
+
+
+def _on_every_omp_thread(fn) -> None:
+    """Call fn() once on each thread of torch's OpenMP team (libgomp's GOMP_parallel, through ctypes)."""
+    import ctypes
+    from pathlib import Path
+
+    libs = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    try:
+        gomp = ctypes.CDLL(str(libs[0]) if libs else "libgomp.so.1")
+    except OSError:
+        return  # torch built without libgomp (another OpenMP, or none): nothing more to reach
+    callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _: fn())
+    gomp.GOMP_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
+    gomp.GOMP_parallel(ctypes.cast(callback, ctypes.c_void_p), None, torch.get_num_threads(), 0)

@@ -95,6 +95,7 @@ def test_an_augment_range_error_is_one_sentence_on_the_command_line():
         ("data.augment.shfit=0.1", ["unknown config key 'data.augment.shfit'", "did you mean 'data.augment.shift'"]),
         ("data.augment=on", ["config key 'data.augment' must be a mapping"]),
         ("device=gpu", ["device must be"]),
+        ("train.flush_denormal=sometimes", ["train.flush_denormal", "one of 'auto' or true or false"]),
         ("optim.lr", ["section.key=value"]),
     ],
 )

@@ -1,0 +1,57 @@
+"""Subnormal floats are flushed to zero in every CPU thread of training and of using a network (train.flush_denormal).
+
+x86 arithmetic on subnormals (|x| < 1.2e-38 in fp32) is many times slower, and ½·MSE on saturated sigmoids makes
+them: the momentum step ran 4-5x slower with them (docs/BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hotdog_torch import checkpoint, runtime, train
+from hotdog_torch.evaluate import evaluate_folder
+from hotdog_torch.predict import Classifier
+
+CPU = torch.device("cpu")
+N = 1 << 17  # long enough for ATen to split the product over its intra-op threads
+
+
+def subnormal_products() -> int:
+    """How many of N products 1e-20 · 1e-20 = 1e-40 (subnormal in fp32) come out nonzero."""
+    x = torch.full((N,), 1e-20)
+    return int(torch.count_nonzero(x * x))
+
+
+@pytest.fixture
+def flush_off():
+    subnormal_products()  # the OpenMP team exists before the flag changes, as in any process that has computed
+    yield
+    runtime.flush_denormal(False, CPU)  # torch's default, for the tests that follow
+
+
+def test_flush_holds_in_every_intra_op_thread(flush_off):
+    assert torch.get_num_threads() == 1 or subnormal_products() == N
+    assert runtime.flush_denormal(True, CPU)
+    assert subnormal_products() == 0  # torch.set_flush_denormal alone leaves the other threads' share subnormal
+    a = torch.full((128, 128), 1e-22)
+    assert int(torch.count_nonzero(a @ a)) == 0  # MKL's GEMM threads too: each sum is 128 · 1e-44
+    assert not runtime.flush_denormal(False, CPU)
+    assert subnormal_products() == N
+    assert not runtime.flush_denormal("auto", torch.device("cuda"))  # auto: on for CPU runs only
+
+
+def test_training_evaluate_and_predict_flush_on_the_cpu(tiny_tree, make_config, flush_off):
+    train.run(
+        make_config(tiny_tree, "train.epochs=1", "train.flush_denormal=false", "log.run_name=unflushed"), progress=False
+    )
+    assert subnormal_products() == N
+    run_dir = train.run(make_config(tiny_tree, "train.epochs=1", "log.run_name=flushed"), progress=False)
+    assert subnormal_products() == 0  # auto on the CPU: on
+    ckpt = checkpoint.load(run_dir / "checkpoints" / "best.pt")
+    ckpt["config"]["train"]["flush_denormal"] = False
+    Classifier(ckpt)  # predict and the app use the run's setting
+    assert subnormal_products() == N
+    del ckpt["config"]["train"]["flush_denormal"]  # a checkpoint from before the key: auto
+    evaluate_folder(ckpt, tiny_tree / "test")
+    assert subnormal_products() == 0

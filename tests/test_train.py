@@ -120,3 +120,36 @@ def test_a_missing_synthetic_set_is_drawn_at_128_whatever_the_run_resizes_to(tmp
     assert ds.train.images.shape[-1] == 16
     with Image.open(next((root / "train" / "hot_dog").iterdir())) as im:
         assert im.size == (128, 128)  # the shared folder holds the seed's images, not this run's size
+
+
+def weights_of(run_dir):
+    return checkpoint.load(run_dir / "checkpoints/last.pt")["model"]
+
+
+# The paths a CUDA run takes that the CPU can run too, end to end, so that only the device is new on a GPU
+
+
+def test_bf16_autocast_trains_on_the_cpu_as_cuda_does_by_default(small_tree, make_config):
+    common = ("optim.fused=false", "train.epochs=3", "model.hidden=[32]", "optim.lr=0.2")
+    fp32 = train.run(make_config(small_tree, *common, "log.run_name=fp32"), progress=False)
+    bf16 = train.run(make_config(small_tree, *common, "train.precision=bf16", "log.run_name=bf16"), progress=False)
+    m = json.loads((bf16 / "metrics.json").read_text())
+    assert m["step"].startswith("autograd + torch.optim.SGD (bf16") and m["val_accuracy"] > 0.75, (
+        m
+    )  # two thirds are not hot dogs
+    a, b = weights_of(fp32), weights_of(bf16)
+    assert all(b[k].dtype == torch.float32 for k in b)  # the master weights stay fp32; the matmuls ran in bf16
+    change = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert 1e-4 < change < 0.05, change  # rounded to bf16's 8 bits, not fp32's 24: near, not equal
+    model = checkpoint.model_from(checkpoint.load(bf16 / "checkpoints/best.pt"))  # loads back as fp32
+    assert next(model.parameters()).dtype == torch.float32
+
+
+def test_a_compiled_network_trains_on_the_cpu_as_the_eager_one_does(small_tree, make_config):
+    common = ("train.epochs=2", "model.hidden=[8]", "optim.batch_size=60", "data.image_size=16")  # 240 = 4 x 60
+    eager = train.run(make_config(small_tree, *common, "optim.fused=false", "log.run_name=eager"), progress=False)
+    compiled = train.run(make_config(small_tree, *common, "train.compile=true", "log.run_name=c"), progress=False)
+    m = json.loads((compiled / "metrics.json").read_text())
+    assert m["step"] == "autograd + torch.optim.SGD (fp32, compiled)" and m["epochs"] == 2
+    a, b = weights_of(eager), weights_of(compiled)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # no _orig_mod. prefix

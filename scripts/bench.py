@@ -1,455 +1,258 @@
-"""Side-by-side benchmark: the PyTorch-tutorial pipeline against hotdog_torch's own training path.
+"""The bench: hotdog_torch's own command against a careful tutorial pipeline and a NumPy network, side by side.
 
-    python scripts/bench.py [--config configs/bench.yaml] [--device cpu|cuda] [--json OUT]
+    python scripts/bench.py [--parts cold,momentum,plain,small] [--repeats 3] [--epochs 3] [--json OUT]
+    python scripts/bench.py --parts ddp      # torchrun: one process against two, and the bytes each way sends
 
-Both train the same MLP with the same ½·MSE cost and plain SGD on the same
-ImageFolder data, in this one process:
-
-(a) tutorial: torchvision ImageFolder + transforms + DataLoader(num_workers = cores,
-    shuffle, persistent workers, pinned memory on CUDA), decoding and transforming
-    every image every epoch, autograd + torch.optim.SGD;
-(b) hotdog_torch: the decode-once uint8 tensor on the device, batches by index,
-    the configured training step (for plain SGD in fp32, the fused update).
-
-It reports steady-state images/s (the median of the epochs after the first), the
-speedup, FLOPs per image from the model's shapes, the GEMM rate measured at the
-model's own matrix shapes and at a large square, the fraction of the square's
-roofline reached, cold start (decode + cache build, on every core and on one),
-warm start (cache hit) and peak memory.
+Every hotdog_torch figure is `python -m hotdog_torch.train` run in a new process and read back from its
+metrics.json (train_images_per_second: the epochs after the first, training only); every tutorial figure is
+`python scripts/tutorial_train.py` likewise, from its --json.  The two alternate, each figure is the best of
+--repeats runs (the machine is shared: a slower run is another process taking the cores), and the table says
+what each figure is and the target it is held to.  TARGETS is the one place the targets are written.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
-import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 
-import bench_more as more  # noqa: E402
+from hotdog_torch import config, data, dist, runtime, synth  # noqa: E402
 
-from hotdog_torch import config, data, loop, runtime, step  # noqa: E402
-from hotdog_torch.cost import half_mse, one_hot  # noqa: E402
-from hotdog_torch.model import build_model, linear_layers  # noqa: E402
-
-# ---------------------------------------------------------------- measuring
-
-
-class PeakRSS:
-    """Peak resident memory of this process and its children (DataLoader workers) above its start, every 50 ms."""
-
-    def __init__(self):
-        self.peak, self.base, self._stop = 0, 0, threading.Event()
-        self._page = os.sysconf("SC_PAGE_SIZE")
-
-    def _rss(self):
-        me, total = os.getpid(), 0
-        for pid in [me] + _children(me):
-            try:
-                with open(f"/proc/{pid}/statm") as f:
-                    total += int(f.read().split()[1]) * self._page
-            except OSError:
-                pass
-        return total
-
-    def _run(self):
-        while not self._stop.wait(0.05):
-            self.peak = max(self.peak, self._rss() - self.base)
-
-    def __enter__(self):
-        self.base = self._rss()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+TARGETS = {  # figure: (what it is held to, bound, "min" = at least / "max" = at most)
+    "cold": ("default job, fresh cache, command to 99%: x the tutorial", 3.0, "min"),
+    "momentum": ("momentum 0.9, RGB 128, [512], batch 64: x the tutorial", 4.0, "min"),
+    "limit": ("momentum 0.9: step time / the step's limit", 1.2, "max"),
+    "plain": ("plain SGD, RGB 128, [512], batch 64: x the tutorial", 3.0, "min"),
+    "small": ("784-30-10, batch 10, lr 3, plain SGD: x NumPy", 1.0, "min"),
+}
+STEADY = ["train.target_accuracy=null", "log.images_every_epochs=0"]
 
 
-def _children(pid):
-    try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            return [int(p) for p in f.read().split()]
-    except OSError:
-        return []
-
-
-def peak_memory(device, fn):
-    """(result of fn(), peak bytes fn added: GPU memory allocated on CUDA, resident memory on the CPU)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        out = fn()
-        torch.cuda.synchronize(device)
-        return out, torch.cuda.max_memory_allocated(device) - base
-    with PeakRSS() as p:
-        out = fn()
-    return out, p.peak
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_seconds(fn, device, repeats):
-    fn()
-    sync(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def flops_per_image(model) -> int:
-    """Per Linear: 2·in·out forward, 2·in·out weight gradient, 2·in·out input gradient except at the first layer."""
-    total = 0
-    for i, layer in enumerate(linear_layers(model)):
-        total += 2 * layer.in_features * layer.out_features * (2 if i == 0 else 3)
-    return total
-
-
-def model_shape_seconds(model, batch, rates, fused):
-    """Seconds per image that the step's own GEMMs take at the rates measured at their shapes."""
-    total = 0.0
-    for i, layer in enumerate(linear_layers(model)):
-        k, n = layer.in_features, layer.out_features
-        flops = 2 * k * n  # per image, for each of the products below
-        names = [
-            f"layer{i + 1} forward",
-            f"layer{i + 1} weight update in place" if fused else f"layer{i + 1} weight grad",
-        ]
-        if i > 0:
-            names.append(f"layer{i + 1} input grad")
-        for name in names:
-            rate = next(v for key, v in rates.items() if key.startswith(name))
-            total += flops / (rate * 1e9)
-    return total
-
-
-def gemm_rates(model, batch, device, dtype, square):
-    """GFLOP/s of torch.mm at each of the model's matrix shapes, and at a square n x n x n."""
-    out = {}
-    g = lambda *s: torch.randn(*s, device=device, dtype=dtype)  # noqa: E731
-    for i, layer in enumerate(linear_layers(model)):
-        k, n = layer.in_features, layer.out_features
-        x, w, d = g(batch, k), g(n, k), g(batch, n)
-        shapes = {
-            f"layer{i + 1} forward ({batch}x{k} @ {k}x{n})": lambda x=x, w=w: torch.mm(x, w.t()),
-            f"layer{i + 1} weight grad ({n}x{batch} @ {batch}x{k}), new matrix": lambda x=x, d=d: torch.mm(d.t(), x),
-            f"layer{i + 1} weight update in place (W.addmm_)": lambda x=x, w=w, d=d: w.addmm_(d.t(), x, alpha=-1e-6),
-        }
-        if i > 0:
-            shapes[f"layer{i + 1} input grad ({batch}x{n} @ {n}x{k})"] = lambda d=d, w=w: torch.mm(d, w)
-        for name, fn in shapes.items():
-            out[name] = 2 * batch * k * n / median_seconds(fn, device, 10) / 1e9
-    a, b = g(square, square), g(square, square)
-    out[f"square {square}^3"] = 2 * square**3 / median_seconds(lambda: torch.mm(a, b), device, 5) / 1e9
-    return out
-
-
-# ---------------------------------------------------------------- (a) the tutorial pipeline
-
-
-def tutorial_pipeline(cfg, ds_root, device, workers):
-    """ImageFolder + transforms + DataLoader, as the PyTorch tutorials write it; returns run_one_epoch() -> images."""
-    from torch.utils.data import DataLoader
-    from torchvision import datasets, transforms
-
-    steps = [transforms.Resize((cfg.data.image_size, cfg.data.image_size))]
-    if cfg.data.channels == 1:
-        steps.append(transforms.Grayscale())
-    steps += [transforms.ToTensor(), transforms.Normalize([0.5] * cfg.data.channels, [0.25] * cfg.data.channels)]
-    dataset = datasets.ImageFolder(ds_root, transform=transforms.Compose(steps))
-    loader = DataLoader(
-        dataset,
-        batch_size=cfg.optim.batch_size or 64,
-        shuffle=True,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-    )
-    torch.manual_seed(cfg.seed)
-    k = len(dataset.classes)
-    model = build_model(cfg.data.channels * cfg.data.image_size**2, cfg.model.hidden, k, cfg.model.activation).to(
-        device
-    )
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
-
-    def epoch():
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = half_mse(model(x), one_hot(y, k))
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-        sync(device)
-        return len(dataset)
-
-    return epoch
-
-
-# ---------------------------------------------------------------- (b) hotdog_torch
-
-
-def own_pipeline(cfg, ds, device):
-    """The data already decoded on the device; returns (run_one_epoch() -> images, step name, model)."""
-    torch.manual_seed(cfg.seed)
-    k = len(ds.classes)
-    width = cfg.data.channels * cfg.data.image_size**2
-    model = build_model(width, cfg.model.hidden, k, cfg.model.activation).to(device)
-    take = step.make_step(model, step.make_optimizer(model, cfg, device), cfg, device)
-    generator = torch.Generator(device=ds.train.index.device).manual_seed(cfg.seed)
-    mean, std = (t.to(device) for t in data.normalisation(ds.train))
-    feed = loop.Feed(ds.train, mean, std, cfg.optim.batch_size or len(ds.train), k, device)
-
-    def epoch():
-        done = loop.train_one_epoch(take, feed, generator)
-        done["costs"].tolist()  # the epoch's one sync
-        return len(ds.train)
-
-    return epoch, take.name, model
-
-
-def timed(epoch):
+def command(args: list[str]) -> float:
+    """Seconds from starting the command to its exit (it must succeed)."""
     t0 = time.perf_counter()
-    n = epoch()
-    return n / (time.perf_counter() - t0)
+    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    return time.perf_counter() - t0
 
 
-def decode_rates(d, folder, tmp, cores, repeats=3):
-    """Images/s of the decode step alone (into an .npy), on one process and on every core: median of `repeats`."""
-    import numpy as np
-
-    _, samples = data._scan(folder)  # (path, class, size, mtime)
-    rates = {1: [], cores: []}
-    for _ in range(repeats):
-        for workers in rates:
-            c = config.Data(**{**vars(d), "workers": workers})
-            target = Path(tmp) / f"decode-{workers}.npy"
-            offset = np.lib.format.open_memmap(
-                target, mode="w+", dtype=np.uint8, shape=(len(samples), d.channels, d.image_size, d.image_size)
-            ).offset
-            t0 = time.perf_counter()
-            data._decode_all(samples, c, target, offset, progress=False, desc="")
-            rates[workers].append(len(samples) / (time.perf_counter() - t0))
-    out = {
-        "decode_images_per_second_1_worker": statistics.median(rates[1]),
-        "decode_images_per_second_all_cores": statistics.median(rates[cores]),
-        "decode_rates": {str(k): v for k, v in rates.items()},
-    }
-    out["decode_speedup_all_cores"] = (
-        out["decode_images_per_second_all_cores"] / out["decode_images_per_second_1_worker"]
-    )
-    return out
+def train(tmp, name, cfg, *overrides, launcher=(sys.executable,)) -> tuple[float, dict]:
+    """(seconds, metrics.json) of `python -m hotdog_torch.train --config cfg overrides` in a new process."""
+    runs = f"log.dir={tmp}/runs"
+    seconds = command([*launcher, "-m", "hotdog_torch.train", "--no-progress", "--config", cfg, runs, *overrides])
+    return seconds, json.loads(Path(tmp, "runs", name, "metrics.json").read_text())
 
 
-def machine(device) -> dict:
-    cores = os.cpu_count() or 1
-    r = {
-        "date": time.strftime("%Y-%m-%d"),
-        "device": str(device),
-        "machine": f"{platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}",
-    }
-    if device.type == "cuda":
-        r["gpu"] = torch.cuda.get_device_name(device)
-    else:
-        with open("/proc/cpuinfo") as f:
-            r["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "?")
-    return r
+def tutorial(tmp, name, cfg, *overrides) -> tuple[float, dict]:
+    """(seconds, its --json) of `python scripts/tutorial_train.py --config cfg overrides` in a new process."""
+    out = Path(tmp, f"tutorial-{name}.json")
+    seconds = command([sys.executable, "scripts/tutorial_train.py", "--config", cfg, "--json", str(out), *overrides])
+    return seconds, json.loads(out.read_text())
 
 
-def startup(cfg, device, tmp, train_root) -> tuple[dict, list]:
-    """Cold start on every core and on one (each into an empty cache), decode alone, warm start (cache hit)."""
-    r, cores, budget = {}, os.cpu_count() or 1, data.default_memory_budget(device)
-    for label, workers in (("cold_start_seconds", None), ("cold_start_1_worker_seconds", 1)):
-        c = config.from_dict(
-            config.to_dict(cfg), [f"data.cache_dir={tmp}/{label}", f"data.workers={workers or 'null'}"]
+def cold(a, tmp) -> tuple[dict, list]:
+    """The default job from the command to the target, a fresh decode cache each time, against the tutorial."""
+    ours, theirs = [], []
+    for i in range(a.repeats):
+        s, m = train(
+            tmp, f"cold{i}", "configs/hotdog.yaml", f"log.run_name=cold{i}", f"data.cache_dir={tmp}/c{i}", *a.o
         )
-        t0 = time.perf_counter()
-        data.load_dataset(c.data, c.seed, progress=False, memory_budget=budget)
-        r[label] = time.perf_counter() - t0
-    r["cold_start_speedup_all_cores"] = r["cold_start_1_worker_seconds"] / r["cold_start_seconds"]
-    r.update(decode_rates(cfg.data, train_root, tmp, cores))
-    c = config.from_dict(config.to_dict(cfg), [f"data.cache_dir={tmp}/cold_start_seconds"])
-    warm = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        ds = data.load_dataset(c.data, c.seed, progress=False, memory_budget=budget).to(device)
-        sync(device)
-        warm.append(time.perf_counter() - t0)
-        del ds
-    r["warm_start_seconds"] = statistics.median(warm)
+        ours.append((s, m["epochs"], m["stopped_because"] == "target_accuracy"))
+        s, m = tutorial(tmp, f"cold{i}", "configs/hotdog.yaml", *a.o)
+        theirs.append((s, m["epochs"], m["reached"]))
+    runs = lambda rs: ", ".join(f"{s:.1f} s ({e} epochs{'' if hit else ', short'})" for s, e, hit in rs)  # noqa: E731
+    o, t = min(ours)[0], min(theirs)[0]
+    rows = [("hotdog_torch, `python -m hotdog_torch.train --config configs/hotdog.yaml`", f"{o:.1f} s", runs(ours))]
+    rows.append(
+        ("tutorial, `python scripts/tutorial_train.py --config configs/hotdog.yaml`", f"{t:.1f} s", runs(theirs))
+    )
+    return {"ours": ours, "tutorial": theirs, "cold": t / o}, rows
+
+
+def throughput(a, tmp, momentum: float) -> tuple[dict, list]:
+    """Steady-state training images/s of configs/bench.yaml at this momentum, ours against the tutorial's; with
+    momentum also ours with subnormals not flushed, and the step against its limit (measured between the runs)."""
+    part, cfg = "momentum" if momentum else "plain", "configs/bench.yaml"
+    over = [f"optim.momentum={momentum}", f"train.epochs={a.epochs}", *STEADY, f"data.cache_dir={tmp}/c", *a.o]
+    arms = {"hotdog_torch": "auto", "tutorial, DataLoader decoding every epoch": None}
+    arms |= {"hotdog_torch, train.flush_denormal=false": "false"} if momentum else {}
+    rates, limits = {arm: [] for arm in arms}, []
+    for i in range(a.repeats):
+        for j, (arm, flush) in enumerate(arms.items()):
+            name = f"{part}{i}{j}"
+            if flush is None:
+                rates[arm].append(tutorial(tmp, name, cfg, *over)[1]["images_per_second"])
+                continue
+            m = train(tmp, name, cfg, *over, f"train.flush_denormal={flush}", f"log.run_name={name}")[1]
+            rates[arm].append(m["train_images_per_second"])
+            step = m["step"]
+        limits.append(momentum_limit(config.load(cfg, a.o)) if momentum else {})
+    best = {arm: max(r) for arm, r in rates.items()}
     rows = [
-        ("cold start, every core", f"{r['cold_start_seconds']:.2f} s", "ImageFolder scan + decode + cache write"),
-        (
-            "cold start, one worker",
-            f"{r['cold_start_1_worker_seconds']:.2f} s",
-            f"every core is {r['cold_start_speedup_all_cores']:.2f}x faster",
-        ),
-        ("decode alone, one worker", f"{r['decode_images_per_second_1_worker']:,.0f} images/s", "median of 3"),
-        (
-            f"decode alone, {cores} workers",
-            f"{r['decode_images_per_second_all_cores']:,.0f} images/s",
-            f"median of 3; {r['decode_speedup_all_cores']:.2f}x one worker",
-        ),
-        (
-            "warm start (cache hit)",
-            f"{r['warm_start_seconds']:.2f} s",
-            "median of 3: scan + stat + load + move to device",
-        ),
+        (arm + f" ({step})" * (j == 0), f"{best[arm]:,.0f} images/s", runs(rates[arm])) for j, arm in enumerate(arms)
     ]
+    ours, tutorial_rate, *off = best.values()
+    r = {"rates": rates, part: ours / tutorial_rate}
+    if momentum:
+        rows.append(("flushing subnormals", f"{ours / off[0]:.2f}x", "images/s flushed / not flushed"))
+        limit = {k: min(x[k] for x in limits) for k in limits[0]}
+        note = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in limit.items())
+        rows.append(("the step's limit: GEMMs + one stream over W, v", f"{sum(limit.values()) * 1e3:.1f} ms", note))
+        seconds = config.load(cfg, a.o).optim.batch_size / ours
+        rows.append(("hotdog_torch's momentum step (batch / images/s)", f"{seconds * 1e3:.1f} ms", "best run"))
+        r |= {"limit_seconds": limit, "limit": seconds / sum(limit.values())}
     return r, rows
 
 
-def throughput(cfg, device, tmp, train_root, epochs) -> tuple[dict, list]:
-    """Both pipelines' steady-state images/s, epochs alternating, and the roofline of the step's GEMMs."""
-    r, cores, budget = {}, os.cpu_count() or 1, data.default_memory_budget(device)
-    c = config.from_dict(config.to_dict(cfg), [f"data.cache_dir={tmp}/throughput"])
-
-    def own_first():  # each pipeline's set-up and first (warm-up) epoch, measured for memory
-        ds = data.load_dataset(c.data, c.seed, progress=False, memory_budget=budget).to(device)
-        epoch, name, model = own_pipeline(cfg, ds, device)
-        return epoch, name, model, timed(epoch)
-
-    (own, step_name, model, _), r["own_peak_memory_bytes"] = peak_memory(device, own_first)
-
-    def tutorial_first():
-        epoch = tutorial_pipeline(cfg, train_root, device, cores)
-        return epoch, timed(epoch)
-
-    (tutorial, _), r["tutorial_peak_memory_bytes"] = peak_memory(device, tutorial_first)
-    r["own_epoch_rates"], r["tutorial_epoch_rates"] = [], []
-    for _ in range(epochs):  # the timed epochs, alternating, so that both see the same machine
-        r["own_epoch_rates"].append(timed(own))
-        r["tutorial_epoch_rates"].append(timed(tutorial))
-    r["own_step"] = step_name
-    r["own_images_per_second"] = statistics.median(r["own_epoch_rates"])
-    r["tutorial_images_per_second"] = statistics.median(r["tutorial_epoch_rates"])
-    r["speedup"] = r["own_images_per_second"] / r["tutorial_images_per_second"]
-    r["speedup_per_pair"] = [o / t for o, t in zip(r["own_epoch_rates"], r["tutorial_epoch_rates"], strict=True)]
-    r.update(roofline(model, cfg, device, step_name, r["own_images_per_second"]))
-    return r, throughput_rows(r, device, cores)
+def runs(values) -> str:
+    return "runs: " + ", ".join(f"{v:,.0f}" for v in values)
 
 
-def roofline(model, cfg, device, step_name, rate) -> dict:
-    r = {"flops_per_image": flops_per_image(model)}
-    dtype = torch.bfloat16 if "bf16" in step_name else torch.float32
-    batch = cfg.optim.batch_size or 64
-    r["gemm_dtype"] = str(dtype).replace("torch.", "")
-    r["gemm_gflops"] = gemm_rates(model, batch, device, dtype, 8192 if device.type == "cuda" else 2048)
-    square = [v for k, v in r["gemm_gflops"].items() if k.startswith("square")][0]
-    r["roofline_images_per_second"] = square * 1e9 / r["flops_per_image"]
-    r["roofline_fraction"] = rate / r["roofline_images_per_second"]
-    r["own_gflops"] = rate * r["flops_per_image"] / 1e9
-    fused = step_name.startswith("fused SGD (")  # the plain fused update: W.addmm_ rather than a fresh gradient
-    r["model_shape_roofline_images_per_second"] = 1 / model_shape_seconds(model, batch, r["gemm_gflops"], fused)
-    r["model_shape_roofline_fraction"] = rate / r["model_shape_roofline_images_per_second"]
-    return r
+def momentum_limit(cfg) -> dict:
+    """Seconds per step below which no momentum step of the config's first layer can go: the forward GEMM, the
+    gradient product accumulated into the velocity, and one stream over the weights and the velocity; best of 7."""
+    n, width, hidden = cfg.optim.batch_size, cfg.data.channels * cfg.data.image_size**2, cfg.model.hidden[0]
+    g = lambda *shape: torch.randn(*shape, device=runtime.resolve_device(cfg.device))  # noqa: E731
+    x, w, v, d = g(n, width), g(hidden, width), g(hidden, width) * 0, g(n, hidden)
+    ops = {"x·Wᵀ": lambda: torch.mm(x, w.t()), "v += δᵀx": lambda: v.addmm_(d.t(), x), "W −= lr·v": lambda: w.sub_(v)}
+    return {name: min(seconds(op, x.device) for _ in range(7)) for name, op in ops.items()}
 
 
-def throughput_rows(r, device, cores) -> list:
-    added = "added GPU memory" if device.type == "cuda" else "added resident memory"
-    rows = [
-        (
-            f"tutorial pipeline (DataLoader, {cores} workers)",
-            f"{r['tutorial_images_per_second']:,.0f} images/s",
-            "median of epochs " + ", ".join(f"{x:,.0f}" for x in r["tutorial_epoch_rates"]),
-        ),
-        (
-            "hotdog_torch (" + r["own_step"] + ")",
-            f"{r['own_images_per_second']:,.0f} images/s",
-            "median of epochs " + ", ".join(f"{x:,.0f}" for x in r["own_epoch_rates"]),
-        ),
-        ("speedup", f"{r['speedup']:.2f}x", "epoch pairs: " + ", ".join(f"{x:.2f}" for x in r["speedup_per_pair"])),
-        ("FLOPs per image", f"{r['flops_per_image'] / 1e6:.1f} MFLOP", "forward + backward, from the model's shapes"),
-    ]
-    rows += [(f"GEMM {k}", f"{v:,.1f} GFLOP/s", r["gemm_dtype"]) for k, v in r["gemm_gflops"].items()]
-    rows += [
-        ("hotdog_torch achieved", f"{r['own_gflops']:,.1f} GFLOP/s", ""),
-        ("roofline (square GEMM / FLOPs per image)", f"{r['roofline_images_per_second']:,.0f} images/s", ""),
-        ("fraction of roofline", f"{r['roofline_fraction']:.0%}", "of the square GEMM's rate"),
-        (
-            "model-shape roofline",
-            f"{r['model_shape_roofline_images_per_second']:,.0f} images/s",
-            "the step's own GEMMs at the rates measured at their shapes",
-        ),
-        ("fraction of model-shape roofline", f"{r['model_shape_roofline_fraction']:.0%}", ""),
-        (
-            "peak memory, hotdog_torch",
-            f"{r['own_peak_memory_bytes'] / 2**20:,.0f} MiB",
-            added + ": data, model, first epoch",
-        ),
-        (
-            "peak memory, tutorial",
-            f"{r['tutorial_peak_memory_bytes'] / 2**20:,.0f} MiB",
-            added + ": model, first epoch",
-        ),
-    ]
+def seconds(fn, device=None) -> float:
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize(device) if device is not None and device.type == "cuda" else None
+    return time.perf_counter() - t0
+
+
+def ten_classes(root: Path, tmp: str) -> Path:
+    """The synthetic set's training images as 10 classes by what each shows (the 4 kinds of hot dog as one)."""
+    out = Path(tmp, "ten")
+    for path, kind in synth.manifest(root).items():
+        if path.startswith("train/"):
+            group, what = kind.split("/")
+            folder = out / (group if group == "hot_dog" else what)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / Path(path).name).symlink_to(root / path)
+    return out
+
+
+def numpy_epoch(W1, b1, W2, b2, X, Y, order, batch, lr):
+    """Nielsen's network.py, vectorised over each mini-batch: sigmoid neurons, ½·MSE, plain SGD."""
+    for i in range(0, len(order), batch):
+        x, y = X[order[i : i + batch]], Y[order[i : i + batch]]
+        a1 = 1 / (1 + np.exp(-(x @ W1.T + b1)))
+        a2 = 1 / (1 + np.exp(-(a1 @ W2.T + b2)))
+        d2 = (a2 - y) * a2 * (1 - a2) / len(x)
+        d1 = (d2 @ W2) * a1 * (1 - a1)
+        W2 -= lr * (d2.T @ a1)
+        b2 -= lr * d2.sum(0)
+        W1 -= lr * (d1.T @ x)
+        b1 -= lr * d1.sum(0)
+
+
+def small(a, tmp) -> tuple[dict, list]:
+    """784-30-10 sigmoid, ½·MSE, batch 10, lr 3 (Nielsen's MNIST run) on 10 classes of the synthetic set at
+    28x28: our command's steady-state images/s against a vectorised NumPy network's, alternating."""
+    root = ten_classes(Path(config.load("configs/hotdog.yaml", a.o).data.root), tmp)
+    over = [f"data.root={root}", "data.image_size=28", "model.hidden=[30]", "optim.batch_size=10", "optim.lr=3"]
+    over += ["optim.momentum=0", f"train.epochs={a.epochs}", *STEADY, "log.every_steps=0", f"data.cache_dir={tmp}/c"]
+    cfg = config.load("configs/hotdog.yaml", over)
+    ds = data.load_dataset(cfg.data, cfg.seed, progress=False)  # the same decode, resize and training split
+    n, k = len(ds.train), len(ds.classes)
+    X = ds.train.batch(torch.arange(n)).reshape(n, -1).float().numpy() / 255
+    X, Y = (X - X.mean()) / X.std(), np.eye(k, dtype=np.float32)[ds.train.labels.numpy()]
+    rng = np.random.default_rng(0)
+    shapes = [(30, 784), (30,), (k, 30), (k,)]
+    params = [(rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float32) for s in shapes]
+    ours, theirs = [], []
+    for i in range(a.repeats):
+        ours.append(train(tmp, f"small{i}", "configs/hotdog.yaml", *over, f"log.run_name=small{i}")[1])
+        for epoch in range(a.epochs):
+            with np.errstate(over="ignore"):  # exp(-z) overflows to inf for a saturated neuron: σ is then 0, right
+                t = seconds(lambda: numpy_epoch(*params, X, Y, rng.permutation(n), 10, 3.0))
+            theirs += [n / t] if epoch or a.epochs == 1 else []
+    rates = [m["train_images_per_second"] for m in ours]
+    o, t = max(rates), max(theirs)
+    rows = [(f"hotdog_torch ({ours[0]['step']}), {n} images an epoch", f"{o:,.0f} images/s", runs(rates))]
+    rows.append(("NumPy, Nielsen's network vectorised over each batch (float32)", f"{t:,.0f} images/s", runs(theirs)))
+    return {"ours": o, "numpy": t, "small": o / t}, rows
+
+
+def ddp(a, tmp) -> tuple[dict, list]:
+    """configs/hotdog.yaml as one process and as two torchrun processes (factors gathered, gradients all-reduced),
+    then the bytes each process receives per step for each layer, gathering factors / all-reducing gradients."""
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2")
+    arms = {"1 process": ((sys.executable,), "auto"), "2 processes, factors gathered": (torchrun, "factors")}
+    arms["2 processes, gradients all-reduced"] = (torchrun, "gradients")
+    rates = {arm: [] for arm in arms}
+    for i in range(a.repeats):
+        for j, (arm, (launcher, sync)) in enumerate(arms.items()):
+            over = [f"train.epochs={a.epochs}", *STEADY, f"train.ddp_sync={sync}", f"log.run_name=d{i}{j}", *a.o]
+            m = train(tmp, f"d{i}{j}", "configs/hotdog.yaml", *over, launcher=launcher)[1]
+            rates[arm].append(m["train_images_per_second"])
+    rows = [(arm, f"{max(r):,.0f} images/s", runs(r)) for arm, r in rates.items()]
+    cfg = config.load("configs/hotdog.yaml", a.o)
+    sizes = [cfg.data.channels * cfg.data.image_size**2, *cfg.model.hidden, 2]
+    for world, (n_in, n_out) in ((w, layer) for w in (2, 4, 8) for layer in itertools.pairwise(sizes)):
+        sent = dist.sync_bytes(dist.World(0, world), cfg.optim.batch_size, n_out, n_in)
+        bytes_in = f"{sent['factors']:,} / {sent['gradients']:,}"
+        rows.append((f"{world} processes, {n_in} -> {n_out}: bytes in a step", bytes_in, "factors / gradients"))
+    return {"rates": rates}, rows
+
+
+PARTS = {"cold": cold, "momentum": lambda a, tmp: throughput(a, tmp, 0.9), "small": small, "ddp": ddp}
+PARTS["plain"] = lambda a, tmp: throughput(a, tmp, 0.0)
+
+
+def verdicts(figures: dict) -> list:
+    """(target, figure, met or missed by how much) for each figure that has a target."""
+    rows = []
+    for key, (what, bound, kind) in ((k, TARGETS[k]) for k in TARGETS if k in figures):
+        v, sign = figures[key], 1 if kind == "min" else -1
+        verdict = "met" if sign * (v - bound) >= 0 else f"missed by {abs(v / bound - 1):.0%}"
+        rows.append((f"target: {what} {'>=' if sign > 0 else '<='} {bound:g}", f"{v:.2f}", verdict))
     return rows
 
 
-def print_table(title: str, rows: list) -> None:
-    print(f"\n### {title}\n\n| what | figure | note |\n|---|---|---|")
-    for row in rows:
-        print("| " + " | ".join(str(x) for x in row) + " |")
-
-
-PARTS = ("start", "throughput", "momentum", "cold", "small", "import")
-
-
-def main(argv=None):
+def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default="configs/bench.yaml")
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: the config's device")
-    p.add_argument("--json", help="write every figure to this file")
-    p.add_argument("--epochs", type=int, default=3, help="timed epochs of each pipeline, alternating, after a warm-up")
-    p.add_argument("--parts", default=",".join(PARTS), help=f"which measurements, comma-separated: {','.join(PARTS)}")
-    p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    a = p.parse_args(argv)
-    parts = a.parts.split(",")
-    try:
-        cfg = config.load(a.config, a.overrides + ([f"device={a.device}"] if a.device else []))
-        device = runtime.resolve_device(cfg.device)
-        data.prepare(cfg.data, cfg.seed, progress=False)  # draws the synthetic set if it is missing
-    except config.UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    runtime.use_tf32(device)
-    root = Path(cfg.data.root)
-    train_root = root / "train" if (root / "train").is_dir() else root
-    r = {**machine(device), "config": a.config, "overrides": a.overrides}
-    command = f"python scripts/bench.py --config {a.config}" + (f" --device {a.device}" if a.device else "")
-    print(f"\n{r['date']}  {command}{''.join(' ' + o for o in a.overrides)}  ({r.get('cpu') or r.get('gpu')})")
+    p.add_argument("--parts", default="cold,momentum,plain,small", help=f"comma-separated, of {', '.join(PARTS)}")
+    p.add_argument("--repeats", type=int, default=3, help="runs of each, alternating; the best is the figure")
+    p.add_argument("--epochs", type=int, default=3, help="epochs of each throughput run (the first is warm-up)")
+    p.add_argument("--json", help="write every figure here")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="for every run, e.g. data.root=...")
+    args = sys.argv[1:] if argv is None else argv
+    a = p.parse_args(args)
+    a.o = a.overrides
+    cpu = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")]
+    head = f"{time.strftime('%Y-%m-%d %H:%M')}, {cpu[0] if cpu else platform.machine()}, {os.cpu_count()} cores"
+    print(f"python scripts/bench.py {' '.join(args)}\n{head}, torch {torch.__version__}\n")
+    print("| what | figure | note |\n|---|---|---|", flush=True)
+    out = {"machine": head, "argv": args, "targets": []}
     with tempfile.TemporaryDirectory() as tmp:
-        if "start" in parts:
-            r["start"], rows = startup(cfg, device, tmp, train_root)
-            print_table("Start-up: decode once, then the cache", rows)
-        if "throughput" in parts:
-            r["throughput"], rows = throughput(cfg, device, tmp, train_root, a.epochs)
-            print_table(f"Steady state, {cfg.optim.momentum:g} momentum: tutorial pipeline against hotdog_torch", rows)
-        if "momentum" in parts and cfg.optim.momentum == 0:
-            c = config.from_dict(config.to_dict(cfg), ["optim.momentum=0.9"])
-            r["momentum"], rows = throughput(c, device, tmp, train_root, a.epochs)
-            print_table("Steady state, momentum 0.9: tutorial pipeline against hotdog_torch", rows)
-    r.update(more.run_parts(parts, device, print_table))
-    print_table("Against the targets", more.targets(r))
+        for part in a.parts.split(","):
+            out[part], rows = PARTS[part](a, tmp)
+            targets = verdicts(out[part])
+            out["targets"] += targets
+            for row in rows + targets:
+                print("| " + " | ".join(row) + " |", flush=True)
     if a.json:
-        Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
+        Path(a.json).write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 

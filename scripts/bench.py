@@ -1,19 +1,15 @@
 """The bench: hotdog_torch's own command against a careful tutorial pipeline and a NumPy network, side by side.
 
-    python scripts/bench.py [--parts cold,momentum,plain,small] [--repeats 3] [--epochs 3] [--json OUT]
-    python scripts/bench.py --parts ddp      # torchrun: one process against two, and the bytes each way sends
+    python scripts/bench.py [--parts cold,momentum,plain,small,ddp] [--repeats 3] [--epochs 3] [--json OUT]
 
-Every hotdog_torch figure is `python -m hotdog_torch.train` run in a new process and read back from its
-metrics.json (train_images_per_second: the epochs after the first, training only); every tutorial figure is
-`python scripts/tutorial_train.py` likewise, from its --json.  The two alternate, each figure is the best of
---repeats runs (the machine is shared: a slower run is another process taking the cores), and the table says
-what each figure is and the target it is held to.  TARGETS is the one place the targets are written.
+Each figure is a new process of `python -m hotdog_torch.train` read back from its metrics.json, or of
+`python scripts/tutorial_train.py` from its --json; they take turns, and a figure is the best of --repeats runs
+(the machine is shared: a slower run had the cores taken).  TARGETS is the one place the targets are written.
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -21,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +26,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from hotdog_torch import config, data, dist, runtime, synth  # noqa: E402
+from hotdog_torch import config, data, runtime, synth  # noqa: E402
 
 TARGETS = {  # figure: (what it is held to, bound, "min" = at least / "max" = at most)
     "cold": ("default job, fresh cache, command to 99%: x the tutorial", 3.0, "min"),
@@ -39,18 +36,17 @@ TARGETS = {  # figure: (what it is held to, bound, "min" = at least / "max" = at
     "small": ("784-30-10, batch 10, lr 3, plain SGD: x NumPy", 1.0, "min"),
 }
 STEADY = ["train.target_accuracy=null", "log.images_every_epochs=0"]
+PY = (sys.executable,)
 
 
 def command(args: list[str]) -> float:
     """Seconds from starting the command to its exit (it must succeed)."""
-    t0 = time.perf_counter()
-    done = subprocess.run(args, cwd=REPO, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(args)} failed:\n{done.stderr[-3000:]}")
+    t0, done = time.perf_counter(), subprocess.run(args, cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, f"{' '.join(args)} failed:\n{done.stderr[-3000:]}"
     return time.perf_counter() - t0
 
 
-def train(tmp, name, cfg, *overrides, launcher=(sys.executable,)) -> tuple[float, dict]:
+def train(tmp, name, cfg, *overrides, launcher=PY) -> tuple[float, dict]:
     """(seconds, metrics.json) of `python -m hotdog_torch.train --config cfg overrides` in a new process."""
     runs = f"log.dir={tmp}/runs"
     seconds = command([*launcher, "-m", "hotdog_torch.train", "--no-progress", "--config", cfg, runs, *overrides])
@@ -66,20 +62,16 @@ def tutorial(tmp, name, cfg, *overrides) -> tuple[float, dict]:
 
 def cold(a, tmp) -> tuple[dict, list]:
     """The default job from the command to the target, a fresh decode cache each time, against the tutorial."""
-    ours, theirs = [], []
+    ours, theirs, cfg = [], [], "configs/hotdog.yaml"
     for i in range(a.repeats):
-        s, m = train(
-            tmp, f"cold{i}", "configs/hotdog.yaml", f"log.run_name=cold{i}", f"data.cache_dir={tmp}/c{i}", *a.o
-        )
+        s, m = train(tmp, f"cold{i}", cfg, f"log.run_name=cold{i}", f"data.cache_dir={tmp}/c{i}", *a.o)
         ours.append((s, m["epochs"], m["stopped_because"] == "target_accuracy"))
-        s, m = tutorial(tmp, f"cold{i}", "configs/hotdog.yaml", *a.o)
+        s, m = tutorial(tmp, f"cold{i}", cfg, *a.o)
         theirs.append((s, m["epochs"], m["reached"]))
     runs = lambda rs: ", ".join(f"{s:.1f} s ({e} epochs{'' if hit else ', short'})" for s, e, hit in rs)  # noqa: E731
     o, t = min(ours)[0], min(theirs)[0]
-    rows = [("hotdog_torch, `python -m hotdog_torch.train --config configs/hotdog.yaml`", f"{o:.1f} s", runs(ours))]
-    rows.append(
-        ("tutorial, `python scripts/tutorial_train.py --config configs/hotdog.yaml`", f"{t:.1f} s", runs(theirs))
-    )
+    rows = [(f"hotdog_torch, `python -m hotdog_torch.train --config {cfg}`", f"{o:.1f} s", runs(ours))]
+    rows.append((f"tutorial, `python scripts/tutorial_train.py --config {cfg}`", f"{t:.1f} s", runs(theirs)))
     return {"ours": ours, "tutorial": theirs, "cold": t / o}, rows
 
 
@@ -87,35 +79,38 @@ def throughput(a, tmp, momentum: float) -> tuple[dict, list]:
     """Steady-state training images/s of configs/bench.yaml at this momentum, ours against the tutorial's; with
     momentum also ours with subnormals not flushed, and the step against its limit (measured between the runs)."""
     part, cfg = "momentum" if momentum else "plain", "configs/bench.yaml"
+    arms = {"hotdog_torch": (PY, ["train.flush_denormal=auto"]), "tutorial, DataLoader decoding every epoch": None}
+    arms |= {"hotdog_torch, train.flush_denormal=false": (PY, ["train.flush_denormal=false"])} if momentum else {}
     over = [f"optim.momentum={momentum}", f"train.epochs={a.epochs}", *STEADY, f"data.cache_dir={tmp}/c", *a.o]
-    arms = {"hotdog_torch": "auto", "tutorial, DataLoader decoding every epoch": None}
-    arms |= {"hotdog_torch, train.flush_denormal=false": "false"} if momentum else {}
-    rates, limits = {arm: [] for arm in arms}, []
-    for i in range(a.repeats):
-        for j, (arm, flush) in enumerate(arms.items()):
-            name = f"{part}{i}{j}"
-            if flush is None:
-                rates[arm].append(tutorial(tmp, name, cfg, *over)[1]["images_per_second"])
-                continue
-            m = train(tmp, name, cfg, *over, f"train.flush_denormal={flush}", f"log.run_name={name}")[1]
-            rates[arm].append(m["train_images_per_second"])
-            step = m["step"]
-        limits.append(momentum_limit(config.load(cfg, a.o)) if momentum else {})
-    best = {arm: max(r) for arm, r in rates.items()}
-    rows = [
-        (arm + f" ({step})" * (j == 0), f"{best[arm]:,.0f} images/s", runs(rates[arm])) for j, arm in enumerate(arms)
-    ]
-    ours, tutorial_rate, *off = best.values()
-    r = {"rates": rates, part: ours / tutorial_rate}
+    r, rows, limits = alternate(a, tmp, part, cfg, over, arms, momentum_limit if momentum else None)
+    ours, tutorial_rate, *off = (max(rates) for rates in r["rates"].values())
+    r[part] = ours / tutorial_rate
     if momentum:
         rows.append(("flushing subnormals", f"{ours / off[0]:.2f}x", "images/s flushed / not flushed"))
         limit = {k: min(x[k] for x in limits) for k in limits[0]}
-        note = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in limit.items())
+        seconds = config.load(cfg, a.o).optim.batch_size / ours  # of our step, from the best run
+        note = ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in limit.items()) + f"; our step {seconds * 1e3:.1f} ms"
         rows.append(("the step's limit: GEMMs + one stream over W, v", f"{sum(limit.values()) * 1e3:.1f} ms", note))
-        seconds = config.load(cfg, a.o).optim.batch_size / ours
-        rows.append(("hotdog_torch's momentum step (batch / images/s)", f"{seconds * 1e3:.1f} ms", "best run"))
         r |= {"limit_seconds": limit, "limit": seconds / sum(limit.values())}
     return r, rows
+
+
+def alternate(a, tmp, part, cfg, over, arms, between=None) -> tuple[dict, list, list]:
+    """Each arm's steady-state training images/s, the arms taking turns --repeats times; an arm is (launcher, more
+    overrides) of our command, or None for the tutorial.  between(config), if given, is measured after each turn."""
+    rates, steps, measured = {arm: [] for arm in arms}, {}, []
+    for i in range(a.repeats):
+        for j, (arm, how) in enumerate(arms.items()):
+            name = f"{part}{i}{j}"
+            if how is None:
+                rates[arm].append(tutorial(tmp, name, cfg, *over)[1]["images_per_second"])
+                continue
+            m = train(tmp, name, cfg, *over, *how[1], f"log.run_name={name}", launcher=how[0])[1]
+            rates[arm].append(m["train_images_per_second"])
+            steps[arm] = f" ({m['step']})"
+        measured += [between(config.load(cfg, a.o))] if between else []
+    rows = [(arm + steps.get(arm, ""), f"{max(r):,.0f} images/s", runs(r)) for arm, r in rates.items()]
+    return {"rates": rates}, rows, measured
 
 
 def runs(values) -> str:
@@ -129,26 +124,19 @@ def momentum_limit(cfg) -> dict:
     g = lambda *shape: torch.randn(*shape, device=runtime.resolve_device(cfg.device))  # noqa: E731
     x, w, v, d = g(n, width), g(hidden, width), g(hidden, width) * 0, g(n, hidden)
     ops = {"x·Wᵀ": lambda: torch.mm(x, w.t()), "v += δᵀx": lambda: v.addmm_(d.t(), x), "W −= lr·v": lambda: w.sub_(v)}
-    return {name: min(seconds(op, x.device) for _ in range(7)) for name, op in ops.items()}
-
-
-def seconds(fn, device=None) -> float:
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize(device) if device is not None and device.type == "cuda" else None
-    return time.perf_counter() - t0
+    sync = torch.cuda.synchronize if x.is_cuda else lambda: None
+    return {name: min(timeit.repeat(lambda op=op: (op(), sync()), number=1, repeat=7)) for name, op in ops.items()}
 
 
 def ten_classes(root: Path, tmp: str) -> Path:
     """The synthetic set's training images as 10 classes by what each shows (the 4 kinds of hot dog as one)."""
-    out = Path(tmp, "ten")
     for path, kind in synth.manifest(root).items():
+        group, what = kind.split("/")
         if path.startswith("train/"):
-            group, what = kind.split("/")
-            folder = out / (group if group == "hot_dog" else what)
+            folder = Path(tmp, "ten", group if group == "hot_dog" else what)
             folder.mkdir(parents=True, exist_ok=True)
             (folder / Path(path).name).symlink_to(root / path)
-    return out
+    return Path(tmp, "ten")
 
 
 def numpy_epoch(W1, b1, W2, b2, X, Y, order, batch, lr):
@@ -176,15 +164,14 @@ def small(a, tmp) -> tuple[dict, list]:
     n, k = len(ds.train), len(ds.classes)
     X = ds.train.batch(torch.arange(n)).reshape(n, -1).float().numpy() / 255
     X, Y = (X - X.mean()) / X.std(), np.eye(k, dtype=np.float32)[ds.train.labels.numpy()]
-    rng = np.random.default_rng(0)
-    shapes = [(30, 784), (30,), (k, 30), (k,)]
-    params = [(rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float32) for s in shapes]
+    rng = np.random.default_rng(0)  # weights and biases of N(0, 1/fan-in), as torch's Linear draws them (roughly)
+    params = [(rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float32) for s in [(30, 784), (30,), (k, 30), (k,)]]
     ours, theirs = [], []
     for i in range(a.repeats):
         ours.append(train(tmp, f"small{i}", "configs/hotdog.yaml", *over, f"log.run_name=small{i}")[1])
         for epoch in range(a.epochs):
             with np.errstate(over="ignore"):  # exp(-z) overflows to inf for a saturated neuron: σ is then 0, right
-                t = seconds(lambda: numpy_epoch(*params, X, Y, rng.permutation(n), 10, 3.0))
+                t = timeit.timeit(lambda: numpy_epoch(*params, X, Y, rng.permutation(n), 10, 3.0), number=1)
             theirs += [n / t] if epoch or a.epochs == 1 else []
     rates = [m["train_images_per_second"] for m in ours]
     o, t = max(rates), max(theirs)
@@ -194,25 +181,12 @@ def small(a, tmp) -> tuple[dict, list]:
 
 
 def ddp(a, tmp) -> tuple[dict, list]:
-    """configs/hotdog.yaml as one process and as two torchrun processes (factors gathered, gradients all-reduced),
-    then the bytes each process receives per step for each layer, gathering factors / all-reducing gradients."""
-    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2")
-    arms = {"1 process": ((sys.executable,), "auto"), "2 processes, factors gathered": (torchrun, "factors")}
-    arms["2 processes, gradients all-reduced"] = (torchrun, "gradients")
-    rates = {arm: [] for arm in arms}
-    for i in range(a.repeats):
-        for j, (arm, (launcher, sync)) in enumerate(arms.items()):
-            over = [f"train.epochs={a.epochs}", *STEADY, f"train.ddp_sync={sync}", f"log.run_name=d{i}{j}", *a.o]
-            m = train(tmp, f"d{i}{j}", "configs/hotdog.yaml", *over, launcher=launcher)[1]
-            rates[arm].append(m["train_images_per_second"])
-    rows = [(arm, f"{max(r):,.0f} images/s", runs(r)) for arm, r in rates.items()]
-    cfg = config.load("configs/hotdog.yaml", a.o)
-    sizes = [cfg.data.channels * cfg.data.image_size**2, *cfg.model.hidden, 2]
-    for world, (n_in, n_out) in ((w, layer) for w in (2, 4, 8) for layer in itertools.pairwise(sizes)):
-        sent = dist.sync_bytes(dist.World(0, world), cfg.optim.batch_size, n_out, n_in)
-        bytes_in = f"{sent['factors']:,} / {sent['gradients']:,}"
-        rows.append((f"{world} processes, {n_in} -> {n_out}: bytes in a step", bytes_in, "factors / gradients"))
-    return {"rates": rates}, rows
+    """configs/hotdog.yaml as one process and as two torchrun processes (factors gathered, gradients all-reduced)."""
+    run2 = (*PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2")
+    arms = {"1 process": (PY, []), "2 processes, factors gathered": (run2, ["train.ddp_sync=factors"])}
+    arms["2 processes, gradients all-reduced"] = (run2, ["train.ddp_sync=gradients"])
+    over = [f"train.epochs={a.epochs}", *STEADY, f"data.cache_dir={tmp}/c", *a.o]
+    return alternate(a, tmp, "ddp", "configs/hotdog.yaml", over, arms)[:2]
 
 
 PARTS = {"cold": cold, "momentum": lambda a, tmp: throughput(a, tmp, 0.9), "small": small, "ddp": ddp}

@@ -1,11 +1,8 @@
-"""The bench's reference, a careful PyTorch-tutorial training of a config:
-python scripts/tutorial_train.py [--config configs/hotdog.yaml] [--json OUT] [section.key=value ...]
-
-The config's hyper-parameters, written the way the tutorials teach: torchvision's ImageFolder with the grayscale
-conversion and the resize inside the transform, a DataLoader with one persistent worker per core decoding every
-JPEG every epoch, nn.Sequential, autograd, torch.optim.SGD with momentum; it stops at the target accuracy.  --json:
-the epochs, whether it reached the target, and the training images/s of the epochs after the first.
-"""
+"""The bench's reference, a careful PyTorch-tutorial training of a config: python scripts/tutorial_train.py
+[--config configs/hotdog.yaml] [--json OUT] [section.key=value ...].  ImageFolder with the grayscale conversion and
+the resize in the transform, a DataLoader with a persistent worker per core decoding every JPEG every epoch,
+nn.Sequential, autograd, torch.optim.SGD with momentum; it stops at the target accuracy.  --json: the epochs,
+whether it reached the target, and the training images/s of the epochs after the first."""
 
 from __future__ import annotations
 
@@ -44,7 +41,7 @@ def loaders(cfg, device):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split(".  ")[0])
     p.add_argument("--config", default="configs/hotdog.yaml")
     p.add_argument("--json", help="write the epochs, the target reached and the images/s here")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
@@ -53,8 +50,9 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if cfg.device != "cpu" and torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.seed)
     train, val, k = loaders(cfg, device)
-    width = cfg.data.channels * cfg.data.image_size**2
-    model = build_model(width, cfg.model.hidden, k, cfg.model.activation).to(device)
+    model = build_model(cfg.data.channels * cfg.data.image_size**2, cfg.model.hidden, k, cfg.model.activation).to(
+        device
+    )
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.optim.lr, momentum=cfg.optim.momentum)
     seconds, reached = [], False
     for epoch in range(1, cfg.train.epochs + 1):

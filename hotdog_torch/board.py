@@ -2,8 +2,8 @@
 
 The x axis is always the optimiser step (1 = after the first update).
 
-Scalars, every step:            cost/train (½·MSE of the batch)
-Scalars, every log.every_steps: lr, weight_norm/layerN, grad_norm/layerN (on a fixed probe batch)
+Scalars, every step:            cost/train (½·MSE of the batch), lr (the learning rate the step used)
+Scalars, every log.every_steps: weight_norm/layerN, grad_norm/layerN (on a fixed probe batch)
 Scalars, every epoch:           epoch, cost/train_epoch, cost/val, error_rate/train, error_rate/val,
                                 accuracy/val, balanced_accuracy/val, precision|recall|f1/val/<class>
 Histograms, every epoch:        weights/layerN, gradients/layerN, scores/<class>/true_<class>
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import io
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -41,30 +40,54 @@ HISTOGRAM_SAMPLE = 1 << 16  # larger tensors are histogrammed from a fixed rando
 
 
 class Board:
-    """One run's TensorBoard: the writer, the fixed probe batch that gradient summaries use, and the time they take.
+    """One run's TensorBoard: every write goes through here.  watch() gives it the network and a fixed probe batch
+    for the gradient summaries; the optional summaries (norms, histograms, pictures) add to `seconds`, so a run can
+    report what logging cost.  Not enabled (torchrun's processes but rank 0), it writes and computes nothing."""
 
-    The optional summaries (norms, histograms, pictures) add to `seconds`, so a run can report what logging cost.
-    Not enabled (the processes of torchrun but rank 0), it writes nothing and computes nothing.
-    """
+    def __init__(self, run_dir, purge_step=None, enabled: bool = True):
+        # purge_step, on resume: TensorBoard discards events this run logged at that step or later
+        self.writer = SummaryWriter(str(run_dir), flush_secs=10, purge_step=purge_step) if enabled else Silent()
+        self.seconds, self.norms_step, self.enabled, self.model = 0.0, None, enabled, None
 
-    def __init__(self, run_dir, purge_step, model, feed: Feed, cost_fn, enabled: bool = True):
-        self.writer = open_writer(run_dir, purge_step) if enabled else Silent()
-        self.model, self.cost_fn, self.seconds, self.norms_step, self.enabled = model, cost_fn, 0.0, None, enabled
-        split = feed.split
+    def watch(self, model, feed: Feed, cost_fn) -> Board:
+        self.model, self.cost_fn, split = model, cost_fn, feed.split
         x, y = feed.batch(torch.arange(min(len(split), feed.batch_size, 256), device=split.index.device))
         self.probe_x, self.probe_t = x, one_hot(y, feed.n_classes)
+        return self
 
-    def log_norms(self, step: int, lr: float) -> None:
-        """lr, and each layer's weight norm and gradient norm on the probe batch: one transfer to the host."""
+    def text(self, config_yaml: str, dataset_summary: str) -> None:
+        # TensorBoard renders text as Markdown: indent by four spaces to keep it verbatim.
+        self.writer.add_text("config", "    " + config_yaml.replace("\n", "\n    "), 0)
+        self.writer.add_text("dataset", "    " + dataset_summary.replace("\n", "\n    "), 0)
+
+    def steps(self, tag: str, values: list[float], first_step: int) -> None:
+        for i, v in enumerate(values):
+            self.writer.add_scalar(tag, v, first_step + i)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        for tag, v in values.items():
+            self.writer.add_scalar(tag, v, step)
+
+    def epoch(self, step: int, metrics: dict, report: dict) -> None:
+        """Epoch metrics at the global step the epoch ended on (as Lightning does): every curve shares one x axis."""
+        names = {"epoch": "epoch", "cost/train_epoch": "train_cost", "error_rate/train": "train_error_rate"}
+        names |= {"cost/val": "val_cost", "error_rate/val": "val_error_rate", "accuracy/val": "val_accuracy"}
+        self.scalars(step, {tag: metrics[k] for tag, k in names.items()})
+        self.writer.add_scalar("balanced_accuracy/val", report["balanced_accuracy"], step)
+        for name, r in report["classes"].items():
+            self.scalars(step, {f"{what}/val/{name}": r[what] for what in ("precision", "recall", "f1")})
+
+    def norms(self, step: int) -> None:
+        """Each layer's weight norm and gradient norm on the probe batch: one transfer to the host."""
         self.norms_step = step
         if not self.enabled:
             return
         t = time.perf_counter()
         grads = probe_gradients(self.model, self.probe_x, self.probe_t, self.cost_fn)
-        log_scalars(self.writer, step, {"lr": lr, **{k: v.item() for k, v in norms(self.model, grads).items()}})
+        self.scalars(step, {k: v.item() for k, v in norms(self.model, grads).items()})
         self.seconds += time.perf_counter() - t
 
-    def log_summaries(self, step, val: dict, confusion, split: data.Split, classes, image_shape, gradients=True):
+    def summaries(self, step, val: dict, confusion, split: data.Split, classes, image_shape, gradients=True):
         """Histograms, neuron images, the misclassified grid, the confusion matrix and PR curves of a split."""
         if not self.enabled:
             return
@@ -72,20 +95,41 @@ class Board:
         layers = linear_layers(self.model)
         grads = probe_gradients(self.model, self.probe_x, self.probe_t, self.cost_fn) if gradients else None
         log_histograms(self.writer, step, layers, grads, val["outputs"], split.labels, classes)
+        self.picture("neurons/layer1", neuron_images(layers[0].weight, *image_shape), step)
         wrong_images, captions = misclassified(split, val["outputs"], classes)
-        log_pictures(
-            self.writer,
-            step,
-            layers[0].weight,
-            *image_shape,
-            wrong_images,
-            captions,
-            confusion,
-            val["outputs"],
-            split.labels,
-            classes,
-        )
+        if len(wrong_images):
+            self.picture("misclassified/val", captioned_grid(wrong_images, captions), step)
+        self.picture("confusion_matrix/val", confusion_image(confusion, classes), step)
+        scores, labels = torch.nan_to_num(val["outputs"].float().cpu(), nan=0.0), split.labels.cpu()
+        for k, name in enumerate(classes):
+            self.writer.add_pr_curve(f"pr_curve/{name}", (labels == k).int(), scores[:, k].clamp(0, 1), step)
         self.seconds += time.perf_counter() - t
+
+    def picture(self, tag: str, picture: Image.Image, step: int) -> None:
+        """An image summary from a Pillow picture, PNG-encoded at a fast level (add_image's default is slow)."""
+        if not self.enabled:
+            return
+        buffer = io.BytesIO()
+        picture.save(buffer, format="PNG", compress_level=1)
+        colourspace = {"L": 1, "RGB": 3, "RGBA": 4}[picture.mode]
+        size = {"height": picture.height, "width": picture.width, "colorspace": colourspace}
+        image = Summary.Image(**size, encoded_image_string=buffer.getvalue())
+        self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+
+    def hparams(self, cfg: Config, metrics: dict) -> None:
+        """The HParams dashboard: this run's knobs against its final metrics, in this run's own event file."""
+        if not self.enabled:
+            return
+        metrics = {f"hparam/{k}": float(v) for k, v in metrics.items() if v is not None}
+        for summary in hparams_summary(hparams(cfg), metrics):
+            self.writer.file_writer.add_summary(summary)
+        self.scalars(0, metrics)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 class Silent:
@@ -134,47 +178,15 @@ def hparams(cfg: Config) -> dict:
         "lr": cfg.optim.lr,
         "batch_size": cfg.optim.batch_size or 0,  # 0 = full batch
         "momentum": cfg.optim.momentum,
+        "weight_decay": cfg.optim.weight_decay,
+        "schedule": cfg.optim.schedule,
+        "dropout": cfg.model.dropout,
         "hidden": str(cfg.model.hidden),
         "activation": cfg.model.activation,
         "image_size": cfg.data.image_size,
         "channels": cfg.data.channels,
         "seed": cfg.seed,
     }
-
-
-def open_writer(run_dir: str | Path, purge_step: int | None = None) -> SummaryWriter:
-    """purge_step, on resume: TensorBoard discards events this run logged at that step or later."""
-    return SummaryWriter(log_dir=str(run_dir), flush_secs=10, purge_step=purge_step)
-
-
-def log_text(writer: SummaryWriter, config_yaml: str, dataset_summary: str) -> None:
-    # TensorBoard renders text as Markdown: indent by four spaces to keep it verbatim.
-    writer.add_text("config", "    " + config_yaml.replace("\n", "\n    "), 0)
-    writer.add_text("dataset", "    " + dataset_summary.replace("\n", "\n    "), 0)
-
-
-def log_steps(writer: SummaryWriter, tag: str, values: list[float], first_step: int) -> None:
-    for i, v in enumerate(values):
-        writer.add_scalar(tag, v, first_step + i)
-
-
-def log_scalars(writer: SummaryWriter, step: int, values: dict[str, float]) -> None:
-    for tag, v in values.items():
-        writer.add_scalar(tag, v, step)
-
-
-def log_epoch(writer: SummaryWriter, step: int, metrics: dict, report: dict) -> None:
-    """Epoch metrics at the global step the epoch ended on (as Lightning does), so every curve shares one x axis."""
-    writer.add_scalar("epoch", metrics["epoch"], step)
-    writer.add_scalar("cost/train_epoch", metrics["train_cost"], step)
-    writer.add_scalar("error_rate/train", metrics["train_error_rate"], step)
-    writer.add_scalar("cost/val", metrics["val_cost"], step)
-    writer.add_scalar("error_rate/val", metrics["val_error_rate"], step)
-    writer.add_scalar("accuracy/val", metrics["val_accuracy"], step)
-    writer.add_scalar("balanced_accuracy/val", report["balanced_accuracy"], step)
-    for name, r in report["classes"].items():
-        for what in ("precision", "recall", "f1"):
-            writer.add_scalar(f"{what}/val/{name}", r[what], step)
 
 
 def _sample(t: torch.Tensor) -> torch.Tensor:
@@ -230,17 +242,6 @@ def neuron_images(weight: torch.Tensor, channels: int, size: int, limit: int = 6
     return Image.fromarray(sheet[0] if channels == 1 else sheet.transpose(1, 2, 0))
 
 
-def add_picture(writer: SummaryWriter, tag: str, picture: Image.Image, step: int) -> None:
-    """An image summary from a Pillow picture, PNG-encoded at a fast compression level (add_image's default is slow)."""
-    buffer = io.BytesIO()
-    picture.save(buffer, format="PNG", compress_level=1)
-    colourspace = {"L": 1, "RGB": 3, "RGBA": 4}[picture.mode]
-    image = Summary.Image(
-        height=picture.height, width=picture.width, colorspace=colourspace, encoded_image_string=buffer.getvalue()
-    )
-    writer._get_file_writer().add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
-
-
 def captioned_grid(images: torch.Tensor, captions: list[str], columns: int = 6) -> Image.Image:
     """uint8 (N, C, S, S) images, each with its caption below, as one picture (small images are enlarged)."""
     n, c, s, _ = images.shape
@@ -286,34 +287,3 @@ def confusion_image(confusion: torch.Tensor, classes: list[str]) -> Image.Image:
                 font=font,
             )
     return img
-
-
-def log_pictures(
-    writer: SummaryWriter,
-    step: int,
-    first_layer: torch.Tensor,
-    channels: int,
-    size: int,
-    wrong_images: torch.Tensor,
-    wrong_captions: list[str],
-    confusion: torch.Tensor,
-    outputs: torch.Tensor,
-    labels: torch.Tensor,
-    classes: list[str],
-) -> None:
-    add_picture(writer, "neurons/layer1", neuron_images(first_layer, channels, size), step)
-    if len(wrong_images):
-        add_picture(writer, "misclassified/val", captioned_grid(wrong_images, wrong_captions), step)
-    add_picture(writer, "confusion_matrix/val", confusion_image(confusion, classes), step)
-    scores, labels = torch.nan_to_num(outputs.float().cpu(), nan=0.0), labels.cpu()
-    for k, name in enumerate(classes):
-        writer.add_pr_curve(f"pr_curve/{name}", (labels == k).int(), scores[:, k].clamp(0, 1), step)
-
-
-def log_hparams(writer: SummaryWriter, hparams: dict, metrics: dict) -> None:
-    """The HParams dashboard: this run's knobs against its final metrics, in this run's own event file."""
-    metrics = {f"hparam/{k}": float(v) for k, v in metrics.items() if v is not None}
-    for summary in hparams_summary(hparams, metrics):
-        writer._get_file_writer().add_summary(summary)
-    for tag, v in metrics.items():
-        writer.add_scalar(tag, v, 0)

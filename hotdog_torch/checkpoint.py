@@ -18,9 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import UserError
+from .config import Optim, UserError
 from .files import atomic_write
 from .model import build_model
+from .optim import set_hyper
 
 FORMAT = 1
 
@@ -41,6 +42,9 @@ class RunState:
     rng: dict | None = None  # every random generator's state (rng_state)
     divergence: dict | None = None  # stopping.DivergenceWatch's state
     search_kept: dict | None = None  # random search: the score of the draw kept so far
+    schedule: dict | None = None  # schedule.Schedule's state (plateau's counters and cuts)
+    bad_epochs: int = 0  # epochs since train.monitor last improved by more than train.min_delta
+    top_k: list = field(default_factory=list)  # train.keep_top_k: the metrics of the epochs kept, best first
 
     def as_dict(self) -> dict:
         return dict(vars(self))
@@ -122,13 +126,17 @@ def load(path: str | Path) -> dict:
 def model_from(ckpt: dict) -> torch.nn.Sequential:
     """The network a checkpoint describes, with its weights, on the CPU, in eval mode."""
     m = ckpt["config"]["model"]
-    model = build_model(ckpt["channels"] * ckpt["image_size"] ** 2, m["hidden"], len(ckpt["classes"]), m["activation"])
+    width, n = ckpt["channels"] * ckpt["image_size"] ** 2, len(ckpt["classes"])
+    model = build_model(width, m["hidden"], n, m["activation"], m.get("dropout", 0.0))
     model.load_state_dict(ckpt["model"])
     return model.eval()
 
 
-def restore(resumed: dict, model, optimizer, generator, run_dir, epochs: int) -> RunState | None:
-    """Load last.pt's weights, optimiser, generators and loop state; None when the run has nothing left to do."""
+def restore(resumed: dict, model, optimizer, generator, run_dir, epochs: int, given: Optim) -> RunState | None:
+    """Load last.pt's weights, optimiser, generators and loop state; None when the run has nothing left to do.
+
+    The optimiser's numbers are then the config's (`given`: the run's config.yaml and the overrides), which the
+    log line names when they differ from the checkpoint's."""
     try:
         model.load_state_dict(resumed["model"])
         if resumed["optimizer"] is not None:
@@ -145,6 +153,9 @@ def restore(resumed: dict, model, optimizer, generator, run_dir, epochs: int) ->
         )
         return None
     state.stopped_because = None
+    changed = set_hyper(optimizer, given)
+    if changed:
+        print("changed on resume: " + ", ".join(f"optim.{k} {a} -> {b}" for k, (a, b) in changed.items()), flush=True)
     p = state.epoch_progress
     where = f"epoch {state.epoch + 1}, step {p['next'] + 1} of it" if p else f"the end of epoch {state.epoch}"
     print(f"resuming from {where} (global step {state.step})", flush=True)

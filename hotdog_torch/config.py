@@ -25,6 +25,8 @@ from typing import Literal
 
 import yaml
 
+from . import checks
+
 
 class UserError(Exception):
     """A mistake the user can fix: reported as one sentence and exit code 2."""
@@ -47,19 +49,6 @@ class Augment:
     # the curriculum: magnitudes rise linearly over this many epochs (epoch e at e/(warmup_epochs+1)), then stay
     # at the full values above; 0 = full from the first step
     warmup_epochs: int = 0
-
-
-def _check_augment(a: Augment) -> None:
-    checks = [
-        (0 <= a.shift < 0.5, f"data.augment.shift must be in [0, 0.5) of the side, got {a.shift}"),
-        (a.zoom >= 1, f"data.augment.zoom must be a factor of at least 1 (1 = no zoom), got {a.zoom}"),
-        (0 <= a.rotate <= 180, f"data.augment.rotate must be between 0 and 180 degrees, got {a.rotate}"),
-        (0 <= a.light < 1, f"data.augment.light must be in [0, 1), got {a.light}"),
-        (a.warmup_epochs >= 0, f"data.augment.warmup_epochs must be 0 or more, got {a.warmup_epochs}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
 
 
 # ---------------------------------------------------------------- the sections
@@ -86,13 +75,14 @@ class Data:
 class Model:
     hidden: list[int] = field(default_factory=lambda: [256])  # widths of the hidden layers; [] = one layer
     activation: Literal["sigmoid", "relu", "tanh"] = "sigmoid"  # of the hidden layers; the output is always a sigmoid
+    dropout: float = 0.0  # probability of dropping each hidden unit in training (after each hidden layer); 0 = off
 
 
 @dataclass
 class Optim:
-    # sgd: gradient descent; random_search: each pass draws every weight afresh from the init distribution and
-    # keeps the best (the seed's "shot in the dark")
-    name: Literal["sgd", "random_search"] = "sgd"
+    # sgd: gradient descent (torch.optim.SGD's update); adamw / adam: torch.optim.AdamW / Adam; random_search: each
+    # pass draws every weight afresh from the init distribution and keeps the best (the seed's "shot in the dark")
+    name: Literal["sgd", "adamw", "adam", "random_search"] = "sgd"
     # what gradient descent minimises: the seed's ½·MSE; its first cost, the error rate (slope 0 almost
     # everywhere); or cross-entropy (not the seed's, for comparison)
     cost: Literal["half_mse", "error_rate", "cross_entropy"] = "half_mse"
@@ -106,6 +96,28 @@ class Optim:
     # with fused plain SGD (momentum 0): apply the first layer's updates every this many steps in one GEMM (the same
     # SGD; faster on the CPU); 1 = every step. Momentum steps one batch at a time: its window would need a GEMM more
     fused_window: int = 2
+    # decoupled for adamw (p <- p − lr·wd·p); for sgd and adam added to the gradient (wd·p), as torch.optim defines it
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw / adam: the moving averages' decay rates
+    eps: float = 1e-8  # adamw / adam: added to the denominator
+    # the learning rate along the run, stepped every optimiser step and logged as `lr` (torch.optim.lr_scheduler):
+    # constant; step (× gamma every step_every steps); cosine (down to min_lr at the last step); one_cycle (fastai's
+    # fit_one_cycle: from lr/div_factor up to lr over pct_start of the run, then to lr/div_factor/final_div_factor);
+    # plateau (× factor when the validation cost has not improved for `patience` epochs, not below min_lr)
+    schedule: Literal["constant", "step", "cosine", "one_cycle", "plateau"] = "constant"
+    warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr over the first steps (not with one_cycle)
+    min_lr: float = 0.0  # cosine's floor, plateau's floor
+    step_every: int = 1000  # step schedule: optimiser steps between decays
+    gamma: float = 0.1  # step schedule: the decay
+    pct_start: float = 0.25  # one_cycle: the share of the run spent rising
+    div_factor: float = 25.0  # one_cycle: the first lr is lr / div_factor
+    final_div_factor: float = 1e5  # one_cycle: the last lr is lr / div_factor / final_div_factor
+    patience: int = 10  # plateau: epochs without a lower validation cost before the lr is cut
+    factor: float = 0.1  # plateau: the cut
+    clip_grad_norm: float | None = None  # clip the gradient to this global 2-norm before each step; null = off
+    # weight each image's cost by its class: null = 1 each; balanced = n / (classes · n_class), as scikit-learn's;
+    # or a list, one weight per class in the classes' (sorted folder) order
+    class_weights: Literal["balanced"] | list[float] | None = None
 
 
 @dataclass
@@ -129,6 +141,12 @@ class Train:
     # flush subnormal floats (|x| < 1.2e-38 in fp32) to zero in every CPU thread: x86 arithmetic on them is many
     # times slower, and ½·MSE on saturated sigmoids makes them; auto = on for CPU runs (runtime.flush_denormal)
     flush_denormal: Literal["auto"] | bool = "auto"
+    # early stopping: end the run (stopped_because no_improvement) after this many epochs without an improvement of
+    # `monitor` by more than min_delta; the run's weights, metrics.json and test figures are then the best epoch's
+    patience: int | None = None
+    monitor: Literal["val_accuracy", "val_cost"] = "val_accuracy"  # what "best" means: best.pt, patience, keep_top_k
+    min_delta: float = 0.0
+    keep_top_k: int | None = None  # keep checkpoints/best-<epoch>.pt of the k best epochs (best.pt: always the best)
 
 
 @dataclass
@@ -233,6 +251,14 @@ def _coerce(value, t):
     raise AssertionError(f"schema type {t} has no coercion")
 
 
+def _close(value, t) -> str:
+    """(did you mean 'adamw'?) for a misspelt name of a Literal."""
+    names = [a for a in typing.get_args(t) if isinstance(a, str)]
+    names += [a for u in typing.get_args(t) if typing.get_origin(u) is Literal for a in typing.get_args(u)]
+    close = difflib.get_close_matches(value, names, n=1, cutoff=0.5) if isinstance(value, str) else []
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 def _set(cfg: Config, key: str, value) -> None:
     """Set one dotted key (any depth: seed, optim.lr, data.augment.shift); a section takes a mapping of its keys."""
     owner, *path, name = [cfg, *key.split(".")]
@@ -253,54 +279,9 @@ def _set(cfg: Config, key: str, value) -> None:
     try:
         setattr(owner, name, _coerce(value, hints[name]))
     except TypeError:
-        raise UserError(f"config key '{key}' must be {_type_name(hints[name])}, got {value!r}") from None
-
-
-def _check_ranges(cfg: Config) -> None:
-    d, m, o, t = cfg.data, cfg.model, cfg.optim, cfg.train
-    checks = [
-        (8 <= d.image_size <= 1024, f"data.image_size must be between 8 and 1024 pixels, got {d.image_size}"),
-        (d.channels in (1, 3), f"data.channels must be 1 (grayscale) or 3 (RGB), got {d.channels}"),
-        (0 < d.val_fraction < 1, f"data.val_fraction must lie strictly between 0 and 1, got {d.val_fraction}"),
-        (d.workers is None or d.workers >= 1, f"data.workers must be at least 1 or null, got {d.workers}"),
-        (
-            d.memory_budget is None or d.memory_budget >= 0,
-            f"data.memory_budget must be a number of bytes >= 0 or null, got {d.memory_budget}",
-        ),
-        (all(h >= 1 for h in m.hidden), f"model.hidden widths must be at least 1, got {m.hidden}"),
-        (o.lr > 0, f"optim.lr must be greater than 0, got {o.lr}"),
-        (o.fused_window >= 1, f"optim.fused_window must be at least 1, got {o.fused_window}"),
-        (o.batch_size is None or o.batch_size >= 1, f"optim.batch_size must be at least 1 or null, got {o.batch_size}"),
-        (0 <= o.momentum < 1, f"optim.momentum must be in [0, 1), got {o.momentum}"),
-        (not o.nesterov or o.momentum > 0, "optim.nesterov needs optim.momentum above 0"),
-        (t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}"),
-        (cfg.log.every_steps >= 0, f"log.every_steps must be 0 (once an epoch) or more, got {cfg.log.every_steps}"),
-        (
-            cfg.log.images_every_epochs >= 0,
-            f"log.images_every_epochs must be 0 (only at the end) or more, got {cfg.log.images_every_epochs}",
-        ),
-        (t.diverge_factor > 1, f"train.diverge_factor must be greater than 1, got {t.diverge_factor}"),
-        (t.diverge_steps >= 1, f"train.diverge_steps must be at least 1, got {t.diverge_steps}"),
-        (
-            t.checkpoint_every_epochs >= 1,
-            f"train.checkpoint_every_epochs must be at least 1, got {t.checkpoint_every_epochs}",
-        ),
-        (
-            t.target_accuracy is None or 0 < t.target_accuracy <= 1,
-            f"train.target_accuracy must be in (0, 1] or null, got {t.target_accuracy}",
-        ),
-        (
-            cfg.device == "auto"
-            or cfg.device == "cpu"
-            or cfg.device == "cuda"
-            or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit()),
-            f"device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}",
-        ),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
-    _check_augment(d.augment)
+        raise UserError(
+            f"config key '{key}' must be {_type_name(hints[name])}, got {value!r}{_close(value, hints[name])}"
+        ) from None
 
 
 def parse_override(text: str) -> tuple[str, object]:
@@ -353,7 +334,9 @@ def from_dict(doc: dict, overrides: list[str] = ()) -> Config:
         generate_asked |= key == "data.generate" or (key == "data" and "generate" in (value or {}))
     if not generate_asked and os.path.abspath(cfg.data.root) != os.path.abspath(Data.root):
         cfg.data.generate = False
-    _check_ranges(cfg)
+    for ok, message in checks.ranges(cfg):
+        if not ok:
+            raise UserError(message)
     return cfg
 
 

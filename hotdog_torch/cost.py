@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .config import UserError
+
 
 def one_hot(labels: torch.Tensor, n_classes: int, dtype=torch.float32) -> torch.Tensor:
     """(B, K) targets, 1 at each label (a scatter: unlike F.one_hot, no check that waits for the GPU)."""
@@ -20,8 +22,11 @@ def one_hot(labels: torch.Tensor, n_classes: int, dtype=torch.float32) -> torch.
     return out.scatter_(1, labels.view(-1, 1), 1)
 
 
-def half_mse(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """C = 1/2 * mean_batch sum_outputs (a - y)^2, for outputs and one-hot targets of shape (B, K)."""
+def half_mse(outputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """C = 1/2 * mean_batch sum_outputs (a - y)^2, for outputs and one-hot targets of shape (B, K); with weights,
+    each image's term weighted by its class's weight (optim.class_weights)."""
+    if weights is not None:
+        return 0.5 * (((outputs - targets) ** 2).sum(dim=1) * weights).mean()
     return 0.5 * ((outputs - targets) ** 2).sum(dim=1).mean()
 
 
@@ -67,7 +72,7 @@ def per_class(confusion: torch.Tensor, classes: list[str]) -> dict:
     return {"classes": out, "balanced_accuracy": recall[present].mean().item() if present.any() else 0.0}
 
 
-def error_rate_cost(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def error_rate_cost(outputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """The seed's first cost, # wrong / total, written so that autograd can differentiate it.
 
     An image is wrong when its true class's score is not above every other: wrong =
@@ -76,12 +81,27 @@ def error_rate_cost(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tenso
     """
     true_score = (outputs * targets).sum(dim=1)
     best_other = (outputs - 2 * targets).max(dim=1).values  # the true class pushed out of the running
-    return torch.ceil(torch.clamp(best_other - true_score, 0, 1)).mean()
+    wrong = torch.ceil(torch.clamp(best_other - true_score, 0, 1))
+    return (wrong if weights is None else wrong * weights).mean()
 
 
-def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Not the seed's cost: binary cross-entropy of each sigmoid output, summed over outputs, mean over the batch."""
+    if weights is not None:
+        return (F.binary_cross_entropy(outputs, targets, reduction="none").sum(dim=1) * weights).mean()
     return F.binary_cross_entropy(outputs, targets, reduction="sum") / len(outputs)
 
 
 COSTS = {"half_mse": half_mse, "error_rate": error_rate_cost, "cross_entropy": cross_entropy}
+
+
+def class_weights(given, labels: torch.Tensor, classes: list[str]) -> list[float] | None:
+    """optim.class_weights as one number per class: balanced = n / (classes · n_class), as scikit-learn's."""
+    if given is None:
+        return None
+    if given == "balanced":
+        counts = torch.bincount(labels, minlength=len(classes)).tolist()
+        return [len(labels) / (len(counts) * max(c, 1)) for c in counts]
+    if len(given) != len(classes):
+        raise UserError(f"optim.class_weights has {len(given)} weights for the {len(classes)} classes {classes}")
+    return [float(w) for w in given]

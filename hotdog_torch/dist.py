@@ -192,6 +192,18 @@ class Product:
     def bias_into(self, t: torch.Tensor, alpha: float) -> None:
         t.add_(self.delta.sum(0), alpha=alpha)
 
+    def scale_(self, c: torch.Tensor) -> None:
+        self.delta = self.delta * c  # δ scaled scales both δᵀa and Σδ
+
+    def sq_norm(self) -> torch.Tensor:
+        """‖δᵀa‖² + ‖Σδ‖²: through the Gram matrices, Σ (δδᵀ ⊙ aaᵀ), when they are the smaller products."""
+        d, a = self.delta, self.a
+        if len(d) * (d.shape[1] + a.shape[1]) < d.shape[1] * a.shape[1]:
+            w = ((d @ d.t()) * (a @ a.t())).sum()
+        else:
+            w = (d.t() @ a).square().sum()
+        return w + d.sum(0).square().sum()
+
 
 class Summed:
     """A layer's gradient materialised on each rank and summed over the ranks (all-reduce)."""
@@ -205,6 +217,12 @@ class Summed:
 
     def bias_into(self, t: torch.Tensor, alpha: float) -> None:
         t.add_(self.bias, alpha=alpha)
+
+    def scale_(self, c: torch.Tensor) -> None:
+        self.gradient, self.bias = self.gradient * c, self.bias * c
+
+    def sq_norm(self) -> torch.Tensor:
+        return self.gradient.square().sum() + self.bias.square().sum()
 
 
 def sync_bytes(world: World, n: int, n_out: int, n_in: int, itemsize: int = 4) -> dict[str, int]:

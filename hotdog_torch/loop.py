@@ -31,6 +31,7 @@ class Feed:
     n_classes: int
     device: torch.device
     world: dist.World = dist.SINGLE  # under torchrun, this process takes its share of every batch
+    class_weights: torch.Tensor | None = None  # each class's weight in the training cost (optim.class_weights)
     scale: torch.Tensor = field(init=False)  # data.normalise's constants, computed once
     shift: torch.Tensor = field(init=False)
 
@@ -81,16 +82,39 @@ def epoch_plan(n: int, batch_size: int, world: dist.World) -> tuple[torch.Tensor
     return p[mine], bounds, totals
 
 
-def train_one_epoch(
-    step: Step, feed: Feed, generator, resume=None, should_stop=lambda: False, first_step=0, log_every=0, on_log=None
-) -> dict:
-    """One pass over the training split in shuffled batches.
+@dataclass
+class EpochResult:
+    """What one pass over the training split gives: its batch order, the steps taken (all of them unless stopped),
+    each step's cost and wrong count of the whole batch (summed over torchrun's processes; on the device until
+    asked for) and the lr each step used.  `candidate`: random search's score of this pass's draw."""
 
-    Returns {"order", "next", "costs", "wrongs"}: the epoch's batch order, the number of steps taken (all of
-    them unless should_stop() said stop), and the per-step costs and wrong counts of the whole batches (summed
-    over torchrun's processes).  These stay on the device until the caller asks for them: no host sync inside
-    the epoch, except on_log(global_step), called every log_every steps.  resume, a dict of the same form saved
-    mid-epoch, continues that epoch where it stopped.
+    order: torch.Tensor | None
+    next: int
+    costs: torch.Tensor
+    wrongs: torch.Tensor
+    lrs: list[float]
+    candidate: dict | None = None
+
+    def progress(self) -> dict:
+        """The part-way epoch as checkpoint.RunState.epoch_progress keeps it (for --resume)."""
+        return {"order": self.order, "next": self.next, "costs": self.costs, "wrongs": self.wrongs, "lrs": self.lrs}
+
+
+def train_one_epoch(
+    step: Step,
+    feed: Feed,
+    generator,
+    schedule,
+    resume=None,
+    should_stop=lambda: False,
+    first_step=0,
+    log_every=0,
+    on_log=None,
+) -> EpochResult:
+    """One pass over the training split in shuffled batches; schedule.step() after every optimiser step.
+
+    No host sync inside the epoch, except on_log(global_step), called every log_every steps.  resume, an
+    EpochResult.progress() saved mid-epoch, continues that epoch where it stopped.
     """
     n, n_steps, split, world = len(feed.split), feed.steps(), feed.split, feed.world
     if resume is None:
@@ -101,17 +125,22 @@ def train_one_epoch(
     mine = order if positions is None else order[positions.to(order.device)]  # this process's images, in order
     rows, labels = split.index[mine], split.labels[mine].to(feed.device)
     targets = one_hot(labels, feed.n_classes)
+    weights = None if feed.class_weights is None else feed.class_weights[labels]
     outputs = torch.empty(len(mine), feed.n_classes, device=feed.device)
     costs = torch.zeros(n_steps, device=feed.device)
+    lrs = list(resume.get("lrs", [schedule.lr] * start)) if resume else []  # the lr each step used
     i = start
     while i < n_steps and not should_stop():
         k = min(step.window, n_steps - i)  # the window's batches, one after another
         lo, hi = bounds[i], bounds[i + k]
         x = feed.images(rows[lo:hi])  # gathered from the pool a window at a time: no copy of the epoch's images
         sizes = [bounds[s + 1] - bounds[s] for s in range(i, i + k)]
-        for j, (cost, out) in enumerate(step(x, targets[lo:hi], sizes, totals[i : i + k])):
+        lrs += [schedule.lr] * k
+        w = None if weights is None else weights[lo:hi]
+        for j, (cost, out) in enumerate(step(x, targets[lo:hi], sizes, totals[i : i + k], w)):
             costs[i + j] = cost
             outputs[bounds[i + j] : bounds[i + j + 1]] = out
+        schedule.step(k)
         i += k
         if log_every and any((first_step + s + 1) % log_every == 0 for s in range(i - k, i)):
             on_log(first_step + i)  # at the end of the window that held the log step
@@ -122,7 +151,7 @@ def train_one_epoch(
     if resume is not None:
         costs[:start] = resume["costs"].to(feed.device)
         wrongs = torch.cat([resume["wrongs"].to(feed.device), wrongs])
-    return {"order": order, "next": i, "costs": costs[:i], "wrongs": wrongs}
+    return EpochResult(order, i, costs[:i], wrongs, lrs)
 
 
 def wrong_counts(outputs: torch.Tensor, labels: torch.Tensor, sizes: list[int]) -> torch.Tensor:

@@ -16,11 +16,14 @@ ACTIVATIONS = {"sigmoid": nn.Sigmoid, "relu": nn.ReLU, "tanh": nn.Tanh}
 FUNCTIONS = {"sigmoid": torch.sigmoid, "relu": torch.relu, "tanh": torch.tanh}  # the same, as plain functions
 
 
-def build_model(in_features: int, hidden: list[int], n_classes: int, activation: str = "sigmoid") -> nn.Sequential:
+def build_model(
+    in_features: int, hidden: list[int], n_classes: int, activation: str = "sigmoid", dropout: float = 0.0
+) -> nn.Sequential:
+    """dropout > 0: an nn.Dropout after each hidden layer's activation (in training only)."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = in_features
     for h in hidden:
-        layers += [nn.Linear(width, h), ACTIVATIONS[activation]()]
+        layers += [nn.Linear(width, h), ACTIVATIONS[activation]()] + ([nn.Dropout(dropout)] if dropout else [])
         width = h
     layers += [nn.Linear(width, n_classes), nn.Sigmoid()]
     return nn.Sequential(*layers)

@@ -7,9 +7,11 @@ is ever computed.  A pass is charged like one epoch of gradient descent.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 
-from .loop import evaluate
+from .loop import EpochResult, Feed, evaluate
 from .model import linear_layers
 
 NAME = "random search (a fresh draw of every weight per pass, the best kept; no gradients)"
@@ -30,3 +32,22 @@ def random_search_pass(model, candidate, split, mean, std, n_classes, kept):
         model.load_state_dict(candidate.state_dict())
         kept = score
     return score, kept
+
+
+class Search:
+    """Random search's own small loop: each pass, one draw (a pass is charged as many steps as an epoch of
+    gradient descent, so the two share one x axis); the kept draw's score lives in the run's state."""
+
+    def __init__(self, model, feed: Feed):
+        self.model, self.feed, self.candidate = model, feed, copy.deepcopy(model)
+
+    def epoch(self, state, tb, stop, first: int) -> EpochResult:
+        f, none = self.feed, torch.zeros(0)
+        if stop():
+            return EpochResult(None, 0, none, none, [])
+        score, kept = random_search_pass(
+            self.model, self.candidate, f.split, f.mean, f.std, f.n_classes, state.search_kept
+        )
+        state.search_kept = kept
+        cost, wrong = torch.tensor([kept["cost"]]), torch.tensor([round(kept["error_rate"] * len(f.split))])
+        return EpochResult(None, f.steps(), cost, wrong, [], candidate=score)  # one point, at the pass's last step

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import signal
 
-from .config import Config
+from .config import Config, Train
 
 
 class DivergenceWatch:
@@ -38,20 +38,44 @@ class DivergenceWatch:
         return {"window": self.window, "best": self.best, "first": self.first, "above": self.above}
 
 
-def verdict(cfg: Config, epoch: int, val_accuracy: float, diverged: bool) -> str | None:
-    """Why the run stops after this epoch ("diverged", "target_accuracy", "epochs"), or None to go on."""
+def verdict(cfg: Config, epoch: int, val_accuracy: float, diverged: bool, bad_epochs: int = 0) -> str | None:
+    """Why the run stops after this epoch ("diverged", "target_accuracy", "no_improvement", "epochs"), or None."""
     if diverged:
         return "diverged"
     if cfg.train.target_accuracy is not None and val_accuracy >= cfg.train.target_accuracy:
         return "target_accuracy"
+    if cfg.train.patience is not None and bad_epochs >= cfg.train.patience:
+        return "no_improvement"
     if epoch == cfg.train.epochs:
         return "epochs"
     return None
 
 
-def better(m: dict, best: dict | None) -> bool:
-    """Is this epoch the best so far (best.pt)?  Higher validation accuracy, then lower validation cost."""
-    return best is None or (m["val_accuracy"], -m["val_cost"]) > (best["val_accuracy"], -best["val_cost"])
+def rank(m: dict, monitor: str = "val_accuracy") -> tuple:
+    """Larger is better: the monitored figure first (accuracy up, cost down), the other one to break ties."""
+    if monitor == "val_cost":
+        return (-m["val_cost"], m["val_accuracy"])
+    return (m["val_accuracy"], -m["val_cost"])
+
+
+def better(m: dict, best: dict | None, monitor: str = "val_accuracy") -> bool:
+    """Is this epoch the best so far (best.pt)?"""
+    return best is None or rank(m, monitor) > rank(best, monitor)
+
+
+def improved(m: dict, best: dict | None, train: Train) -> bool:
+    """Has train.monitor improved on the best epoch by more than train.min_delta (Keras's EarlyStopping)?"""
+    if best is None:
+        return True
+    if train.monitor == "val_cost":
+        return m["val_cost"] < best["val_cost"] - train.min_delta
+    return m["val_accuracy"] > best["val_accuracy"] + train.min_delta
+
+
+def top_k(kept: list, m: dict, k: int, monitor: str) -> tuple[list, bool, list]:
+    """The k best epochs with this one: (their metrics best first, whether this one is among them, those pushed out)."""
+    ranked = sorted([*kept, m], key=lambda e: rank(e, monitor), reverse=True)
+    return ranked[:k], any(e is m for e in ranked[:k]), ranked[k:]
 
 
 def divergence_advice(cfg: Config, epoch: int) -> str:

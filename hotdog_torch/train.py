@@ -12,7 +12,6 @@ cost diverges, or after the last epoch.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import signal
 import sys
@@ -25,14 +24,16 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import board, checkpoint, config, data, dist, files, report, runtime, search, stopping
+from . import board, checkpoint, config, data, dist, files, report, runtime, schedule, search, stopping
 from .board import Board
 from .checkpoint import RunState
 from .config import Config, UserError
-from .cost import COSTS, confusion_matrix, per_class
-from .loop import Feed, clamp_batch_size, evaluate, train_one_epoch
+from .cost import COSTS, class_weights, confusion_matrix, per_class
+from .loop import EpochResult, Feed, clamp_batch_size, evaluate, train_one_epoch
 from .model import build_model
-from .step import make_optimizer, make_step
+from .optim import make_optimizer
+from .schedule import Schedule
+from .step import fuses, make_step
 
 
 @dataclass
@@ -44,18 +45,18 @@ class Run:
     dir: Path
     model: torch.nn.Sequential
     optimizer: torch.optim.Optimizer
+    schedule: Schedule  # the lr, written into the optimiser's param_groups step by step
     generator: torch.Generator  # the batch order
     feed: Feed  # the training split's batches
     meta: dict  # what a checkpoint needs besides the weights (checkpoint.meta)
     world: dist.World = dist.SINGLE  # under torchrun, rank 0 alone writes
-    candidate: torch.nn.Sequential | None = None  # random search's fresh draw
 
     def save(self, name: str, state: RunState, metrics: dict, progress=None) -> None:
         """checkpoints/<name>.pt; progress, when an epoch stopped part-way, is where (for --resume)."""
         if not self.world.main:
             return
         state.epoch_progress = checkpoint.on_cpu(progress)
-        state.rng = checkpoint.rng_state(self.generator)
+        state.rng, state.schedule = checkpoint.rng_state(self.generator), self.schedule.state_dict()
         path = self.dir / "checkpoints" / f"{name}.pt"
         checkpoint.save(path, self.model, self.optimizer, self.meta, metrics, state, resumable=name == "last")
 
@@ -68,13 +69,15 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
     r, state, resumed = set_up(cfg, config_name, progress, resume_dir)
     if state is None:
         return r.dir
-    step = make_step(r.model, r.optimizer, cfg, r.feed.device, r.world)
-    step_name = step.name if r.candidate is None else search.NAME
+    if cfg.optim.name == "random_search":  # the shot in the dark: a draw a pass, no step
+        step_name, epoch_pass = search.NAME, search.Search(r.model, r.feed).epoch
+    else:
+        step = make_step(r.model, r.optimizer, cfg, r.feed.device, r.world)
+        step_name, epoch_pass = step.name, partial(descend, r, step)
     print(f"step: {step_name}; data {r.ds.where(r.feed.device)}", flush=True)
-    # purge_step, on resume: TensorBoard drops whatever was logged after the checkpoint, so no step appears twice
-    tb = Board(r.dir, state.step + 1 if resumed else None, r.model, r.feed, COSTS[cfg.optim.cost], r.world.main)
+    tb = Board(r.dir, state.step + 1 if resumed else None, r.world.main).watch(r.model, r.feed, COSTS[cfg.optim.cost])
     if not resumed:
-        board.log_text(tb.writer, yaml.safe_dump(config.to_dict(cfg), sort_keys=False), r.ds.summary())
+        tb.text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False), r.ds.summary())
     watch = stopping.DivergenceWatch(cfg.train.diverge_factor, cfg.train.diverge_steps, state.divergence)
     session_start, seconds_before = time.perf_counter(), state.seconds
     if r.world.distributed and not resumed:  # a restart after a worker dies resumes from here at the least
@@ -84,7 +87,7 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
         for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
             t0, tb.seconds = time.perf_counter(), 0.0
             first = state.step - (state.epoch_progress or {}).get("next", 0)  # also when resumed mid-epoch
-            done = train_pass(r, state, step, tb, stop, first)
+            done = epoch_pass(state, tb, stop, first)
             state.seconds = seconds_before + time.perf_counter() - session_start
             if stop():
                 interrupt(r, state, done, first, epoch, request.signal or signal.SIGTERM)
@@ -95,13 +98,8 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
             m = end_epoch(r, state, tb, watch, epoch, done, first)
             m["seconds"] = time.perf_counter() - t0  # the whole epoch: training, evaluation and logging
             report.print_epoch(epoch, cfg.train.epochs, m, len(r.ds.train) / seconds)
-            state.history.append(m)
-            if state.best is None or (math.isfinite(m["train_cost"]) and stopping.better(m, state.best)):
-                state.best = m
-                r.save("best", state, m)
-            if epoch % cfg.train.checkpoint_every_epochs == 0 or state.stopped_because:
-                r.save("last", state, m)
-            if state.stopped_because in ("target_accuracy", "diverged"):
+            keep(r, state, m)
+            if state.stopped_because in ("target_accuracy", "diverged", "no_improvement"):
                 break
     finish(r, state, tb, step_name)
     dist.finish(r.world)
@@ -109,7 +107,7 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
 
 
 def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[Run, RunState | None, bool]:
-    """Data, run folder, model, optimiser and batch order; the state to go on from (None: nothing left to do)."""
+    """Data, run folder, model, optimiser, schedule and batch order; the state to go on from (None: nothing left)."""
     world = dist.from_env()  # one process, or one of torchrun's
     device = dist.start(world, runtime.resolve_device(cfg.device))
     runtime.use_tf32(device)
@@ -122,89 +120,105 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
     ds = dist.main_first(world, lambda: data.prepare(cfg.data, cfg.seed, progress, budget))  # decoded once
     ds = ds.to(device)  # each pool once, in every process: the batches are gathered from it on the device
     batch_size = clamp_batch_size(cfg.optim.batch_size, len(ds.train))
+    total_steps = cfg.train.epochs * math.ceil(len(ds.train) / batch_size)
+    schedule.check(cfg.optim, total_steps)  # before anything is written
+    weights = class_weights(cfg.optim.class_weights, ds.train.labels, ds.classes)
     if world.main:
         run_dir = files.open_run_dir(cfg, config_name, resume_dir, resumed, ds, device)
         dist.note_run(world, cfg.log.dir, run_dir)
     run_dir = dist.broadcast(world, run_dir if world.main else None)
     torch.manual_seed(cfg.seed)
     width = cfg.data.channels * cfg.data.image_size**2
-    model = build_model(width, cfg.model.hidden, len(ds.classes), cfg.model.activation).to(device)
-    optimizer = make_optimizer(model, cfg, device)
+    model = build_model(width, cfg.model.hidden, len(ds.classes), cfg.model.activation, cfg.model.dropout).to(device)
+    optimizer = make_optimizer(model, cfg, fuses(cfg, device, world))
     generator = torch.Generator(device=ds.train.index.device).manual_seed(cfg.seed)
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
-    feed = Feed(ds.train, mean, std, batch_size, len(ds.classes), device, world)
+    feed = Feed(ds.train, mean, std, batch_size, len(ds.classes), device, world, weights and torch.tensor(weights))
     meta = checkpoint.meta(config.to_dict(cfg), ds.classes, mean.tolist(), std.tolist())
-    r = Run(cfg, ds, run_dir, model, optimizer, generator, feed, meta, world)
     state = RunState()
-    if resumed is not None:
-        state = checkpoint.restore(resumed, model, optimizer, generator, run_dir, cfg.train.epochs)
-    if cfg.optim.name == "random_search":
-        r.candidate = copy.deepcopy(model)
+    if resumed is not None:  # the config given trains, not the checkpoint's numbers
+        state = checkpoint.restore(resumed, model, optimizer, generator, run_dir, cfg.train.epochs, cfg.optim)
+    lr = Schedule(optimizer, cfg.optim, total_steps, state and state.schedule, state.step if state else 0)
+    r = Run(cfg, ds, run_dir, model, optimizer, lr, generator, feed, meta, world)
     return r, state, resumed is not None
 
 
-def train_pass(r: Run, state: RunState, step, tb: Board, stop, first: int) -> dict:
-    """One epoch of gradient descent, or one draw of random search: {"next", "costs", "wrong", "advance", ...}."""
-    if r.candidate is not None:  # one candidate per pass, charged one pass like an epoch of gradient descent
-        if stop():
-            return {"next": 0}
-        f = r.feed
-        score, kept = search.random_search_pass(
-            r.model, r.candidate, f.split, f.mean, f.std, f.n_classes, state.search_kept
-        )
-        state.search_kept = kept
-        wrong = round(kept["error_rate"] * len(f.split))
-        return {"next": 0, "costs": [kept["cost"]], "wrong": wrong, "advance": f.steps(), "candidate": score}
-    on_log = partial(tb.log_norms, lr=r.optimizer.param_groups[0]["lr"])
-    done = train_one_epoch(step, r.feed, r.generator, state.epoch_progress, stop, first, r.cfg.log.every_steps, on_log)
-    if stop():
-        return done
-    costs = done["costs"].tolist()  # the epoch's one transfer to the host
-    return {**done, "costs": costs, "wrong": int(done["wrongs"].sum()), "advance": len(costs)}
+def descend(r: Run, step, state: RunState, tb: Board, stop, first: int) -> EpochResult:
+    """One epoch of gradient descent."""
+    on_log = tb.norms if r.cfg.log.every_steps else None
+    progress, every = state.epoch_progress, r.cfg.log.every_steps
+    return train_one_epoch(step, r.feed, r.generator, r.schedule, progress, stop, first, every, on_log)
 
 
-def interrupt(r: Run, state: RunState, done: dict, first: int, epoch: int, signum: int):
+def interrupt(r: Run, state: RunState, done: EpochResult, first: int, epoch: int, signum: int):
     """Save where the epoch stopped (the resumed run continues from that very step), say how to resume, and exit."""
-    state.step = first + done["next"]
-    r.save("last", state, state.history[-1] if state.history else {}, None if r.candidate is not None else done)
+    state.step = first + done.next
+    r.save(
+        "last", state, state.history[-1] if state.history else {}, done.progress() if done.order is not None else None
+    )
     name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
-    where = f"epoch {epoch}, step {done['next']} of {r.feed.steps()}"
+    where = f"epoch {epoch}, step {done.next} of {r.feed.steps()}"
     resume = f"python -m hotdog_torch.train --resume {r.dir}"
     print(f"\n{name}: saved {r.dir}/checkpoints/last.pt at {where}. Resume with: {resume}", file=sys.stderr, flush=True)
     raise stopping.Interrupted(128 + signum)
 
 
-def end_epoch(r: Run, state: RunState, tb: Board, watch, epoch: int, done: dict, first: int) -> dict:
+def end_epoch(r: Run, state: RunState, tb: Board, watch, epoch: int, done: EpochResult, first: int) -> dict:
     """Evaluate on validation, log the epoch, decide whether to stop; returns the epoch's metrics."""
     val = r.evaluate(r.ds.val)
-    costs = done["costs"]
-    m = {"epoch": epoch, "train_cost": sum(costs) / len(costs), "train_error_rate": done["wrong"] / len(r.ds.train)}
+    costs = done.costs.tolist()  # the epoch's one transfer to the host
+    m = {
+        "epoch": epoch,
+        "train_cost": sum(costs) / len(costs),
+        "train_error_rate": int(done.wrongs.sum()) / len(r.ds.train),
+    }
     m |= {"val_cost": val["cost"], "val_error_rate": val["error_rate"], "val_accuracy": val["accuracy"]}
-    board.log_steps(tb.writer, "cost/train", costs, first + done["advance"] - len(costs) + 1)
-    if "candidate" in done:
-        score = {f"random_search/candidate_{k}": done["candidate"][k] for k in ("error_rate", "cost")}
-        board.log_scalars(tb.writer, first + done["advance"], score)
-    state.step, state.epoch_progress, state.epoch = first + done["advance"], None, epoch
+    state.step, state.epoch_progress, state.epoch = first + done.next, None, epoch
+    tb.steps("cost/train", costs, state.step - len(costs) + 1)
+    tb.steps("lr", done.lrs, first + 1)
+    if done.candidate is not None:
+        tb.scalars(state.step, {f"random_search/candidate_{k}": v for k, v in done.candidate.items()})
     confusion = confusion_matrix(val["outputs"], r.ds.val.labels.to(r.feed.device), r.feed.n_classes)
-    board.log_epoch(tb.writer, state.step, m, per_class(confusion, r.ds.classes))
-    if r.candidate is None and tb.norms_step != state.step:  # at least once an epoch, however short the run
-        tb.log_norms(state.step, r.optimizer.param_groups[0]["lr"])
-    diverged = r.candidate is None and watch.update(costs)
+    tb.epoch(state.step, m, per_class(confusion, r.ds.classes))
+    if done.candidate is None and tb.norms_step != state.step:  # at least once an epoch, however short the run
+        tb.norms(state.step)
+    diverged = done.candidate is None and watch.update(costs)
     state.divergence = watch.state()
-    state.stopped_because = stopping.verdict(r.cfg, epoch, m["val_accuracy"], diverged)
+    r.schedule.end_epoch(m["val_cost"])
+    state.bad_epochs = 0 if stopping.improved(m, state.best, r.cfg.train) else state.bad_epochs + 1
+    state.stopped_because = stopping.verdict(r.cfg, epoch, m["val_accuracy"], diverged, state.bad_epochs)
     if diverged:
         print(stopping.divergence_advice(r.cfg, epoch), flush=True)
     every = r.cfg.log.images_every_epochs
     if state.stopped_because or (every and epoch % every == 0):
         shape = (r.cfg.data.channels, r.cfg.data.image_size)
-        tb.log_summaries(state.step, val, confusion, r.ds.val, r.ds.classes, shape, gradients=r.candidate is None)
-    tb.writer.flush()
+        tb.summaries(state.step, val, confusion, r.ds.val, r.ds.classes, shape, gradients=done.candidate is None)
+    tb.flush()
     m["logging_seconds"] = tb.seconds
     return m
 
 
+def keep(r: Run, state: RunState, m: dict) -> None:
+    """The epoch into the history, best.pt when it is the best so far (and the k best's files), last.pt when due."""
+    state.history.append(m)
+    monitor = r.cfg.train.monitor
+    if state.best is None or (math.isfinite(m["train_cost"]) and stopping.better(m, state.best, monitor)):
+        state.best = m
+        r.save("best", state, m)
+    if r.cfg.train.keep_top_k and math.isfinite(m["train_cost"]):
+        state.top_k, entered, out = stopping.top_k(state.top_k, m, r.cfg.train.keep_top_k, monitor)
+        if entered:
+            r.save(f"best-{m['epoch']}", state, m)
+        for gone in out if r.world.main else ():
+            (r.dir / "checkpoints" / f"best-{gone['epoch']}.pt").unlink(missing_ok=True)
+    if m["epoch"] % r.cfg.train.checkpoint_every_epochs == 0 or state.stopped_because:
+        r.save("last", state, m)
+
+
 def finish(r: Run, state: RunState, tb: Board, step_name: str) -> None:
     """metrics.json (the best epoch, and the test split scored with best.pt), HParams, and the last line."""
+    if state.stopped_because == "no_improvement":  # early stopping ends on the best weights, as Keras restores them
+        r.model.load_state_dict(checkpoint.load(r.dir / "checkpoints/best.pt")["model"])
     if not r.world.main:
         return
     device = r.feed.device
@@ -214,8 +228,8 @@ def finish(r: Run, state: RunState, tb: Board, step_name: str) -> None:
     if r.ds.test is not None:
         test = r.evaluate(r.ds.test, checkpoint.model_from(checkpoint.load(r.dir / "checkpoints/best.pt")).to(device))
         m.update(test_accuracy=test["accuracy"], test_error_rate=test["error_rate"], test_cost=test["cost"])
-    board.log_hparams(tb.writer, board.hparams(r.cfg), {k: m.get(k) for k in board.HPARAM_METRICS})
-    tb.writer.close()
+    tb.hparams(r.cfg, {k: m.get(k) for k in board.HPARAM_METRICS})
+    tb.close()
     report.write_metrics(r.dir, m)
     report.print_end(r.cfg, state, m, r.dir)
 

@@ -189,10 +189,10 @@ def _pct(x: float) -> str:
 
 
 def log(parent: Path, costs: list[float], picture: Image.Image) -> None:
-    writer = board.open_writer(parent / "gradient_descent")
-    board.log_steps(writer, "cost/train", costs, 1)
-    board.add_picture(writer, "lesson/two_weights", picture, len(costs))
-    writer.close()
+    tb = board.Board(parent / "gradient_descent")
+    tb.steps("cost/train", costs, 1)
+    tb.picture("lesson/two_weights", picture, len(costs))
+    tb.close()
 
 
 def cost_surface(f, targets, b, span: float, n: int = 81):

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from hotdog_torch import checkpoint, data, loop, step, train
+from hotdog_torch import checkpoint, data, loop, optim, schedule, step, train
 from hotdog_torch.model import build_model
 
 pytestmark = pytest.mark.cuda
@@ -33,19 +33,20 @@ def test_an_epoch_never_waits_for_the_host(small_tree, make_config, extra, name)
     device = torch.device("cuda")
     ds = data.load_dataset(cfg.data, cfg.seed, progress=False).to(device)
     model = build_model(32 * 32, [16], 2).to(device)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=cfg.optim.momentum)
+    optimizer = optim.make_optimizer(model, cfg, step.fuses(cfg, device))
     take = step.make_step(model, optimizer, cfg, device)
+    constant = schedule.Schedule(optimizer, cfg.optim, 100)
     assert name in take.name  # auto precision on CUDA is bf16; the fused fp32 step; the CUDA graph
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
     feed = loop.Feed(ds.train, mean, std, 16, 2, device)
     generator = torch.Generator(device=device).manual_seed(0)
-    loop.train_one_epoch(take, feed, generator)  # warm-up
+    loop.train_one_epoch(take, feed, generator, constant)  # warm-up
     torch.cuda.set_sync_debug_mode("error")  # any host synchronisation inside the epoch raises
     try:
-        done = loop.train_one_epoch(take, feed, generator)
+        done = loop.train_one_epoch(take, feed, generator, constant)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert torch.isfinite(done["costs"]).all()
+    assert torch.isfinite(done.costs).all()
 
 
 def test_the_cuda_graph_replays_the_same_steps(small_tree, make_config):

@@ -11,8 +11,9 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hotdog_torch"
 
 # Upstream first: a module may import only modules of an earlier layer (docs/DESIGN.md, "Who may import whom").
 LAYERS = [
+    ["checks"],
     ["config"],
-    ["files", "runtime", "drawings", "images", "model", "cost", "dist", "augment"],
+    ["files", "runtime", "drawings", "images", "model", "cost", "dist", "augment", "optim", "schedule"],
     ["synth", "step", "stopping", "checkpoint"],
     ["data", "report"],
     ["loop", "framing"],

@@ -8,84 +8,110 @@ import json
 import pytest
 import torch
 
-from hotdog_torch import checkpoint, config, cost, step, train
-from hotdog_torch.model import build_model
+from hotdog_torch import checkpoint, config, cost, optim, step, train
+from hotdog_torch.model import build_model, linear_layers
 
 
-def twins(hidden, activation, lr, seed, momentum=0.0, nesterov=False):
-    """A float64 MLP, and a copy of it with hotdog_torch's autograd + torch.optim.SGD step."""
+def twins(hidden, activation, lr, seed, momentum=0.0, nesterov=False, weight_decay=0.0):
+    """A float64 MLP with hotdog_torch's fused step (FusedSGD), and a copy of it with autograd + torch.optim.SGD."""
     torch.manual_seed(seed)
     a = build_model(12, hidden, 3, activation).double()
     b = copy.deepcopy(a)
-    optimizer = torch.optim.SGD(b.parameters(), lr=lr, momentum=momentum, nesterov=nesterov)
-    options = [f"optim.momentum={momentum}", f"optim.nesterov={str(nesterov).lower()}"]
-    cfg = config.load(None, [f"optim.lr={lr}", *options, "optim.fused=false", f"model.activation={activation}"])
-    autograd_step = step.make_step(b, optimizer, cfg, torch.device("cpu"))
+    optimizer = torch.optim.SGD(b.parameters(), lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay)
+    options = [
+        f"optim.momentum={momentum}",
+        f"optim.nesterov={str(nesterov).lower()}",
+        f"optim.weight_decay={weight_decay}",
+    ]
+    common = [f"optim.lr={lr}", *options, f"model.activation={activation}"]
+    autograd_step = step.make_step(b, optimizer, config.load(None, [*common, "optim.fused=false"]), torch.device("cpu"))
     assert autograd_step.name.startswith("autograd")
-    return a, b, autograd_step, optimizer
+    cfg = config.load(None, [*common, "optim.fused_window=1"])
+    fused = optim.FusedSGD(a.parameters(), lr, momentum, nesterov, weight_decay)
+    fused_step = step.make_step(a, fused, cfg, torch.device("cpu"))
+    assert fused_step.name.startswith("fused SGD") and fused_step.window == 1
+    return a, b, fused_step, autograd_step, fused, optimizer
+
+
+def batch(n, dtype=torch.float64):
+    return torch.randn(n, 12, dtype=dtype), cost.one_hot(torch.randint(0, 3, (n,)), 3, dtype)
+
+
+def assert_same(a, b, *pairs, atol=1e-10):
+    for x, y in pairs:
+        assert torch.allclose(x, y, rtol=0, atol=atol)
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.allclose(pa, pb, rtol=0, atol=atol)
+        assert not torch.equal(pa, torch.zeros_like(pa))
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh"])
 @pytest.mark.parametrize("hidden", [[], [7], [9, 5]])
 def test_fused_sgd_step_equals_autograd_and_torch_optim(activation, hidden):
-    a, b, autograd_step, _ = twins(hidden, activation, 0.3, seed=0)
+    a, b, fused_step, autograd_step, _, _ = twins(hidden, activation, 0.3, seed=0)
     for _ in range(5):
-        x = torch.randn(8, 12, dtype=torch.float64)
-        t = cost.one_hot(torch.randint(0, 3, (8,)), 3, torch.float64)
-        c1, out1 = step.fused_sgd_step(a, x, t, 0.3, activation)
+        x, t = batch(8)
+        ((c1, out1),) = fused_step(x, t, [len(x)])
         ((c2, out2),) = autograd_step(x, t, [len(x)])
-        assert torch.allclose(c1, c2, atol=1e-12) and torch.allclose(out1, out2, atol=1e-12)
-    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
-        assert torch.allclose(pa, pb, atol=1e-12)
-        assert not torch.equal(pa, torch.zeros_like(pa))
+        assert_same(a, b, (c1, c2), (out1, out2))
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh"])
 @pytest.mark.parametrize("hidden", [[], [7], [9, 5]])
 @pytest.mark.parametrize("window", [2, 3, 4])
 def test_windowed_first_layer_updates_are_the_same_sgd(activation, hidden, window):
-    a, b, autograd_step, _ = twins(hidden, activation, 0.4, seed=1)
+    a, b, _, autograd_step, fused, _ = twins(hidden, activation, 0.4, seed=1)
     sizes = [8] * (window - 1) + [5]  # the last batch of an epoch may be short
-    xs = [torch.randn(n, 12, dtype=torch.float64) for n in sizes]
-    ts = [cost.one_hot(torch.randint(0, 3, (n,)), 3, torch.float64) for n in sizes]
-    windowed = step.fused_sgd_window(a, torch.cat(xs), torch.cat(ts), sizes, 0.4, activation)
+    xs, ts = zip(*(batch(n) for n in sizes), strict=True)
+    layers = linear_layers(a)
+    windowed = step.fused_sgd_window(layers, torch.cat(xs), torch.cat(ts), sizes, fused, activation)
     for (c1, out1), x, t in zip(windowed, xs, ts, strict=True):
         ((c2, out2),) = autograd_step(x, t, [len(x)])  # one ordinary step after another
         assert torch.allclose(c1, c2, atol=1e-12) and torch.allclose(out1, out2, atol=1e-12)
-    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
-        assert torch.allclose(pa, pb, atol=1e-12)
+    assert_same(a, b, atol=1e-12)
 
 
 @pytest.mark.parametrize("activation", ["sigmoid", "relu", "tanh"])
 @pytest.mark.parametrize("hidden", [[], [7], [9, 5]])
 @pytest.mark.parametrize("nesterov", [False, True])
-def test_fused_momentum_equals_autograd_and_torch_optim_step_by_step(activation, hidden, nesterov):
-    a, b, autograd_step, optimizer = twins(hidden, activation, 0.3, seed=2, momentum=0.9, nesterov=nesterov)
-    velocity = {}
-    buffer = lambda p: velocity.setdefault(p, torch.zeros_like(p))  # noqa: E731
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+def test_fused_momentum_equals_autograd_and_torch_optim_step_by_step(activation, hidden, nesterov, weight_decay):
+    a, b, fused_step, autograd_step, fused, optimizer = twins(
+        hidden, activation, 0.3, seed=2, momentum=0.9, nesterov=nesterov, weight_decay=weight_decay
+    )
     for n in (8, 8, 8, 8, 5):  # the last batch of an epoch may be short
-        x = torch.randn(n, 12, dtype=torch.float64)
-        t = cost.one_hot(torch.randint(0, 3, (n,)), 3, torch.float64)
-        c1, out1 = step.fused_momentum_step(a, x, t, 0.3, activation, 0.9, nesterov, buffer)
+        x, t = batch(n)
+        ((c1, out1),) = fused_step(x, t, [n])
         ((c2, out2),) = autograd_step(x, t, [n])
-        assert torch.allclose(c1, c2, rtol=0, atol=1e-12) and torch.allclose(out1, out2, rtol=0, atol=1e-12)
+        assert_same(a, b, (c1, c2), (out1, out2))
         for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
-            assert torch.allclose(pa, pb, rtol=0, atol=1e-12)
-            assert torch.allclose(velocity[pa], optimizer.state[pb]["momentum_buffer"], rtol=0, atol=1e-12)
-    assert any(v.abs().max() > 0 for v in velocity.values())
+            assert torch.allclose(
+                fused.state[pa]["momentum_buffer"], optimizer.state[pb]["momentum_buffer"], atol=1e-10
+            )
+
+
+@pytest.mark.parametrize("hidden", [[], [9, 5]])
+def test_plain_sgd_with_weight_decay_equals_torch_optim(hidden):
+    a, b, fused_step, autograd_step, _, _ = twins(hidden, "sigmoid", 0.3, seed=4, weight_decay=0.1)
+    for n in (8, 8, 5):
+        x, t = batch(n)
+        ((c1, out1),) = fused_step(x, t, [n])
+        ((c2, out2),) = autograd_step(x, t, [n])
+        assert_same(a, b, (c1, c2), (out1, out2))
 
 
 def test_the_fused_momentum_velocity_is_torch_optims_buffer():
     model = build_model(6, [4], 2).double()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    take = step.make_step(
-        model, optimizer, config.load(None, ["optim.momentum=0.9", "optim.lr=0.1"]), torch.device("cpu")
-    )
+    cfg = config.load(None, ["optim.momentum=0.9", "optim.lr=0.1"])
+    optimizer = optim.make_optimizer(model, cfg, fused=True)
+    take = step.make_step(model, optimizer, cfg, torch.device("cpu"))
     assert take.name == "fused SGD with momentum 0.9 (fp32)" and take.window == 1
     x, t = torch.randn(5, 6, dtype=torch.float64), cost.one_hot(torch.tensor([0, 1, 1, 0, 1]), 2, torch.float64)
     take(x, t, [5])
     saved = optimizer.state_dict()["state"]
     assert len(saved) == 4 and all(saved[i]["momentum_buffer"].abs().sum() > 0 for i in saved)
+    sgd = torch.optim.SGD(copy.deepcopy(model).parameters(), lr=0.1, momentum=0.9)
+    sgd.load_state_dict(optimizer.state_dict())  # the same form: a checkpoint resumes on either path
 
 
 @pytest.mark.parametrize("window, momentum", [(1, 0), (4, 0), (1, 0.9)])
@@ -110,16 +136,16 @@ def test_fused_and_autograd_runs_end_with_the_same_weights(small_tree, make_conf
 
 def test_bf16_or_fused_false_use_autograd_and_momentum_runs_fused():
     cpu = torch.device("cpu")
-    model = build_model(4, [3], 2)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    assert step.make_step(model, opt, config.load(None, ["optim.momentum=0.9"]), cpu).name.startswith("fused SGD with")
-    assert step.make_step(
-        model, opt, config.load(None, ["optim.momentum=0.9", "optim.fused=false"]), cpu
-    ).name.startswith("autograd")
-    assert (
-        "bf16" in step.make_step(model, opt, config.load(None, ["optim.momentum=0", "train.precision=bf16"]), cpu).name
-    )
-    assert step.make_step(model, opt, config.load(None, ["optim.momentum=0"]), cpu).name.startswith("fused")
+
+    def name(*overrides):
+        cfg, model = config.load(None, list(overrides)), build_model(4, [3], 2)
+        return step.make_step(model, optim.make_optimizer(model, cfg, step.fuses(cfg, cpu)), cfg, cpu).name
+
+    assert name("optim.momentum=0.9").startswith("fused SGD with momentum 0.9")
+    assert name("optim.momentum=0.9", "optim.fused=false").startswith("autograd + torch.optim.SGD")
+    assert "bf16" in name("optim.momentum=0", "train.precision=bf16")
+    assert name("optim.momentum=0").startswith("fused SGD (fp32")
+    assert name("optim.name=adamw", "optim.momentum=0").startswith("fused backward + torch.optim.AdamW")
 
 
 def test_memory_mapped_data_gives_the_same_weights(small_tree, make_config):

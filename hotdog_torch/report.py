@@ -40,6 +40,10 @@ def print_end(cfg: Config, state: RunState, m: dict, run_dir: Path) -> None:
     why = {
         "target_accuracy": f"reached the target validation accuracy {cfg.train.target_accuracy or 0:.2%} at epoch {n}",
         "diverged": f"diverged at epoch {n}",
+        "no_improvement": (
+            f"no improvement of {cfg.train.monitor} for {cfg.train.patience} epochs: the best epoch's weights "
+            f"({best['epoch']}) are the run's, in best.pt, and metrics.json and the test figures are theirs"
+        ),
     }.get(state.stopped_because, f"ran all {cfg.train.epochs} epochs")
     test = f", test accuracy {m['test_accuracy']:.2%}" if "test_accuracy" in m else ""
     print(f"stopped: {why}. best epoch {best['epoch']}: val accuracy {best['val_accuracy']:.2%}{test}. wrote {run_dir}")

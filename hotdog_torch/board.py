@@ -87,7 +87,7 @@ class Board:
         self.scalars(step, {k: v.item() for k, v in norms(self.model, grads).items()})
         self.seconds += time.perf_counter() - t
 
-    def summaries(self, step, val: dict, confusion, split: data.Split, classes, image_shape, gradients=True):
+    def summaries(self, step, val: dict, confusion, split: data.Split, classes, gradients=True):
         """Histograms, neuron images, the misclassified grid, the confusion matrix and PR curves of a split."""
         if not self.enabled:
             return
@@ -95,7 +95,8 @@ class Board:
         layers = linear_layers(self.model)
         grads = probe_gradients(self.model, self.probe_x, self.probe_t, self.cost_fn) if gradients else None
         log_histograms(self.writer, step, layers, grads, val["outputs"], split.labels, classes)
-        self.picture("neurons/layer1", neuron_images(layers[0].weight, *image_shape), step)
+        channels, size = split.images.shape[1:3]  # the network's input: (C, S, S) images
+        self.picture("neurons/layer1", neuron_images(layers[0].weight, channels, size), step)
         wrong_images, captions = misclassified(split, val["outputs"], classes)
         if len(wrong_images):
             self.picture("misclassified/val", captioned_grid(wrong_images, captions), step)

@@ -95,13 +95,13 @@ def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor, weights: torch.T
 COSTS = {"half_mse": half_mse, "error_rate": error_rate_cost, "cross_entropy": cross_entropy}
 
 
-def class_weights(given, labels: torch.Tensor, classes: list[str]) -> list[float] | None:
+def class_weights(given, labels: torch.Tensor, classes: list[str]) -> torch.Tensor | None:
     """optim.class_weights as one number per class: balanced = n / (classes · n_class), as scikit-learn's."""
     if given is None:
         return None
     if given == "balanced":
         counts = torch.bincount(labels, minlength=len(classes)).tolist()
-        return [len(labels) / (len(counts) * max(c, 1)) for c in counts]
+        return torch.tensor([len(labels) / (len(counts) * max(c, 1)) for c in counts])
     if len(given) != len(classes):
         raise UserError(f"optim.class_weights has {len(given)} weights for the {len(classes)} classes {classes}")
-    return [float(w) for w in given]
+    return torch.tensor([float(w) for w in given])

@@ -95,8 +95,10 @@ class EpochResult:
     lrs: list[float]
     candidate: dict | None = None
 
-    def progress(self) -> dict:
-        """The part-way epoch as checkpoint.RunState.epoch_progress keeps it (for --resume)."""
+    def progress(self) -> dict | None:
+        """The part-way epoch as checkpoint.RunState.epoch_progress keeps it (for --resume; None: random search)."""
+        if self.order is None:
+            return None
         return {"order": self.order, "next": self.next, "costs": self.costs, "wrongs": self.wrongs, "lrs": self.lrs}
 
 

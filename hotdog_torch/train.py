@@ -18,7 +18,6 @@ import sys
 import time
 import warnings
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
@@ -73,7 +72,13 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
         step_name, epoch_pass = search.NAME, search.Search(r.model, r.feed).epoch
     else:
         step = make_step(r.model, r.optimizer, cfg, r.feed.device, r.world)
-        step_name, epoch_pass = step.name, partial(descend, r, step)
+        step_name, every = step.name, cfg.log.every_steps
+
+        def epoch_pass(state, tb, stop, first):  # one epoch of gradient descent
+            return train_one_epoch(
+                step, r.feed, r.generator, r.schedule, state.epoch_progress, stop, first, every, tb.norms
+            )
+
     print(f"step: {step_name}; data {r.ds.where(r.feed.device)}", flush=True)
     tb = Board(r.dir, state.step + 1 if resumed else None, r.world.main).watch(r.model, r.feed, COSTS[cfg.optim.cost])
     if not resumed:
@@ -93,8 +98,10 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
                 interrupt(r, state, done, first, epoch, request.signal or signal.SIGTERM)
             seconds = time.perf_counter() - t0
             if epoch > 1 or cfg.train.epochs == 1:  # steady state: the first epoch pays for warm-up
-                state.train_seconds += seconds
-                state.train_images += len(r.ds.train)
+                state.train_seconds, state.train_images = (
+                    state.train_seconds + seconds,
+                    state.train_images + len(r.ds.train),
+                )
             m = end_epoch(r, state, tb, watch, epoch, done, first)
             m["seconds"] = time.perf_counter() - t0  # the whole epoch: training, evaluation and logging
             report.print_epoch(epoch, cfg.train.epochs, m, len(r.ds.train) / seconds)
@@ -122,7 +129,7 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
     batch_size = clamp_batch_size(cfg.optim.batch_size, len(ds.train))
     total_steps = cfg.train.epochs * math.ceil(len(ds.train) / batch_size)
     schedule.check(cfg.optim, total_steps)  # before anything is written
-    weights = class_weights(cfg.optim.class_weights, ds.train.labels, ds.classes)
+    weights = class_weights(cfg.optim.class_weights, ds.train.labels, ds.classes)  # a tensor, or None
     if world.main:
         run_dir = files.open_run_dir(cfg, config_name, resume_dir, resumed, ds, device)
         dist.note_run(world, cfg.log.dir, run_dir)
@@ -133,7 +140,9 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
     optimizer = make_optimizer(model, cfg, fuses(cfg, device, world))
     generator = torch.Generator(device=ds.train.index.device).manual_seed(cfg.seed)
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
-    feed = Feed(ds.train, mean, std, batch_size, len(ds.classes), device, world, weights and torch.tensor(weights))
+    feed = Feed(
+        ds.train, mean, std, batch_size, len(ds.classes), device, world, None if weights is None else weights.to(device)
+    )
     meta = checkpoint.meta(config.to_dict(cfg), ds.classes, mean.tolist(), std.tolist())
     state = RunState()
     if resumed is not None:  # the config given trains, not the checkpoint's numbers
@@ -143,19 +152,10 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
     return r, state, resumed is not None
 
 
-def descend(r: Run, step, state: RunState, tb: Board, stop, first: int) -> EpochResult:
-    """One epoch of gradient descent."""
-    on_log = tb.norms if r.cfg.log.every_steps else None
-    progress, every = state.epoch_progress, r.cfg.log.every_steps
-    return train_one_epoch(step, r.feed, r.generator, r.schedule, progress, stop, first, every, on_log)
-
-
 def interrupt(r: Run, state: RunState, done: EpochResult, first: int, epoch: int, signum: int):
     """Save where the epoch stopped (the resumed run continues from that very step), say how to resume, and exit."""
     state.step = first + done.next
-    r.save(
-        "last", state, state.history[-1] if state.history else {}, done.progress() if done.order is not None else None
-    )
+    r.save("last", state, state.history[-1] if state.history else {}, done.progress())
     name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
     where = f"epoch {epoch}, step {done.next} of {r.feed.steps()}"
     resume = f"python -m hotdog_torch.train --resume {r.dir}"
@@ -167,12 +167,9 @@ def end_epoch(r: Run, state: RunState, tb: Board, watch, epoch: int, done: Epoch
     """Evaluate on validation, log the epoch, decide whether to stop; returns the epoch's metrics."""
     val = r.evaluate(r.ds.val)
     costs = done.costs.tolist()  # the epoch's one transfer to the host
-    m = {
-        "epoch": epoch,
-        "train_cost": sum(costs) / len(costs),
-        "train_error_rate": int(done.wrongs.sum()) / len(r.ds.train),
-    }
-    m |= {"val_cost": val["cost"], "val_error_rate": val["error_rate"], "val_accuracy": val["accuracy"]}
+    train = {"train_cost": sum(costs) / len(costs), "train_error_rate": int(done.wrongs.sum()) / len(r.ds.train)}
+    m = {"epoch": epoch, **train, "val_cost": val["cost"], "val_error_rate": val["error_rate"]}
+    m["val_accuracy"] = val["accuracy"]
     state.step, state.epoch_progress, state.epoch = first + done.next, None, epoch
     tb.steps("cost/train", costs, state.step - len(costs) + 1)
     tb.steps("lr", done.lrs, first + 1)
@@ -191,8 +188,7 @@ def end_epoch(r: Run, state: RunState, tb: Board, watch, epoch: int, done: Epoch
         print(stopping.divergence_advice(r.cfg, epoch), flush=True)
     every = r.cfg.log.images_every_epochs
     if state.stopped_because or (every and epoch % every == 0):
-        shape = (r.cfg.data.channels, r.cfg.data.image_size)
-        tb.summaries(state.step, val, confusion, r.ds.val, r.ds.classes, shape, gradients=done.candidate is None)
+        tb.summaries(state.step, val, confusion, r.ds.val, r.ds.classes, gradients=done.candidate is None)
     tb.flush()
     m["logging_seconds"] = tb.seconds
     return m
@@ -235,9 +231,7 @@ def finish(r: Run, state: RunState, tb: Board, step_name: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m hotdog_torch.train", description="Train the hot-dog MLP from a YAML config."
-    )
+    p = argparse.ArgumentParser("python -m hotdog_torch.train", description="Train the hot-dog MLP from a YAML config.")
     p.add_argument("--config", help="YAML config (keys: hotdog_torch/config.py); without it, the schema's defaults")
     resume = "continue runs/<name> from its checkpoints/last.pt, with its config.yaml (overrides still apply)"
     p.add_argument("--resume", metavar="RUN_DIR", help=resume)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 
 import pytest
 import torch
@@ -113,3 +114,31 @@ def test_a_mistake_is_one_sentence_exit_2_and_nothing_written(small_tree, tmp_pa
     err = capsys.readouterr().err
     assert err.startswith("error: ") and says in err and err.count("\n") == 1
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("extra", [0, 1, 2])
+def test_a_stop_request_at_an_epochs_end_saves_a_last_pt_that_resumes(small_tree, make_config, monkeypatch, extra):
+    """Issue 18, item 2: a signal between the end of an epoch's steps and its bookkeeping (any of the checks there)."""
+    from hotdog_torch import stopping
+
+    cfg = make_config(small_tree, "train.epochs=2", f"log.run_name=straight-{extra}")
+    reference = checkpoint.load(train.run(cfg, progress=False) / "checkpoints" / "last.pt")["model"]
+    steps = len(scalars(Path(cfg.log.dir) / f"straight-{extra}", "cost/train")) // 2
+
+    class LateRequest(stopping.StopRequest):  # says "stop" on its n-th question, just after the first epoch's steps
+        asked = 0
+
+        def __call__(self):
+            LateRequest.asked += 1
+            if LateRequest.asked == steps + extra + 1:
+                self.signal = signal.SIGTERM
+            return super().__call__()
+
+    monkeypatch.setattr(stopping, "StopRequest", LateRequest)
+    cfg = make_config(small_tree, "train.epochs=2", f"log.run_name=stopped-{extra}")
+    with pytest.raises(stopping.Interrupted):
+        train.run(cfg, progress=False)
+    monkeypatch.undo()
+    run_dir = Path(cfg.log.dir) / f"stopped-{extra}"
+    train.run(config.load_run(None, run_dir), progress=False, resume_dir=run_dir)
+    assert_same_weights(checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"], reference)

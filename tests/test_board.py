@@ -78,8 +78,9 @@ def test_every_dashboard_has_data(finished_run):
         json.loads((finished_run / "metrics.json").read_text())["val_accuracy"]
     )
 
-    # norms every 5 steps (15 steps an epoch), pictures at epochs 3 and 6
-    assert [e.step for e in acc.Scalars("lr")] == list(range(5, 91, 5))
+    # norms every 5 steps (15 steps an epoch), the lr of every step, pictures at epochs 3 and 6
+    assert [e.step for e in acc.Scalars("weight_norm/layer1")] == list(range(5, 91, 5))
+    assert [e.step for e in acc.Scalars("lr")] == list(range(1, 91)) and {e.value for e in acc.Scalars("lr")} == {0.5}
     assert [e.step for e in acc.Images("neurons/layer1")] == [45, 90]
     assert all(e.value > 0 for e in acc.Scalars("grad_norm/layer1"))
 

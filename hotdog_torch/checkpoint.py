@@ -46,6 +46,10 @@ class RunState:
     bad_epochs: int = 0  # epochs since train.monitor last improved by more than train.min_delta
     top_k: list = field(default_factory=list)  # train.keep_top_k: the metrics of the epochs kept, best first
 
+    def count(self, seconds: float, images: int) -> None:
+        """A steady-state epoch's time and images, for images/s."""
+        self.train_seconds, self.train_images = self.train_seconds + seconds, self.train_images + images
+
     def as_dict(self) -> dict:
         return dict(vars(self))
 

@@ -1,12 +1,8 @@
 """Train the hot-dog network: python -m hotdog_torch.train --config configs/hotdog.yaml [section.key=value ...]
 
-The loop, top to bottom: decode the image folder once into a uint8 tensor on
-the training device; each epoch, shuffle the training indices, and for each
-batch of them normalise the images, run the network forward, compute the cost
-C = ½·MSE, backpropagate its gradient and take one gradient-descent step
-w <- w - lr * dC/dw (step.py).  After each epoch, evaluate on validation, print one
-line, log to TensorBoard, save checkpoints; stop at the target accuracy, when the
-cost diverges, or after the last epoch.
+Decode the images once into a uint8 tensor on the device; each epoch, batches of shuffled indices, each a step
+of gradient descent on C = ½·MSE (step.py) at the lr the schedule gives; then evaluate on validation, log, save
+checkpoints, and stop at the target accuracy, on divergence, without improvement, or after the last epoch.
 """
 
 from __future__ import annotations
@@ -24,14 +20,12 @@ import torch
 import yaml
 
 from . import board, checkpoint, config, data, dist, files, report, runtime, schedule, search, stopping
-from .board import Board
 from .checkpoint import RunState
 from .config import Config, UserError
 from .cost import COSTS, class_weights, confusion_matrix, per_class
 from .loop import EpochResult, Feed, clamp_batch_size, evaluate, train_one_epoch
 from .model import build_model
 from .optim import make_optimizer
-from .schedule import Schedule
 from .step import fuses, make_step
 
 
@@ -44,7 +38,7 @@ class Run:
     dir: Path
     model: torch.nn.Sequential
     optimizer: torch.optim.Optimizer
-    schedule: Schedule  # the lr, written into the optimiser's param_groups step by step
+    schedule: schedule.Schedule  # the lr, written into the optimiser's param_groups step by step
     generator: torch.Generator  # the batch order
     feed: Feed  # the training split's batches
     meta: dict  # what a checkpoint needs besides the weights (checkpoint.meta)
@@ -80,7 +74,8 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
             )
 
     print(f"step: {step_name}; data {r.ds.where(r.feed.device)}", flush=True)
-    tb = Board(r.dir, state.step + 1 if resumed else None, r.world.main).watch(r.model, r.feed, COSTS[cfg.optim.cost])
+    purge = state.step + 1 if resumed else None  # TensorBoard drops what a resumed run logged after its checkpoint
+    tb = board.Board(r.dir, purge, r.world.main).watch(r.model, r.feed, COSTS[cfg.optim.cost])
     if not resumed:
         tb.text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False), r.ds.summary())
     watch = stopping.DivergenceWatch(cfg.train.diverge_factor, cfg.train.diverge_steps, state.divergence)
@@ -98,10 +93,7 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
                 interrupt(r, state, done, first, epoch, request.signal or signal.SIGTERM)
             seconds = time.perf_counter() - t0
             if epoch > 1 or cfg.train.epochs == 1:  # steady state: the first epoch pays for warm-up
-                state.train_seconds, state.train_images = (
-                    state.train_seconds + seconds,
-                    state.train_images + len(r.ds.train),
-                )
+                state.count(seconds, len(r.ds.train))
             m = end_epoch(r, state, tb, watch, epoch, done, first)
             m["seconds"] = time.perf_counter() - t0  # the whole epoch: training, evaluation and logging
             report.print_epoch(epoch, cfg.train.epochs, m, len(r.ds.train) / seconds)
@@ -147,7 +139,7 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
     state = RunState()
     if resumed is not None:  # the config given trains, not the checkpoint's numbers
         state = checkpoint.restore(resumed, model, optimizer, generator, run_dir, cfg.train.epochs, cfg.optim)
-    lr = Schedule(optimizer, cfg.optim, total_steps, state and state.schedule, state.step if state else 0)
+    lr = schedule.Schedule(optimizer, cfg.optim, total_steps, state and state.schedule, state.step if state else 0)
     r = Run(cfg, ds, run_dir, model, optimizer, lr, generator, feed, meta, world)
     return r, state, resumed is not None
 
@@ -163,7 +155,7 @@ def interrupt(r: Run, state: RunState, done: EpochResult, first: int, epoch: int
     raise stopping.Interrupted(128 + signum)
 
 
-def end_epoch(r: Run, state: RunState, tb: Board, watch, epoch: int, done: EpochResult, first: int) -> dict:
+def end_epoch(r: Run, state: RunState, tb: board.Board, watch, epoch: int, done: EpochResult, first: int) -> dict:
     """Evaluate on validation, log the epoch, decide whether to stop; returns the epoch's metrics."""
     val = r.evaluate(r.ds.val)
     costs = done.costs.tolist()  # the epoch's one transfer to the host
@@ -211,7 +203,7 @@ def keep(r: Run, state: RunState, m: dict) -> None:
         r.save("last", state, m)
 
 
-def finish(r: Run, state: RunState, tb: Board, step_name: str) -> None:
+def finish(r: Run, state: RunState, tb: board.Board, step_name: str) -> None:
     """metrics.json (the best epoch, and the test split scored with best.pt), HParams, and the last line."""
     if state.stopped_because == "no_improvement":  # early stopping ends on the best weights, as Keras restores them
         r.model.load_state_dict(checkpoint.load(r.dir / "checkpoints/best.pt")["model"])

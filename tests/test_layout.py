@@ -19,7 +19,7 @@ LAYERS = [
     ["loop", "framing"],
     ["search", "board"],
     ["train"],
-    ["evaluate", "predict", "baselines", "two_weights", "export"],
+    ["evaluate", "predict", "baselines", "two_weights", "export", "lr_find"],
     ["lessons", "serve"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

@@ -1,0 +1,304 @@
+"""Find a learning rate: python -m hotdog_torch.lr_find --config FILE [section.key=value ...] [--out DIR]
+    [--min-lr 1e-7] [--max-lr 10] [--steps 100] [--checkpoint FILE]
+
+fastai's learning-rate range test (Learner.lr_find, after Smith's "Cyclical Learning Rates"): train a copy of the
+network for up to `steps` optimiser steps while the learning rate rises exponentially,
+
+    lr_i = min_lr · (max_lr / min_lr)^(i / (steps − 1)),   i = 0 … steps − 1   (the last step at max_lr),
+
+written into the optimiser's param_groups before each step: every step path (fused or autograd; SGD, momentum,
+AdamW, Adam) reads it there.  Each batch's cost is smoothed as fastai's AvgSmoothLoss does,
+
+    avg_i = β·avg_(i−1) + (1 − β)·C_i,  avg_(−1) = 0,   smoothed_i = avg_i / (1 − β^(i+1)),   β = 0.98,
+
+and the test stops once the smoothed cost passes 4× its lowest (or a cost is NaN/inf).  The suggestion is
+fastai's default, 'valley': on the smoothed curve without its first tenth and last 5 steps, the longest run of
+decreasing costs (the longest decreasing subsequence), and the lr halfway down it.
+
+The network trained is a copy: the config, the data cache, the checkpoint (--checkpoint is only read) and every
+random generator (torch's CPU and CUDA ones, numpy's, Python's) are as they were.  Writes lr_find.png (the cost
+against the lr, log axis, the suggestion marked) and a TensorBoard run into --out (default
+<log.dir>/lr_find-<config stem>-<timestamp>, never an existing folder), and prints one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import io
+import math
+import random
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+
+from . import checkpoint, config, data, dist, files, runtime
+from .board import Board
+from .config import Config, UserError
+from .cost import class_weights, one_hot
+from .loop import Feed, clamp_batch_size
+from .model import build_model, linear_layers
+from .optim import make_optimizer
+from .step import fuses, make_step
+
+BETA = 0.98  # fastai's smoothing of the cost
+BLOW_UP = 4.0  # stop once the smoothed cost passes this many times its lowest
+
+
+@dataclass
+class Finding:
+    """What one range test saw: each step's lr, the cost of its batch before its update, the smoothed cost."""
+
+    lrs: list[float]
+    costs: list[float]
+    smooth: list[float]  # one per finite cost
+    steps: int  # asked for
+    suggestion: int | None  # the suggested lr's step (None: too few steps before the cost blew up)
+    blew_up: str | None  # why the test stopped before its last step, or None
+    step_name: str
+    cost_name: str
+    config: dict
+    data: str
+
+    @property
+    def lr(self) -> float | None:
+        return None if self.suggestion is None else self.lrs[self.suggestion]
+
+
+def check(min_lr: float, max_lr: float, steps: int) -> None:
+    if not (math.isfinite(min_lr) and min_lr > 0):
+        raise UserError(f"--min-lr must be a number above 0, got {min_lr}")
+    if not (math.isfinite(max_lr) and max_lr > min_lr):
+        raise UserError(f"--max-lr must be above --min-lr ({min_lr:g}), got {max_lr:g}")
+    if steps < 2:
+        raise UserError(f"--steps must be at least 2 for the lr to rise, got {steps}")
+
+
+def rates(min_lr: float, max_lr: float, steps: int) -> list[float]:
+    """min_lr · (max_lr / min_lr)^(i / (steps − 1)): from min_lr to max_lr, the same ratio every step."""
+    return [min_lr * (max_lr / min_lr) ** (i / (steps - 1)) for i in range(steps)]
+
+
+def smoothed(costs: list[float], beta: float = BETA) -> list[float]:
+    """fastai's AvgSmoothLoss: an exponential moving average from 0, divided by 1 − β^(i+1) so it starts unbiased."""
+    avg, out = 0.0, []
+    for i, c in enumerate(costs):
+        avg = beta * avg + (1 - beta) * c
+        out.append(avg / (1 - beta ** (i + 1)))
+    return out
+
+
+def valley(smooth: list[float]) -> int | None:
+    """fastai's suggest 'valley': skip the first tenth and the last 5 points, find the longest decreasing
+    subsequence of the smoothed cost, and take the point 1/3 + 1/6 of the way along it (halfway down)."""
+    lo, hi = len(smooth) // 10, len(smooth) - 5
+    if hi - lo < 3:  # a short test: use every point
+        lo, hi = 0, len(smooth)
+    if hi - lo < 2:
+        return None
+    s = smooth[lo:hi]
+    longest, start, end = [1] * len(s), 0, 0
+    for i in range(1, len(s)):
+        for j in range(i):
+            if s[i] < s[j] and longest[i] < longest[j] + 1:
+                longest[i] = longest[j] + 1
+            if longest[end] < longest[i]:
+                end, start = i, i - longest[i]
+    third = (end - start) / 3
+    return lo + start + int(third) + int(third / 2)
+
+
+@contextlib.contextmanager
+def random_state_kept(device: torch.device):
+    """torch's CPU generator (and CUDA's, when in use), numpy's and Python's, put back as they were on exit."""
+    cuda = device.type == "cuda" or torch.cuda.is_initialized()
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+
+
+def find(cfg: Config, min_lr=1e-7, max_lr=10.0, steps=100, model=None, progress=False) -> Finding:
+    """The range test on a copy of `model` (None: a fresh network, initialised as train.py does) with cfg's data,
+    optimiser and cost; cfg, the model and every random state are left as they were."""
+    check(min_lr, max_lr, steps)
+    if cfg.optim.name == "random_search":
+        raise UserError("lr_find needs gradient descent: optim.name random_search draws weights, it has no lr")
+    cfg = copy.deepcopy(cfg)
+    cfg.optim.fused_window = 1  # a window of steps shares one lr; here every step has its own
+    cfg.train.cuda_graphs = False  # a graph replays the lr it captured
+    device = runtime.resolve_device(cfg.device)
+    if model is not None:
+        with random_state_kept(device):
+            network(cfg, model)  # before anything is decoded or written
+    budget = cfg.data.memory_budget if cfg.data.memory_budget is not None else data.default_memory_budget(device)
+    ds = data.prepare(cfg.data, cfg.seed, progress, budget).to(device)
+    with random_state_kept(device):
+        net = network(cfg, model, len(ds.classes)).to(device)
+        optimizer = make_optimizer(net, cfg, fuses(cfg, device))
+        step = make_step(net, optimizer, cfg, device)
+        generator = torch.Generator(device=ds.train.index.device).manual_seed(cfg.seed)
+        lrs, costs, blew_up = descend(
+            step, feed_of(cfg, ds, device), optimizer, generator, rates(min_lr, max_lr, steps)
+        )
+    smooth = smoothed([c for c in costs if math.isfinite(c)])
+    doc = config.to_dict(cfg)
+    return Finding(lrs, costs, smooth, steps, valley(smooth), blew_up, step.name, cfg.optim.cost, doc, ds.summary())
+
+
+def feed_of(cfg: Config, ds: data.Dataset, device: torch.device) -> Feed:
+    """The training split's batches, as train.py feeds them (its batch size, normalisation and class weights)."""
+    weights = class_weights(cfg.optim.class_weights, ds.train.labels, ds.classes)
+    mean, std = (t.to(device) for t in data.normalisation(ds.train))
+    batch_size = clamp_batch_size(cfg.optim.batch_size, len(ds.train))
+    weights = weights and torch.tensor(weights, device=device)
+    return Feed(ds.train, mean, std, batch_size, len(ds.classes), device, dist.SINGLE, weights)
+
+
+def network(cfg: Config, model, n_classes: int | None = None) -> torch.nn.Sequential:
+    """A copy of model in training mode, or a fresh network seeded as train.py seeds it (on the CPU generator);
+    n_classes None: the model's own, only to check that it is the config's network."""
+    width = cfg.data.channels * cfg.data.image_size**2
+    n = n_classes or (linear_layers(model)[-1].out_features if model is not None else 2)
+    torch.default_generator.manual_seed(cfg.seed)  # not torch.manual_seed: that queues a seed for CUDA too
+    fresh = build_model(width, cfg.model.hidden, n, cfg.model.activation, cfg.model.dropout)
+    if model is None:
+        return fresh
+    if str(model) != str(fresh):
+        what = "the data's classes" if n_classes else "the config's"
+        raise UserError(f"the network given is not {what}: {_layers(model)} against {_layers(fresh)}")
+    return copy.deepcopy(model).train()
+
+
+def _layers(model) -> str:
+    return " -> ".join(type(m).__name__ + (f"({m.out_features})" if hasattr(m, "out_features") else "") for m in model)
+
+
+def descend(step, feed: Feed, optimizer, generator, lrs: list[float]) -> tuple[list, list, str | None]:
+    """One step at each lr, written into every param group first; stops when the smoothed cost blows up.
+    Returns the lrs used, each step's cost (its batch's, before the update) and why it stopped early."""
+    used, costs, avg, best = [], [], 0.0, math.inf
+    for i, (lr, (x, labels)) in enumerate(zip(lrs, batches(feed, generator), strict=False)):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        n, weights = len(labels), None if feed.class_weights is None else feed.class_weights[labels]
+        cost = float(step(x, one_hot(labels, feed.n_classes), [n], [n], weights)[0][0])
+        used.append(lr)
+        costs.append(cost)
+        if not math.isfinite(cost):
+            return used, costs, f"the cost turned {cost}"
+        avg = BETA * avg + (1 - BETA) * cost  # smoothed(), one step at a time
+        best = min(best, avg / (1 - BETA ** (i + 1)))
+        if avg / (1 - BETA ** (i + 1)) > BLOW_UP * best:
+            return used, costs, f"the smoothed cost passed {BLOW_UP:g}x its lowest"
+    return used, costs, None
+
+
+def batches(feed: Feed, generator):
+    """(normalised images, labels) of shuffled batches of the training split, epoch after epoch, without end."""
+    while True:
+        order = torch.randperm(len(feed.split), generator=generator, device=feed.split.index.device)
+        yield from (feed.batch(positions) for positions in order.split(feed.batch_size))
+
+
+def plot(f: Finding) -> Image.Image:
+    """The cost of each batch (faint) and its smoothed curve against the lr on a log axis, the suggestion marked."""
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, no backend to pick
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    ax = fig.subplots()
+    finite = [(lr, c) for lr, c in zip(f.lrs, f.costs, strict=True) if math.isfinite(c)]
+    lrs = [lr for lr, _ in finite]
+    ax.plot(lrs, [c for _, c in finite], color="0.78", lw=1, label="cost of each batch")
+    ax.plot(lrs, f.smooth, color="C0", lw=2, label=f"smoothed (β = {BETA:g})")
+    if f.suggestion is not None:
+        ax.plot([f.lr], [f.smooth[f.suggestion]], "o", color="C3", ms=8, label=f"suggested lr {f.lr:.2g} (valley)")
+    if f.smooth:  # the smoothed curve fills the height, up to the 4x line at most (a blow-up would flatten it)
+        lo, hi = min(f.smooth), min(max(f.smooth), BLOW_UP * min(f.smooth))
+        ax.set_ylim(lo - 0.15 * (hi - lo) - 1e-3, hi + 0.15 * (hi - lo) + 1e-3)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel(f"cost ({f.cost_name})")
+    ax.set_title(f"lr_find: {f.step_name}"[:90], fontsize=9)
+    ax.legend(fontsize=8)
+    ax.grid(True, which="major", alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB")
+
+
+def write(f: Finding, out: Path) -> None:
+    """lr_find.png, and the TensorBoard run: lr, cost and smoothed cost per step, the picture, the config."""
+    picture = plot(f)
+    files.atomic_write(out / "lr_find.png", lambda file: picture.save(file, format="PNG", optimize=True))
+    tb = Board(out)
+    tb.text(yaml.safe_dump(f.config, sort_keys=False), f.data)
+    tb.steps("lr_find/lr", f.lrs, 1)
+    tb.steps("lr_find/cost", f.costs, 1)
+    tb.steps("lr_find/smoothed_cost", f.smooth, 1)
+    tb.picture("lr_find", picture, len(f.lrs))
+    tb.close()
+
+
+def out_dir(out: str | None, cfg: Config, config_name: str) -> Path:
+    """--out, or <log.dir>/lr_find-<config stem>-<timestamp>; an existing folder gets a -2, -3, ... suffix."""
+    if out is None:
+        return files.make_run_dir(cfg.log.dir, f"lr_find-{config_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return files.make_run_dir(Path(out).parent, Path(out).name)
+
+
+def line(f: Finding, out: Path) -> str:
+    """The one line: the suggestion and how it was chosen, and where and why the test stopped."""
+    if f.suggestion is None:
+        said = f"no suggestion: too few steps before the cost blew up; lower --min-lr (now {f.lrs[0]:.2g})"
+    else:
+        said = f"suggested lr {f.lr:.3g} (fastai's 'valley': halfway down the longest descent of the smoothed cost)"
+    if len(f.lrs) < f.steps:
+        stop = f"stopped early at lr {f.lrs[-1]:.3g}, step {len(f.lrs)} of {f.steps}, because the cost blew up"
+        stop += f" ({f.blew_up})"
+    else:
+        stop = f"{f.steps} steps from lr {f.lrs[0]:.2g} to {f.lrs[-1]:.2g}"
+    return f"{said}; {stop}; {out}/lr_find.png"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m hotdog_torch.lr_find", description=__doc__.split("\n\n")[1])
+    p.add_argument("--config", help="YAML config (keys: hotdog_torch/config.py); without it, the schema's defaults")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides, e.g. optim.name=adamw")
+    p.add_argument("--out", help="folder for lr_find.png and the TensorBoard run (default runs/lr_find-...)")
+    p.add_argument("--min-lr", type=float, default=1e-7, help="the first step's lr (default 1e-7)")
+    p.add_argument("--max-lr", type=float, default=10.0, help="the last step's lr (default 10)")
+    p.add_argument("--steps", type=int, default=100, help="optimiser steps from --min-lr to --max-lr (default 100)")
+    p.add_argument("--checkpoint", help="start from this checkpoint's network (only read) instead of a fresh one")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a = p.parse_args(argv)
+    warnings.showwarning = lambda message, *args, **kw: print(f"warning: {message}", file=sys.stderr)
+    try:
+        check(a.min_lr, a.max_lr, a.steps)
+        cfg = config.load(a.config, a.overrides)
+        model = checkpoint.model_from(checkpoint.load(a.checkpoint)) if a.checkpoint else None
+        progress = not a.no_progress and sys.stderr.isatty()
+        f = find(cfg, a.min_lr, a.max_lr, a.steps, model, progress)
+        out = out_dir(a.out, cfg, Path(a.config).stem if a.config else "run")
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    write(f, out)
+    print(line(f, out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -155,6 +155,15 @@ def test_a_diverging_config_stops_early_and_says_where(small_tree, make_config, 
     assert lr_find.out_dir(str(run), cfg, "x") == run.with_name(run.name + "-2")  # never an existing folder
 
 
+def test_a_nan_cost_stops_it_at_once_and_is_left_out_of_the_curve(small_tree, make_config, tmp_path):
+    f = lr_find.find(make_config(small_tree, "model.activation=relu"), 1e-3, 1e30, 30)
+    assert len(f.lrs) < 30 and math.isnan(f.costs[-1]) and all(math.isfinite(c) for c in f.costs[:-1])
+    assert f.blew_up == "the cost turned nan" and len(f.smooth) == len(f.costs) - 1
+    assert f.lr is not None and math.isfinite(f.lr) and "stopped early at lr" in lr_find.line(f, tmp_path)
+    lr_find.write(f, tmp_path)
+    assert Image.open(tmp_path / "lr_find.png").format == "PNG"
+
+
 def test_the_checkpoint_is_only_read_and_must_be_the_configs_network(small_tree, make_config, tmp_path, capsys):
     cfg = make_config(small_tree)
     model = build_model(32 * 32, cfg.model.hidden, 2, cfg.model.activation)

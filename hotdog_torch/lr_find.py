@@ -274,7 +274,9 @@ def line(f: Finding, out: Path) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m hotdog_torch.lr_find", description=__doc__.split("\n\n")[1])
+    what = "fastai's learning-rate range test on a copy of the network: the lr rises exponentially, step by step, "
+    what += "until the smoothed cost passes 4x its lowest; prints the suggested lr, writes lr_find.png and TensorBoard."
+    p = argparse.ArgumentParser(prog="python -m hotdog_torch.lr_find", description=what)
     p.add_argument("--config", help="YAML config (keys: hotdog_torch/config.py); without it, the schema's defaults")
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help="overrides, e.g. optim.name=adamw")
     p.add_argument("--out", help="folder for lr_find.png and the TensorBoard run (default runs/lr_find-...)")

@@ -224,8 +224,8 @@ def plot(f: Finding) -> Image.Image:
     ax.plot(lrs, f.smooth, color="C0", lw=2, label=f"smoothed (β = {BETA:g})")
     if f.suggestion is not None:
         ax.plot([f.lr], [f.smooth[f.suggestion]], "o", color="C3", ms=8, label=f"suggested lr {f.lr:.2g} (valley)")
-    if f.smooth:  # the smoothed curve fills the height, up to the 4x line at most (a blow-up would flatten it)
-        lo, hi = min(f.smooth), min(max(f.smooth), BLOW_UP * min(f.smooth))
+    if f.smooth:  # from the lowest cost to the smoothed top, or its 4x line (a blow-up would flatten the rest)
+        lo, hi = min(min(c for _, c in finite), *f.smooth), min(max(f.smooth), BLOW_UP * min(f.smooth))
         ax.set_ylim(lo - 0.15 * (hi - lo) - 1e-3, hi + 0.15 * (hi - lo) + 1e-3)
     ax.set_xscale("log")
     ax.set_xlabel("learning rate")

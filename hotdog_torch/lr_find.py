@@ -168,16 +168,15 @@ def feed_of(cfg: Config, ds: data.Dataset, device: torch.device) -> Feed:
 
 def network(cfg: Config, model, n_classes: int | None = None) -> torch.nn.Sequential:
     """A copy of model in training mode, or a fresh network seeded as train.py seeds it (on the CPU generator);
-    n_classes None: the model's own, only to check that it is the config's network."""
+    n_classes None: the model's own, only to check that it is the config's network before the data is read."""
     width = cfg.data.channels * cfg.data.image_size**2
-    n = n_classes or (linear_layers(model)[-1].out_features if model is not None else 2)
+    n = n_classes or linear_layers(model)[-1].out_features
     torch.default_generator.manual_seed(cfg.seed)  # not torch.manual_seed: that queues a seed for CUDA too
     fresh = build_model(width, cfg.model.hidden, n, cfg.model.activation, cfg.model.dropout)
     if model is None:
         return fresh
     if str(model) != str(fresh):
-        what = "the data's classes" if n_classes else "the config's"
-        raise UserError(f"the network given is not {what}: {_layers(model)} against {_layers(fresh)}")
+        raise UserError(f"the network given ({_layers(model)}) is not the config's ({_layers(fresh)}) for this data")
     return copy.deepcopy(model).train()
 
 
@@ -199,8 +198,9 @@ def descend(step, feed: Feed, optimizer, generator, lrs: list[float]) -> tuple[l
         if not math.isfinite(cost):
             return used, costs, f"the cost turned {cost}"
         avg = BETA * avg + (1 - BETA) * cost  # smoothed(), one step at a time
-        best = min(best, avg / (1 - BETA ** (i + 1)))
-        if avg / (1 - BETA ** (i + 1)) > BLOW_UP * best:
+        smooth = avg / (1 - BETA ** (i + 1))
+        best = min(best, smooth)
+        if smooth > BLOW_UP * best:
             return used, costs, f"the smoothed cost passed {BLOW_UP:g}x its lowest"
     return used, costs, None
 

@@ -178,7 +178,10 @@ def test_the_checkpoint_is_only_read_and_must_be_the_configs_network(small_tree,
     assert (ckpt.read_bytes(), ckpt.stat().st_mtime_ns) == seen and (tmp_path / "found" / "lr_find.png").is_file()
     assert lr_find.main([*common, "model.hidden=[8]"]) == 2
     err = capsys.readouterr().err
-    assert "error: the network given is not the config's" in err and not (tmp_path / "found-2").exists()
+    assert (
+        "error: the network given (Flatten -> Linear(16) -> Sigmoid -> Linear(2) -> Sigmoid)" in err
+        and not (tmp_path / "found-2").exists()
+    )
 
 
 @pytest.mark.parametrize(

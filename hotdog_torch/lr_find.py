@@ -139,6 +139,8 @@ def find(cfg: Config, min_lr=1e-7, max_lr=10.0, steps=100, model=None, progress=
     cfg.optim.fused_window = 1  # a window of steps shares one lr; here every step has its own
     cfg.train.cuda_graphs = False  # a graph replays the lr it captured
     device = runtime.resolve_device(cfg.device)
+    runtime.use_tf32(device)  # the arithmetic train.py's run would do
+    runtime.flush_denormal(cfg.train.flush_denormal, device)
     if model is not None:
         with random_state_kept(device):
             network(cfg, model)  # before anything is decoded or written
@@ -162,7 +164,7 @@ def feed_of(cfg: Config, ds: data.Dataset, device: torch.device) -> Feed:
     weights = class_weights(cfg.optim.class_weights, ds.train.labels, ds.classes)
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
     batch_size = clamp_batch_size(cfg.optim.batch_size, len(ds.train))
-    weights = weights and torch.tensor(weights, device=device)
+    weights = None if weights is None else weights.to(device)
     return Feed(ds.train, mean, std, batch_size, len(ds.classes), device, dist.SINGLE, weights)
 
 

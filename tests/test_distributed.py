@@ -66,8 +66,9 @@ def test_two_processes_make_one_run_that_trains_as_one_process_does(small_tree, 
     assert metrics["step"] == "fused SGD with momentum 0.9 (fp32, 2 processes)" and metrics["epochs"] == 3
     assert two.stdout.count("epoch   1/3") == 1 and "stopped:" in two.stdout  # one process speaks for the run
     assert len(list((runs / "two").glob("events.out.tfevents.*"))) == 1
-    # 15 a batch: shares of 7 and 8; the same SGD with momentum, summed in another order
-    assert close(weights(runs / "one"), weights(runs / "two"), 1e-5)
+    # 15 a batch: shares of 7 and 8; the same SGD with momentum, summed in another order (and by other GEMM kernels:
+    # 1.1e-5 apart on an AVX2-only EPYC after 48 steps, well under 1e-5 on AVX-512 ones; a wrong share is 1e-2 off)
+    assert close(weights(runs / "one"), weights(runs / "two"), 3e-5)
     assert metrics["val_accuracy"] == pytest.approx(
         json.loads((runs / "one" / "metrics.json").read_text())["val_accuracy"]
     )

@@ -51,8 +51,10 @@ class Board:
 
     def watch(self, model, feed: Feed, cost_fn) -> Board:
         self.model, self.cost_fn, split = model, cost_fn, feed.split
-        x, y = feed.batch(torch.arange(min(len(split), feed.batch_size, 256), device=split.index.device))
-        self.probe_x, self.probe_t = x, one_hot(y, feed.n_classes)
+        self.probe_x = self.probe_t = None  # the processes that write nothing need no probe batch
+        if self.enabled:
+            x, y = feed.batch(torch.arange(min(len(split), feed.batch_size, 256), device=split.index.device))
+            self.probe_x, self.probe_t = x, one_hot(y, feed.n_classes)
         return self
 
     def text(self, config_yaml: str, dataset_summary: str) -> None:

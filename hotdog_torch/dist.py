@@ -86,12 +86,15 @@ def start(world: World, device: torch.device) -> torch.device:
 
 def restarted_run(world: World, log_dir: str) -> str | None:
     """After torchrun restarted the workers (a worker died), the run folder of the first attempt, to resume
-    from its last.pt: rank 0 noted it under log.dir, by torchrun's run id, when it made it."""
-    note = Path(log_dir) / f".torchrun-{world.run_id}"
-    if world.restart == 0 or not world.run_id or not note.is_file():
+    from its last.pt: rank 0 noted it under log.dir, by torchrun's run id, when it made it, and reads it back."""
+    if world.restart == 0 or not world.run_id:
         return None
-    run_dir = note.read_text().strip()
-    return run_dir if (Path(run_dir) / "checkpoints" / "last.pt").is_file() else None
+    run_dir = None
+    note = Path(log_dir) / f".torchrun-{world.run_id}"
+    if world.main and note.is_file():  # rank 0 decides for all: the ranks could see the files differently
+        run_dir = note.read_text().strip()
+        run_dir = run_dir if (Path(run_dir) / "checkpoints" / "last.pt").is_file() else None
+    return broadcast(world, run_dir)
 
 
 def note_run(world: World, log_dir: str, run_dir) -> None:
@@ -167,6 +170,39 @@ def agree(world: World, flag: bool) -> bool:
 
     t = torch.tensor([int(flag)], device="cuda" if td.get_backend() == "nccl" else "cpu")
     return bool(all_sum(world, t).item())
+
+
+STOP_EVERY = 16  # under torchrun, steps between the ranks' agreements on a stop request
+
+
+class StopFlag:
+    """Should the run stop: request() (a signal seen by this process), agreed on by every rank at the same call.
+
+    Agreeing costs an all-reduce and a host sync, so under torchrun the ranks agree every `every` calls (steps)
+    and whenever a caller asks for it now (an epoch's end), and otherwise go on: a request is acted on within
+    `every` steps, by all the ranks at the same step, since they all call this as often.  Once true, it stays.
+    """
+
+    def __init__(self, world: World, request, every: int = STOP_EVERY):
+        self.world, self.request, self.every, self.calls, self.stopped = world, request, every, 0, False
+
+    def __call__(self, now: bool = False) -> bool:
+        if not self.world.distributed:
+            return bool(self.request())
+        self.calls += 1
+        if not self.stopped and (now or self.calls % self.every == 0):
+            self.stopped = agree(self.world, bool(self.request()))
+        return self.stopped
+
+
+def broadcast_weights(world: World, model: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank, once, as DistributedDataParallel does when it wraps a model:
+    the fused steps apply one update on every rank, so the weights stay equal only if they start equal."""
+    if world.distributed:
+        import torch.distributed as td
+
+        for t in [*model.parameters(), *model.buffers()]:
+            td.broadcast(t.data, src=0)
 
 
 def broadcast(world: World, value):

@@ -120,7 +120,7 @@ def train_one_epoch(
     """
     n, n_steps, split, world = len(feed.split), feed.steps(), feed.split, feed.world
     if resume is None:
-        order, start = torch.randperm(n, generator=generator, device=split.index.device), 0
+        order, start = torch.randperm(n, generator=generator).to(split.index.device, non_blocking=True), 0
     else:
         order, start = resume["order"].to(split.index.device), resume["next"]
     positions, bounds, totals = epoch_plan(n, feed.batch_size, world)
@@ -169,13 +169,20 @@ def wrong_counts(outputs: torch.Tensor, labels: torch.Tensor, sizes: list[int]) 
 
 
 @torch.no_grad()
-def evaluate(model, split: data.Split, mean, std, n_classes, device=None, chunk=1024) -> dict:
-    """Cost, error rate and accuracy of the whole split, plus every output score."""
+def evaluate(model, split: data.Split, mean, std, n_classes, device=None, chunk=1024, world=dist.SINGLE) -> dict:
+    """Cost, error rate and accuracy of the whole split, plus every output score.
+
+    Under torchrun (world) each process scores its contiguous share of the split and the scores are gathered,
+    so every process holds the whole split's and computes the same figures from them.
+    """
     model.eval()
     device = device or next(model.parameters()).device
-    positions = torch.arange(len(split), device=split.index.device)
+    lo, hi = world.share(len(split))
+    positions = torch.arange(lo, hi, device=split.index.device)
     batches = (data.normalise(split.batch(p).to(device), mean, std) for p in positions.split(chunk))
-    outputs = torch.cat([model(x).float() for x in batches])
+    mine = [model(x).float() for x in batches]
+    mine = torch.cat(mine) if mine else torch.empty(0, n_classes, device=device)  # a share of no images
+    outputs = dist.all_rows(world, mine, len(split))
     labels = split.labels.to(device)
     cost = half_mse(outputs, one_hot(labels, n_classes)).item()
     err = error_rate(outputs, labels).item()

@@ -185,6 +185,8 @@ def autograd_step(model, optimizer, cfg: Config, precision: str, device: torch.d
             outputs = forward(x)
         cost = cost_fn(outputs.to(targets.dtype), targets, weights)  # C = ½ · mean_batch Σ_outputs (a − y)², in fp32
         share = sizes[0] / totals[0]  # 1 in one process
+        if not sizes[0]:  # a torchrun share of no rows (a batch smaller than the ranks): its mean is NaN, its part 0
+            cost = outputs.sum() * 0.0
         optimizer.zero_grad()  # set_to_none: measured faster here than zeroing and accumulating into old buffers
         (cost * (share * world.size) if world.distributed else cost).backward()
         if clip:
@@ -252,6 +254,7 @@ def fused_step(model, optimizer, cfg: Config, world: dist.World = dist.SINGLE) -
     the step goes one batch at a time: a window would need every rank's inputs for its Gram blocks.
     """
     o, activation, layers, p = cfg.optim, cfg.model.activation, linear_layers(model), cfg.model.dropout
+    dist.broadcast_weights(world, model)  # every rank from rank 0's start, as DistributedDataParallel does
 
     def gradient(delta, a, total):
         return dist.gradient(world, cfg.train.ddp_sync, delta, a, total)

@@ -53,8 +53,8 @@ class Run:
         path = self.dir / "checkpoints" / f"{name}.pt"
         checkpoint.save(path, self.model, self.optimizer, self.meta, metrics, state, resumable=name == "last")
 
-    def evaluate(self, split: data.Split, model=None) -> dict:
-        return evaluate(model or self.model, split, self.feed.mean, self.feed.std, self.feed.n_classes)
+    def evaluate(self, split: data.Split, model=None, world=dist.SINGLE) -> dict:
+        return evaluate(model or self.model, split, self.feed.mean, self.feed.std, self.feed.n_classes, world=world)
 
 
 def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir: str | Path | None = None) -> Path:
@@ -83,13 +83,13 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
     if r.world.distributed and not resumed:  # a restart after a worker dies resumes from here at the least
         r.save("last", state, {})
     with stopping.StopRequest() as request:
-        stop = (lambda: dist.agree(r.world, request())) if r.world.distributed else request  # all at the same step
+        stop = dist.StopFlag(r.world, request)  # under torchrun, all ranks stop at the same step
         for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
             t0, tb.seconds = time.perf_counter(), 0.0
             first = state.step - (state.epoch_progress or {}).get("next", 0)  # also when resumed mid-epoch
             done = epoch_pass(state, tb, stop, first)
             state.seconds = seconds_before + time.perf_counter() - session_start
-            if stop():
+            if stop(now=True):
                 interrupt(r, state, done, first, epoch, request.signal or signal.SIGTERM)
             seconds = time.perf_counter() - t0
             if epoch > 1 or cfg.train.epochs == 1:  # steady state: the first epoch pays for warm-up
@@ -130,7 +130,7 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
     width = cfg.data.channels * cfg.data.image_size**2
     model = build_model(width, cfg.model.hidden, len(ds.classes), cfg.model.activation, cfg.model.dropout).to(device)
     optimizer = make_optimizer(model, cfg, fuses(cfg, device, world))
-    generator = torch.Generator(device=ds.train.index.device).manual_seed(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same order on any device, and resumable
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
     feed = Feed(
         ds.train, mean, std, batch_size, len(ds.classes), device, world, None if weights is None else weights.to(device)
@@ -157,11 +157,10 @@ def interrupt(r: Run, state: RunState, done: EpochResult, first: int, epoch: int
 
 def end_epoch(r: Run, state: RunState, tb: board.Board, watch, epoch: int, done: EpochResult, first: int) -> dict:
     """Evaluate on validation, log the epoch, decide whether to stop; returns the epoch's metrics."""
-    val = r.evaluate(r.ds.val)
+    val = r.evaluate(r.ds.val, world=r.world)  # each rank its share
     costs = done.costs.tolist()  # the epoch's one transfer to the host
     train = {"train_cost": sum(costs) / len(costs), "train_error_rate": int(done.wrongs.sum()) / len(r.ds.train)}
-    m = {"epoch": epoch, **train, "val_cost": val["cost"], "val_error_rate": val["error_rate"]}
-    m["val_accuracy"] = val["accuracy"]
+    m = {"epoch": epoch, **train, **{f"val_{k}": val[k] for k in ("cost", "error_rate", "accuracy")}}
     state.step, state.epoch_progress, state.epoch = first + done.next, None, epoch
     tb.steps("cost/train", costs, state.step - len(costs) + 1)
     tb.steps("lr", done.lrs, first + 1)
@@ -175,7 +174,8 @@ def end_epoch(r: Run, state: RunState, tb: board.Board, watch, epoch: int, done:
     state.divergence = watch.state()
     r.schedule.end_epoch(m["val_cost"])
     state.bad_epochs = 0 if stopping.improved(m, state.best, r.cfg.train) else state.bad_epochs + 1
-    state.stopped_because = stopping.verdict(r.cfg, epoch, m["val_accuracy"], diverged, state.bad_epochs)
+    verdict = stopping.verdict(r.cfg, epoch, m["val_accuracy"], diverged, state.bad_epochs)
+    state.stopped_because = dist.broadcast(r.world, verdict)  # rank 0's, so that every rank stops with it
     if diverged:
         print(stopping.divergence_advice(r.cfg, epoch), flush=True)
     every = r.cfg.log.images_every_epochs

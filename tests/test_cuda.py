@@ -39,7 +39,7 @@ def test_an_epoch_never_waits_for_the_host(small_tree, make_config, extra, name)
     assert name in take.name  # auto precision on CUDA is bf16; the fused fp32 step; the CUDA graph
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
     feed = loop.Feed(ds.train, mean, std, 16, 2, device)
-    generator = torch.Generator(device=device).manual_seed(0)
+    generator = torch.Generator().manual_seed(0)  # the batch order is drawn on the CPU whatever the device
     loop.train_one_epoch(take, feed, generator, constant)  # warm-up
     torch.cuda.set_sync_debug_mode("error")  # any host synchronisation inside the epoch raises
     try:
@@ -92,3 +92,14 @@ def test_a_tiny_run_learns_on_the_gpu(small_tree, make_config, extra):
     assert m["peak_memory_bytes"] > 0
     model = checkpoint.model_from(checkpoint.load(run_dir / "checkpoints/best.pt"))  # loads back on the CPU
     assert next(model.parameters()).device.type == "cpu"
+
+
+def test_the_batch_order_is_the_cpus_and_a_gpu_run_resumes_on_the_cpu(small_tree, make_config):
+    cfg = make_config(small_tree, "device=cuda", "train.epochs=2", "log.run_name=gpu")
+    run_dir = train.run(cfg, progress=False)
+    state = checkpoint.load(run_dir / "checkpoints/last.pt")["state"]["rng"]["batches"]
+    assert (
+        state.shape == torch.Generator().get_state().shape
+    )  # a CPU generator's state: loadable by any process, any device
+    resumed = train.run(make_config(small_tree, "device=cpu", "train.epochs=3"), progress=False, resume_dir=run_dir)
+    assert checkpoint.load(resumed / "checkpoints/last.pt")["epoch"] == 3

@@ -136,3 +136,73 @@ def test_ddp_sync_auto_picks_the_fewer_bytes_each_process_receives():
     assert dist.sync_bytes(two, 24, 16, 1024) == {"factors": 12 * 1040 * 4, "gradients": 16 * 1025 * 4}
     assert dist.shares_factors(two, "auto", 24, 16, 1024) and not dist.shares_factors(two, "auto", 64, 16, 1024)
     assert dist.shares_factors(two, "factors", 64, 16, 1024) and not dist.shares_factors(two, "gradients", 8, 16, 1024)
+
+
+def test_a_batch_of_one_image_leaves_one_rank_an_empty_share_and_trains_on(tmp_path_factory, tmp_path):
+    from hotdog_torch import synth
+
+    root = tmp_path_factory.mktemp("odd") / "hotdog"  # 240 images: 192 to train after the split
+    synth.generate(root, hot_dogs=80, others=160, test_hot_dogs=0, test_others=0, size=32, seed=2, workers=1)
+    options = dict(optim__batch_size=191, optim__fused=False, optim__lr=0.2, train__epochs=2)  # batches of 191, 1
+    one = train(single("--config", str(config_file(root, tmp_path, "one", **options))))
+    two = train(torchrun("--config", str(config_file(root, tmp_path, "two", **options))))
+    assert "diverged" not in two.stdout and "nan" not in two.stdout, two.stdout
+    assert close(weights(tmp_path / "runs" / "one"), weights(tmp_path / "runs" / "two"), 1e-5)
+    costs = [json.loads((tmp_path / "runs" / r / "metrics.json").read_text())["train_cost"] for r in ("one", "two")]
+    assert costs[1] == pytest.approx(costs[0], rel=1e-5), (one.stdout, two.stdout)
+
+
+# rank r's process of torchrun, instrumented: it notes what it evaluates, its one-number all-reduces (the stop
+# flag) and whether it built a probe batch; its initial weights are drawn from seed + r; rank 1 would stop at once
+INSTRUMENTED = """
+import os, sys, torch
+import torch.distributed as td
+from hotdog_torch import board, data, stopping, train
+rank = int(os.environ["RANK"])
+log = open(f"{sys.argv[1]}.{rank}", "w", buffering=1)
+seed, normalise, reduce, watch = torch.manual_seed, data.normalise, td.all_reduce, board.Board.watch
+
+def normalised(images, *a, **k):
+    log.write(f"evaluated {len(images)}\\n")
+    return normalise(images, *a, **k)
+
+def reduced(t, *a, **k):
+    log.write(f"all_reduce {t.numel()}\\n")
+    return reduce(t, *a, **k)
+
+def probed(self, *a, **k):
+    watch(self, *a, **k)
+    log.write(f"probe {getattr(self, 'probe_x', None) is not None}\\n")
+    return self
+
+torch.manual_seed = lambda s: seed(s + rank)
+data.normalise, td.all_reduce, board.Board.watch = normalised, reduced, probed
+if rank == 1:
+    stopping.verdict = lambda *a, **k: "target_accuracy"
+sys.exit(train.main(sys.argv[2:]))
+"""
+
+
+def test_torchrun_shares_evaluation_weights_verdicts_and_the_stop_flag(small_tree, tmp_path):
+    options = dict(optim__batch_size=15, optim__momentum=0.0, data__val_fraction=0.1, train__epochs=2)
+    train(single("--config", str(config_file(small_tree, tmp_path, "one", **options))))
+    launcher = torchrun("--config", str(config_file(small_tree, tmp_path, "two", **options)))
+    i = launcher.index("-m", 3)
+    launcher[i : i + 2] = ["--no-python", sys.executable, "-c", INSTRUMENTED, str(tmp_path / "log")]
+    done = subprocess.run(launcher, cwd=REPO, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-3000:]
+    logs = [(tmp_path / f"log.{r}").read_text().split("\n") for r in (0, 1)]
+    wrong = []
+    if [line for line in logs[1] if line.startswith("evaluated")] != ["evaluated 15"] * 2:  # its half of 30, twice
+        wrong.append(f"rank 1 evaluated {[line for line in logs[1] if line.startswith('evaluated')]}")
+    if "probe True" in logs[1]:
+        wrong.append("rank 1 built a probe batch")
+    flags = sum(line == "all_reduce 1" for line in logs[0])
+    if flags > 2 * 5:  # 18 steps an epoch: the flag is agreed every few steps, not at every one
+        wrong.append(f"{flags} stop-flag all-reduces in 2 epochs of 18 steps")
+    m = json.loads((tmp_path / "runs" / "two" / "metrics.json").read_text())
+    if m["epochs"] != 2:  # rank 0's verdict (run every epoch) holds, not rank 1's
+        wrong.append(f"{m['epochs']} epochs")
+    if not close(weights(tmp_path / "runs" / "one"), weights(tmp_path / "runs" / "two"), 1e-5):
+        wrong.append("the weights differ from one process's: rank 1 started from its own")
+    assert not wrong, wrong

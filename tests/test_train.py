@@ -130,7 +130,7 @@ def weights_of(run_dir):
 
 
 def test_bf16_autocast_trains_on_the_cpu_as_cuda_does_by_default(small_tree, make_config):
-    common = ("optim.fused=false", "train.epochs=3", "model.hidden=[32]", "optim.lr=0.2")
+    common = ("optim.fused=false", "train.epochs=2", "model.hidden=[32]", "optim.lr=0.2")
     fp32 = train.run(make_config(small_tree, *common, "log.run_name=fp32"), progress=False)
     bf16 = train.run(make_config(small_tree, *common, "train.precision=bf16", "log.run_name=bf16"), progress=False)
     m = json.loads((bf16 / "metrics.json").read_text())

@@ -197,6 +197,14 @@ def autograd_step(model, optimizer, cfg: Config, precision: str, device: torch.d
     return take
 
 
+def matmuls(precision: str, device: torch.device) -> str:
+    """What the matmuls really run in, for the step line: bf16 under autocast; TF32 for fp32 on a CUDA GPU that
+    allows it (runtime.use_tf32 does); fp32 otherwise."""
+    if precision == "fp32" and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return precision
+
+
 def resolve_precision(cfg: Config, device: torch.device) -> str:
     if cfg.train.precision != "auto":
         return cfg.train.precision
@@ -221,7 +229,7 @@ def windowed(cfg: Config, world: dist.World = dist.SINGLE) -> bool:
 def make_step(model, optimizer, cfg: Config, device: torch.device, world: dist.World = dist.SINGLE) -> Step:
     """The training step for this config (and this process's place among torchrun's)."""
     if fuses(cfg, device, world):
-        step = fused_step(model, optimizer, cfg, world)
+        step = fused_step(model, optimizer, cfg, world, matmuls("fp32", device))
         if cfg.train.cuda_graphs and device.type == "cuda":
             if world.distributed:  # a graph would capture the collectives of one step and replay them blindly
                 raise UserError("train.cuda_graphs runs in one process: start it without torchrun")
@@ -230,7 +238,7 @@ def make_step(model, optimizer, cfg: Config, device: torch.device, world: dist.W
     precision = resolve_precision(cfg, device)
     take = autograd_step(model, optimizer, cfg, precision, device, world)
     o = cfg.optim
-    details = [precision] + (["compiled"] if cfg.train.compile else []) + _extras(cfg)
+    details = [matmuls(precision, device)] + (["compiled"] if cfg.train.compile else []) + _extras(cfg)
     details += [f"cost {o.cost}"] if o.cost != "half_mse" else []
     details += [f"DistributedDataParallel over {world.size} processes"] if world.distributed else []
     return Stepper(take, 1, f"autograd + torch.optim.{NAMES[o.name]} ({', '.join(details)})")
@@ -246,7 +254,7 @@ def _extras(cfg: Config) -> list[str]:
     return extras
 
 
-def fused_step(model, optimizer, cfg: Config, world: dist.World = dist.SINGLE) -> Step:
+def fused_step(model, optimizer, cfg: Config, world: dist.World = dist.SINGLE, precision: str = "fp32") -> Step:
     """Backpropagation written out (`backward`) and the optimiser's update from its factors; plain SGD at a
     constant lr takes the first layer's updates in windows of optim.fused_window steps.
 
@@ -273,7 +281,7 @@ def fused_step(model, optimizer, cfg: Config, world: dist.World = dist.SINGLE) -
     window = o.fused_window if windowed(cfg, world) else 1
     details = [f"first-layer updates in windows of {window} steps"] if window > 1 else []
     details += _extras(cfg) + ([f"{world.size} processes"] if world.distributed else [])
-    details, how = ", ".join(["fp32", *details]), describe(optimizer)
+    details, how = ", ".join([precision, *details]), describe(optimizer)  # precision: what make_step's matmuls says
     if isinstance(optimizer, FusedSGD):
         name = f"fused SGD{' with ' + how if how else ''} ({details})"
     else:

@@ -153,3 +153,29 @@ def test_a_compiled_network_trains_on_the_cpu_as_the_eager_one_does(small_tree, 
     assert m["step"] == "autograd + torch.optim.SGD (fp32, compiled)" and m["epochs"] == 2
     a, b = weights_of(eager), weights_of(compiled)
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)  # no _orig_mod. prefix
+
+
+@pytest.mark.parametrize(
+    "device, extra, says",
+    [
+        ("cuda", ["train.precision=fp32"], "(tf32"),  # the fused step, its matmuls in TF32 (runtime.use_tf32)
+        ("cuda", ["train.precision=fp32", "optim.fused=false"], "(tf32"),
+        ("cuda", [], "(bf16"),  # CUDA's default: autocast
+        ("cpu", [], "(fp32"),
+    ],
+)
+def test_the_step_line_names_the_precision_the_matmuls_take(tiny_tree, make_config, device, extra, says):
+    from hotdog_torch import optim, runtime, step
+    from hotdog_torch.model import build_model
+
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    before = matmul.allow_tf32, cudnn.allow_tf32
+    device = torch.device(device)  # named only: the step is built, never run, so no GPU is needed
+    try:
+        runtime.use_tf32(device)
+        cfg = make_config(tiny_tree, *extra)
+        model = build_model(32 * 32, [4], 2)
+        name = step.make_step(model, optim.make_optimizer(model, cfg, step.fuses(cfg, device)), cfg, device).name
+    finally:
+        matmul.allow_tf32, cudnn.allow_tf32 = before
+    assert says in name and not any(p in name for p in {"(tf32", "(bf16", "(fp32"} - {says}), name

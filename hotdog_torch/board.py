@@ -42,7 +42,8 @@ HISTOGRAM_SAMPLE = 1 << 16  # larger tensors are histogrammed from a fixed rando
 class Board:
     """One run's TensorBoard: every write goes through here.  watch() gives it the network and a fixed probe batch
     for the gradient summaries; the optional summaries (norms, histograms, pictures) add to `seconds`, so a run can
-    report what logging cost.  Not enabled (torchrun's processes but rank 0), it writes and computes nothing."""
+    report what logging cost.  Not enabled (torchrun's processes but rank 0), it writes nothing and computes no
+    summary (watch still gathers the probe batch)."""
 
     def __init__(self, run_dir, purge_step=None, enabled: bool = True):
         # purge_step, on resume: TensorBoard discards events this run logged at that step or later
@@ -144,10 +145,13 @@ class Silent:
 
 def probe_gradients(model, x, targets, cost_fn=half_mse):
     """dC/dW of every layer on a fixed batch, leaving the model's own .grad alone."""
-    layers = linear_layers(model)
+    layers, training = linear_layers(model), model.training
+    model.eval()  # no dropout: the same weights give the same figures, and the training's random numbers stay its own
     with torch.enable_grad():
         cost = cost_fn(model(x).float(), targets)
-        return torch.autograd.grad(cost, [layer.weight for layer in layers])
+        grads = torch.autograd.grad(cost, [layer.weight for layer in layers])
+    model.train(training)
+    return grads
 
 
 def norms(model, grads) -> dict[str, torch.Tensor]:

@@ -44,6 +44,7 @@ class RunState:
     search_kept: dict | None = None  # random search: the score of the draw kept so far
     schedule: dict | None = None  # schedule.Schedule's state (plateau's counters and cuts)
     bad_epochs: int = 0  # epochs since train.monitor last improved by more than train.min_delta
+    reference: dict | None = None  # the metrics of that last improvement
     top_k: list = field(default_factory=list)  # train.keep_top_k: the metrics of the epochs kept, best first
 
     def count(self, seconds: float, images: int) -> None:
@@ -141,6 +142,12 @@ def restore(resumed: dict, model, optimizer, generator, run_dir, epochs: int, gi
 
     The optimiser's numbers are then the config's (`given`: the run's config.yaml and the overrides), which the
     log line names when they differ from the checkpoint's."""
+    saved = resumed["config"]["optim"]
+    if saved["name"] != given.name:
+        raise UserError(
+            f"{run_dir} was trained with optim.name={saved['name']}: its optimiser state cannot go on as "
+            f"{given.name}; resume without that override, or start a new run"
+        )
     try:
         model.load_state_dict(resumed["model"])
         if resumed["optimizer"] is not None:
@@ -157,7 +164,8 @@ def restore(resumed: dict, model, optimizer, generator, run_dir, epochs: int, gi
         )
         return None
     state.stopped_because = None
-    changed = set_hyper(optimizer, given)
+    set_hyper(optimizer, given)
+    changed = {k: (saved.get(k), v) for k, v in vars(given).items() if saved.get(k) != v}
     if changed:
         print("changed on resume: " + ", ".join(f"optim.{k} {a} -> {b}" for k, (a, b) in changed.items()), flush=True)
     p = state.epoch_progress

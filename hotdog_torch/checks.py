@@ -56,7 +56,6 @@ def ranges(cfg) -> list[tuple[bool, str]]:
 def optimiser(cfg) -> list[tuple[bool, str]]:
     """The ranges of the optimiser's, schedule's, regularisation's and early stopping's numbers."""
     m, o, t = cfg.model, cfg.optim, cfg.train
-    adam = o.name in ("adamw", "adam")
     return [
         (o.weight_decay >= 0, f"optim.weight_decay must be 0 or more, got {o.weight_decay}"),
         (0 <= m.dropout < 1, f"model.dropout must be in [0, 1), got {m.dropout}"),
@@ -70,7 +69,10 @@ def optimiser(cfg) -> list[tuple[bool, str]]:
             not (o.warmup_steps and o.schedule == "one_cycle"),
             "optim.schedule one_cycle warms up by itself (optim.pct_start): set optim.warmup_steps=0",
         ),
-        (0 <= o.min_lr < o.lr, f"optim.min_lr must be in [0, optim.lr), got {o.min_lr}"),
+        (
+            0 <= o.min_lr and (o.min_lr < o.lr or o.schedule not in ("cosine", "plateau")),
+            f"optim.min_lr must be in [0, optim.lr), got {o.min_lr}",
+        ),
         (o.step_every >= 1, f"optim.step_every must be at least 1, got {o.step_every}"),
         (0 < o.gamma <= 1, f"optim.gamma must be in (0, 1], got {o.gamma}"),
         (0 < o.factor < 1, f"optim.factor must lie strictly between 0 and 1, got {o.factor}"),
@@ -81,7 +83,6 @@ def optimiser(cfg) -> list[tuple[bool, str]]:
             f"optim.betas must be two numbers in [0, 1), got {o.betas}",
         ),
         (o.eps > 0, f"optim.eps must be above 0, got {o.eps}"),
-        (not (adam and o.momentum), f"optim.momentum is SGD's: {o.name} has optim.betas instead"),
         (
             not isinstance(o.class_weights, list) or all(w > 0 for w in o.class_weights),
             f"optim.class_weights must be above 0, got {o.class_weights}",
@@ -89,10 +90,6 @@ def optimiser(cfg) -> list[tuple[bool, str]]:
         (t.patience is None or t.patience >= 1, f"train.patience must be at least 1 or null, got {t.patience}"),
         (t.min_delta >= 0, f"train.min_delta must be 0 or more, got {t.min_delta}"),
         (t.keep_top_k is None or t.keep_top_k >= 1, f"train.keep_top_k must be at least 1 or null, got {t.keep_top_k}"),
-        (
-            not t.cuda_graphs or (o.name == "sgd" and o.schedule == "constant" and not o.warmup_steps),
-            "train.cuda_graphs replays the lr it captured: it needs optim.name=sgd and a constant lr",
-        ),
     ]
 
 

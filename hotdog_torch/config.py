@@ -88,10 +88,10 @@ class Optim:
     cost: Literal["half_mse", "error_rate", "cross_entropy"] = "half_mse"
     lr: float = 0.05  # the learning rate of gradient descent
     batch_size: int | None = 64  # images per step; null = full-batch gradient descent; clamped to the training set
-    momentum: float = 0.0  # 0 = plain gradient descent; else torch.optim.SGD's heavy ball (dampening 0)
+    momentum: float = 0.0  # sgd: 0 = plain gradient descent; else torch.optim.SGD's heavy ball (dampening 0)
     nesterov: bool = False  # with momentum: Nesterov's form of it (torch.optim.SGD(nesterov=True))
-    # SGD in fp32 with ½·MSE: backprop written out, the update folded into the weight-gradient matmul (into the
-    # velocity with momentum); false = autograd + torch.optim.SGD
+    # fp32 with ½·MSE: backprop written out, the SGD update folded into the weight-gradient matmul (into the
+    # velocity with momentum; for adamw / adam into .grad); false = autograd + the torch.optim optimiser
     fused: bool = True
     # with fused plain SGD (momentum 0): apply the first layer's updates every this many steps in one GEMM (the same
     # SGD; faster on the CPU); 1 = every step. Momentum steps one batch at a time: its window would need a GEMM more
@@ -142,7 +142,8 @@ class Train:
     # times slower, and ½·MSE on saturated sigmoids makes them; auto = on for CPU runs (runtime.flush_denormal)
     flush_denormal: Literal["auto"] | bool = "auto"
     # early stopping: end the run (stopped_because no_improvement) after this many epochs without an improvement of
-    # `monitor` by more than min_delta; the run's weights, metrics.json and test figures are then the best epoch's
+    # `monitor` by more than min_delta; best.pt (the network to use), metrics.json and the test figures are the best
+    # epoch's
     patience: int | None = None
     monitor: Literal["val_accuracy", "val_cost"] = "val_accuracy"  # what "best" means: best.pt, patience, keep_top_k
     min_delta: float = 0.0
@@ -153,8 +154,8 @@ class Train:
 class Log:
     dir: str = "runs"  # runs are written to dir/run_name/
     run_name: str | None = None  # null = <config file stem>-<timestamp>; an existing run gets a -2, -3, ... suffix
-    # lr, weight and gradient norms per layer every this many steps and at the end of every epoch; 0 = only at the
-    # end of every epoch (cost/train is logged every step)
+    # weight and gradient norms per layer every this many steps and at the end of every epoch; 0 = only at the
+    # end of every epoch (cost/train and lr are logged every step)
     every_steps: int = 50
     # neuron images, misclassified images, confusion matrix, PR curves, histograms: every this many epochs and at
     # the end; 0 = only at the end

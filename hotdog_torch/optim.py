@@ -13,6 +13,8 @@ param_groups; nothing else holds a copy.
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 
 from .config import Config, Optim
@@ -27,11 +29,23 @@ class FusedSGD(torch.optim.Optimizer):
     whose first run imports torch._dynamo (2-3 s of start-up here) for what this class does not use."""
 
     def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
-        self.params = list(params)
         hyper = {"lr": lr, "momentum": momentum, "dampening": 0, "weight_decay": weight_decay, "nesterov": nesterov}
         self.defaults = {**hyper, "maximize": False}
-        self.param_groups = [{**self.defaults, "params": self.params}]
+        self.param_groups = [{**self.defaults, "params": list(params)}]
         self.state: dict = {p: {} for p in self.params}
+        for hooks in ("step_pre", "step_post", "state_dict_pre", "state_dict_post"):  # what Optimizer's methods read
+            setattr(self, f"_optimizer_{hooks}_hooks", OrderedDict())
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = (
+            OrderedDict(),
+            OrderedDict(),
+        )
+
+    @property
+    def params(self) -> list:
+        return self.param_groups[0]["params"]
+
+    def add_param_group(self, group: dict) -> None:
+        raise NotImplementedError("FusedSGD steps one group: the MLP's parameters")
 
     @torch.no_grad()
     def step(self, layers, grads, scale=None) -> None:
@@ -49,23 +63,20 @@ class FusedSGD(torch.optim.Optimizer):
             self._move(layer.bias, g.bias_into, lr, mu, wd, nesterov)
 
     def _move(self, p, add, lr, mu, wd, nesterov) -> None:  # add(t, alpha): t <- t + alpha · ∂C/∂p
-        if not mu:
+        if mu:
+            v = self.velocity(p)
+            v.mul_(mu)
             if wd:
-                p.mul_(1 - lr * wd)  # p − lr·wd·p, read before the gradient moves p
-            add(p, -lr)
-            return
-        v = self.velocity(p)
-        v.mul_(mu)
+                v.add_(p, alpha=wd)
+            add(v, 1.0)  # v <- μ·v + ∂C/∂p + wd·p
+            if not nesterov:
+                p.add_(v, alpha=-lr)
+                return
         if wd:
-            v.add_(p, alpha=wd)
-        add(v, 1.0)  # v <- μ·v + ∂C/∂p + wd·p
-        if nesterov:
-            if wd:
-                p.mul_(1 - lr * wd)
-            add(p, -lr)  # p <- p − lr·(∂C/∂p + wd·p) ...
-            p.add_(v, alpha=-lr * mu)  # ... − lr·μ·v
-        else:
-            p.add_(v, alpha=-lr)
+            p.mul_(1 - lr * wd)  # p − lr·wd·p, read before the gradient moves p
+        add(p, -lr)  # p <- p − lr·(∂C/∂p + wd·p)
+        if mu:
+            p.add_(self.velocity(p), alpha=-lr * mu)  # Nesterov: ... − lr·μ·v
 
     def velocity(self, p) -> torch.Tensor:
         """torch.optim.SGD's momentum_buffer; zeros before the first step give its first step exactly."""
@@ -113,19 +124,12 @@ def make_optimizer(model, cfg: Config, fused: bool):
     return torch.optim.SGD(params, **hyper(o))
 
 
-def set_hyper(optimizer, o: Optim) -> dict:
-    """Write the config's numbers into every param group (a resumed run trains with the config it is given, not the
-    checkpoint's); returns {name: (saved, given)} of those that changed."""
-    changed = {}
+def set_hyper(optimizer, o: Optim) -> None:
+    """Write the config's numbers into every param group: a resumed run trains with the config it is given, not the
+    checkpoint's (its schedule, built afresh from lr, then steps to where the run was)."""
     for group in optimizer.param_groups:
-        for k, v in hyper(o).items():
-            old = group.get(k)
-            old = tuple(old) if isinstance(old, list) else old
-            if old != v:
-                changed[k] = (old, v)
-            group[k] = v
-        group.pop("initial_lr", None)  # the schedule is built afresh from lr
-    return changed
+        group.update(hyper(o))
+        group.pop("initial_lr", None)
 
 
 def materialise(layers, grads) -> None:

@@ -11,10 +11,14 @@ They write the lr into the optimiser's param_groups, where every step reads it. 
 
 optim.warmup_steps puts a linear warm-up in front of any of them but one_cycle: lr·(s + 1)/warmup_steps for the
 first steps (LinearLR, joined by SequentialLR).  A resumed run builds its schedule from the config it is given and
-steps it to where the run was: the same float operations as an uninterrupted run, so the same lr, bit for bit.
+steps it to where the run was (plateau's cuts made again with the numbers they were made with): with the run's own
+config, the same float operations as an uninterrupted run, so the same lr, bit for bit; with overrides, the schedule
+the new config gives from that step on.
 """
 
 from __future__ import annotations
+
+import warnings
 
 from torch.optim import lr_scheduler as ls
 
@@ -25,8 +29,8 @@ class Schedule:
     """The run's schedule of `total_steps` steps; a resumed run's from its saved state, `steps` steps in."""
 
     def __init__(self, optimizer, o: Optim, total_steps: int, saved: dict | None = None, steps: int = 0):
-        check(o, total_steps)
-        self.optimizer, self.o, self.steps, self.cuts = optimizer, o, 0, 0
+        self.optimizer, self.o, self.total, self.steps = optimizer, o, total_steps, 0
+        self.cuts: list = []  # plateau's cuts so far: (factor, min_lr) of each
         self.per_step = per_step(optimizer, o, total_steps)
         self.plateau = None
         if o.schedule == "plateau":
@@ -50,21 +54,32 @@ class Schedule:
         if self.plateau is not None and self.steps >= self.o.warmup_steps:
             before = self.lr
             self.plateau.step(val_cost)
-            self.cuts += self.lr < before
+            if self.lr < before:
+                self.cuts.append((self.o.factor, self.o.min_lr))
 
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "cuts": self.cuts, "plateau": self.plateau and self.plateau.state_dict()}
+        plateau = self.plateau and self.plateau.state_dict()
+        return {"steps": self.steps, "total": self.total, "cuts": self.cuts, "plateau": plateau}
 
     def restore(self, state: dict | None, steps: int) -> None:
-        """Where a resumed run was: `steps` optimiser steps taken, plateau's cuts and counters as saved."""
-        self.step(steps)
-        if not state or self.plateau is None or not state["plateau"]:
+        """Where a resumed run was: `steps` optimiser steps taken, plateau's counters and cuts as saved.  The cuts are
+        made again with the numbers they were made with; what comes next follows the config given."""
+        if steps > self.total:
+            raise UserError(f"this run has taken {steps} steps, more than train.epochs gives in all ({self.total})")
+        if state and state.get("total", self.total) != self.total:
+            print(f"the schedule now spans {self.total} steps (it spanned {state['total']})", flush=True)
+        with warnings.catch_warnings():  # stepped to where the run was, before this session's first optimiser step
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            self.step(steps)
+        if not state or self.plateau is None or not state.get("plateau"):
             return
         self.plateau.load_state_dict(state["plateau"])
-        for _ in range(state["cuts"]):  # ReduceLROnPlateau's own cut, again, from the config's lr
+        self.plateau.factor, self.plateau.patience = self.o.factor, self.o.patience  # the config's, from now on
+        self.plateau.min_lrs = [self.o.min_lr] * len(self.optimizer.param_groups)
+        for factor, min_lr in state["cuts"]:  # ReduceLROnPlateau's own cut, again
             for group in self.optimizer.param_groups:
-                group["lr"] = max(group["lr"] * self.o.factor, self.o.min_lr)
-        self.cuts = state["cuts"]
+                group["lr"] = max(group["lr"] * factor, min_lr)
+        self.cuts = [tuple(c) for c in state["cuts"]]
 
 
 def check(o: Optim, total_steps: int) -> None:

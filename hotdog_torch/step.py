@@ -233,6 +233,8 @@ def make_step(model, optimizer, cfg: Config, device: torch.device, world: dist.W
         if cfg.train.cuda_graphs and device.type == "cuda":
             if world.distributed:  # a graph would capture the collectives of one step and replay them blindly
                 raise UserError("train.cuda_graphs runs in one process: start it without torchrun")
+            if not isinstance(optimizer, FusedSGD) or cfg.optim.schedule != "constant" or cfg.optim.warmup_steps:
+                raise UserError("train.cuda_graphs replays the lr it captured: it needs optim.name=sgd, a constant lr")
             step = cuda_graphed(step, model, optimizer)
         return step
     precision = resolve_precision(cfg, device)

@@ -52,29 +52,33 @@ def verdict(cfg: Config, epoch: int, val_accuracy: float, diverged: bool, bad_ep
 
 
 def rank(m: dict, monitor: str = "val_accuracy") -> tuple:
-    """Larger is better: the monitored figure first (accuracy up, cost down), the other one to break ties."""
+    """Larger is better: the monitored figure first (accuracy up, cost down), the other one to break ties; an epoch
+    whose validation cost is not finite ranks below every other."""
+    cost = m["val_cost"] if math.isfinite(m["val_cost"]) else math.inf
     if monitor == "val_cost":
-        return (-m["val_cost"], m["val_accuracy"])
-    return (m["val_accuracy"], -m["val_cost"])
+        return (-cost, m["val_accuracy"])
+    return (m["val_accuracy"] if cost < math.inf else -math.inf, -cost)
 
 
-def better(m: dict, best: dict | None, monitor: str = "val_accuracy") -> bool:
-    """Is this epoch the best so far (best.pt)?"""
-    return best is None or rank(m, monitor) > rank(best, monitor)
+def better(m: dict, best: dict | None, train: Train) -> bool:
+    """Is this epoch the best so far by train.monitor (best.pt)?"""
+    return best is None or rank(m, train.monitor) > rank(best, train.monitor)
 
 
-def improved(m: dict, best: dict | None, train: Train) -> bool:
-    """Has train.monitor improved on the best epoch by more than train.min_delta (Keras's EarlyStopping)?"""
-    if best is None:
-        return True
+def improved(m: dict, reference: dict | None, train: Train) -> bool:
+    """Has train.monitor improved by more than train.min_delta on the epoch of its last such improvement (Keras's
+    EarlyStopping keeps that reference: gains smaller than min_delta do not move it)?"""
+    if reference is None:
+        return math.isfinite(m["val_cost"])
     if train.monitor == "val_cost":
-        return m["val_cost"] < best["val_cost"] - train.min_delta
-    return m["val_accuracy"] > best["val_accuracy"] + train.min_delta
+        return m["val_cost"] < reference["val_cost"] - train.min_delta
+    return m["val_accuracy"] > reference["val_accuracy"] + train.min_delta
 
 
-def top_k(kept: list, m: dict, k: int, monitor: str) -> tuple[list, bool, list]:
-    """The k best epochs with this one: (their metrics best first, whether this one is among them, those pushed out)."""
-    ranked = sorted([*kept, m], key=lambda e: rank(e, monitor), reverse=True)
+def top_k(kept: list, m: dict, train: Train) -> tuple[list, bool, list]:
+    """The train.keep_top_k best epochs with this one: (their metrics best first, whether this one is among them,
+    those pushed out)."""
+    ranked, k = sorted([*kept, m], key=lambda e: rank(e, train.monitor), reverse=True), train.keep_top_k
     return ranked[:k], any(e is m for e in ranked[:k]), ranked[k:]
 
 

@@ -129,6 +129,8 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
     torch.manual_seed(cfg.seed)
     width = cfg.data.channels * cfg.data.image_size**2
     model = build_model(width, cfg.model.hidden, len(ds.classes), cfg.model.activation, cfg.model.dropout).to(device)
+    if world.distributed and cfg.model.dropout:  # each rank's rows their own dropout masks
+        torch.manual_seed(cfg.seed + world.rank)
     optimizer = make_optimizer(model, cfg, fuses(cfg, device, world))
     generator = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same order on any device, and resumable
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
@@ -146,7 +148,7 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
 
 def interrupt(r: Run, state: RunState, done: EpochResult, first: int, epoch: int, signum: int):
     """Save where the epoch stopped (the resumed run continues from that very step), say how to resume, and exit."""
-    state.step = first + done.next
+    state.step = first + (done.next if done.order is not None else 0)  # a random-search pass is drawn again whole
     r.save("last", state, state.history[-1] if state.history else {}, done.progress())
     name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
     where = f"epoch {epoch}, step {done.next} of {r.feed.steps()}"
@@ -173,7 +175,8 @@ def end_epoch(r: Run, state: RunState, tb: board.Board, watch, epoch: int, done:
     diverged = done.candidate is None and watch.update(costs)
     state.divergence = watch.state()
     r.schedule.end_epoch(m["val_cost"])
-    state.bad_epochs = 0 if stopping.improved(m, state.best, r.cfg.train) else state.bad_epochs + 1
+    better = stopping.improved(m, state.reference, r.cfg.train)  # by more than min_delta on the last improvement
+    state.reference, state.bad_epochs = (m, 0) if better else (state.reference, state.bad_epochs + 1)
     verdict = stopping.verdict(r.cfg, epoch, m["val_accuracy"], diverged, state.bad_epochs)
     state.stopped_because = dist.broadcast(r.world, verdict)  # rank 0's, so that every rank stops with it
     if diverged:
@@ -189,12 +192,11 @@ def end_epoch(r: Run, state: RunState, tb: board.Board, watch, epoch: int, done:
 def keep(r: Run, state: RunState, m: dict) -> None:
     """The epoch into the history, best.pt when it is the best so far (and the k best's files), last.pt when due."""
     state.history.append(m)
-    monitor = r.cfg.train.monitor
-    if state.best is None or (math.isfinite(m["train_cost"]) and stopping.better(m, state.best, monitor)):
+    if state.best is None or (math.isfinite(m["train_cost"]) and stopping.better(m, state.best, r.cfg.train)):
         state.best = m
         r.save("best", state, m)
-    if r.cfg.train.keep_top_k and math.isfinite(m["train_cost"]):
-        state.top_k, entered, out = stopping.top_k(state.top_k, m, r.cfg.train.keep_top_k, monitor)
+    if r.cfg.train.keep_top_k and math.isfinite(m["train_cost"]) and math.isfinite(m["val_cost"]):
+        state.top_k, entered, out = stopping.top_k(state.top_k, m, r.cfg.train)
         if entered:
             r.save(f"best-{m['epoch']}", state, m)
         for gone in out if r.world.main else ():
@@ -205,8 +207,6 @@ def keep(r: Run, state: RunState, m: dict) -> None:
 
 def finish(r: Run, state: RunState, tb: board.Board, step_name: str) -> None:
     """metrics.json (the best epoch, and the test split scored with best.pt), HParams, and the last line."""
-    if state.stopped_because == "no_improvement":  # early stopping ends on the best weights, as Keras restores them
-        r.model.load_state_dict(checkpoint.load(r.dir / "checkpoints/best.pt")["model"])
     if not r.world.main:
         return
     device = r.feed.device

@@ -158,3 +158,59 @@ def test_plateau_cuts_the_lr_after_patience_epochs_as_torch_does():
         expected += [opt.param_groups[0]["lr"]] * 10
         plateau.step(c)
     assert lrs == expected and lrs[-1] == 0.1 and lrs[0] == 0.5
+
+
+def plateau_run(o: config.Optim, costs, saved=None, steps=0):
+    model = build_model(3, [], 2)
+    opt = optim.FusedSGD(model.parameters(), o.lr)
+    s = schedule.Schedule(opt, o, 100, saved, steps)
+    for c in costs:
+        opt.step([], [])
+        s.step(10)
+        s.end_epoch(c)
+    return s
+
+
+def test_a_resumed_plateau_makes_its_cuts_again_then_follows_the_config_given():
+    o = config.Optim(lr=1.0, schedule="plateau", patience=0, factor=0.5)
+    first = plateau_run(o, [1.0, 1.1])  # one cut: 1.0 -> 0.5
+    assert first.lr == 0.5 and first.cuts == [(0.5, 0.0)]
+    same = plateau_run(o, [], first.state_dict(), 20)
+    assert same.lr == 0.5 and same.plateau.state_dict() == first.plateau.state_dict()
+    given = config.Optim(lr=1.0, schedule="plateau", patience=0, factor=0.1)  # resumed with optim.factor=0.1
+    resumed = plateau_run(given, [], first.state_dict(), 20)
+    assert resumed.lr == 0.5  # the cut made, as it was made
+    resumed.step(10)
+    resumed.end_epoch(1.2)
+    assert resumed.lr == pytest.approx(0.05)  # the next cut by the config's factor
+
+
+def test_a_schedule_refuses_a_run_longer_than_it_spans():
+    o = config.Optim(lr=0.1, schedule="one_cycle")
+    with pytest.raises(config.UserError, match="more than train.epochs gives"):
+        schedule.Schedule(optim.FusedSGD(build_model(3, [], 2).parameters(), 0.1), o, 50, {"total": 100}, 60)
+
+
+def test_early_stopping_measures_min_delta_from_the_last_improvement_as_keras_does():
+    from hotdog_torch import stopping
+
+    train = config.Train(patience=3, min_delta=0.01)
+    reference, bad = None, []
+    for acc in (0.80, 0.806, 0.812, 0.818):
+        m = {"val_accuracy": acc, "val_cost": 0.1}
+        if stopping.improved(m, reference, train):
+            reference = m
+        bad.append(reference is not m)
+    assert bad == [False, True, False, True]  # 0.812 is 0.012 above 0.80, the last improvement
+
+
+def test_an_epoch_with_a_nan_validation_cost_is_never_among_the_best():
+    from hotdog_torch import stopping
+
+    epochs = [{"epoch": e, "val_cost": c, "val_accuracy": 0.9} for e, c in ((1, 0.10), (2, math.nan), (3, 0.08))]
+    for monitor in ("val_cost", "val_accuracy"):
+        train, kept = config.Train(keep_top_k=2, monitor=monitor), []
+        for m in epochs:
+            kept, _, _ = stopping.top_k(kept, m, train)
+        assert [e["epoch"] for e in kept] == [3, 1]
+        assert not stopping.better(epochs[1], epochs[0], train)

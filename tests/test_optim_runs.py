@@ -28,7 +28,7 @@ def test_resume_with_a_new_lr_trains_at_the_new_lr_on_both_paths(small_tree, mak
     steps = max(scalars(run_dir, "lr"))
     again = config.load_run(None, run_dir, ["optim.lr=0.001", "train.epochs=2"])
     train.run(again, progress=False, resume_dir=run_dir)
-    assert "changed on resume: optim.lr 0.2 -> 0.001" in capsys.readouterr().out
+    assert "changed on resume: optim.lr 0.2 -> 0.001" in capsys.readouterr().out  # and nothing else changed
     lrs = scalars(run_dir, "lr")
     assert [lrs[s] for s in range(1, steps + 1)] == pytest.approx([0.2] * steps)
     assert [lrs[s] for s in range(steps + 1, 2 * steps + 1)] == pytest.approx([0.001] * steps)
@@ -88,9 +88,13 @@ def test_early_stopping_ends_on_the_best_epoch_and_keeps_the_k_best(small_tree, 
         assert (
             checkpoint.load(run_dir / "checkpoints" / f"best-{e['epoch']}.pt")["metrics"]["val_cost"] == e["val_cost"]
         )
-    weights = checkpoint.load(run_dir / "checkpoints" / "best.pt")["model"]
-    assert checkpoint.load(run_dir / "checkpoints" / f"best-{best['epoch']}.pt")["epoch"] == best["epoch"]
-    assert all(torch.equal(weights[k], v) for k, v in checkpoint.load(run_dir / "checkpoints/best.pt")["model"].items())
+    weights = checkpoint.load(run_dir / "checkpoints" / "best.pt")["model"]  # the network the last line names
+    kept_best = checkpoint.load(run_dir / "checkpoints" / f"best-{best['epoch']}.pt")
+    assert kept_best["epoch"] == best["epoch"] and all(
+        torch.equal(weights[k], v) for k, v in kept_best["model"].items()
+    )
+    last = checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"]  # the last epoch's, for --resume
+    assert any(not torch.equal(weights[k], v) for k, v in last.items())
 
 
 @pytest.mark.parametrize(
@@ -142,3 +146,14 @@ def test_a_stop_request_at_an_epochs_end_saves_a_last_pt_that_resumes(small_tree
     run_dir = Path(cfg.log.dir) / f"stopped-{extra}"
     train.run(config.load_run(None, run_dir), progress=False, resume_dir=run_dir)
     assert_same_weights(checkpoint.load(run_dir / "checkpoints" / "last.pt")["model"], reference)
+
+
+def test_resuming_a_scheduled_run_names_only_what_changed(small_tree, make_config, capsys):
+    cfg = make_config(small_tree, "optim.schedule=cosine", "optim.warmup_steps=5", "train.epochs=1")
+    run_dir = train.run(cfg, progress=False)
+    capsys.readouterr()
+    train.run(config.load_run(None, run_dir, ["train.epochs=2"]), progress=False, resume_dir=run_dir)
+    out = capsys.readouterr().out
+    assert "changed on resume" not in out and "the schedule now spans 30 steps (it spanned 15)" in out
+    with pytest.raises(config.UserError, match="trained with optim.name=sgd"):
+        train.run(config.load_run(None, run_dir, ["optim.name=adamw", "train.epochs=3"]), resume_dir=run_dir)

@@ -206,3 +206,33 @@ def test_torchrun_shares_evaluation_weights_verdicts_and_the_stop_flag(small_tre
     if not close(weights(tmp_path / "runs" / "one"), weights(tmp_path / "runs" / "two"), 1e-5):
         wrong.append("the weights differ from one process's: rank 1 started from its own")
     assert not wrong, wrong
+
+
+# after a restart, each rank asks which run to go on with; rank 1 sees a log.dir of its own (another node's disk)
+RESTARTED = """
+import os, sys
+from pathlib import Path
+import torch
+os.environ["TORCHELASTIC_RESTART_COUNT"] = "1"  # as torchrun sets it for the workers it restarted
+from hotdog_torch import dist
+world = dist.from_env()
+dist.start(world, torch.device("cpu"))
+shared, own, run_dir, out = sys.argv[1:5]
+if world.main:
+    dist.note_run(world, shared, run_dir)  # what rank 0 wrote when it made the run folder
+answer = dist.restarted_run(world, shared if world.main else own)
+Path(f"{out}.{world.rank}").write_text(str(answer))
+dist.finish(world)
+"""
+
+
+def test_after_a_restart_rank_0_tells_every_rank_which_run_to_go_on_with(tmp_path):
+    run_dir = tmp_path / "runs" / "first"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"")
+    (tmp_path / "own").mkdir()
+    launcher = torchrun()[: torchrun().index("-m", 3)]
+    args = [str(tmp_path / "runs"), str(tmp_path / "own"), str(run_dir), str(tmp_path / "answer")]
+    done = subprocess.run([*launcher, "--no-python", sys.executable, "-c", RESTARTED, *args], capture_output=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [(tmp_path / f"answer.{r}").read_text() for r in (0, 1)] == [str(run_dir)] * 2

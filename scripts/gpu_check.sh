@@ -74,8 +74,8 @@ for run in sorted((out / "runs").glob("*/metrics.json")):
               f"peak {m.get('peak_memory_bytes', 0) / 2**20:,.0f} MiB"
     rows.append((f"  job {run.parent.name}", "", f"{m.get('seconds', 0):.1f}", figures))
 bench = out / "bench-cuda-b64.json"
-if bench.is_file():
-    rows.append(("  bench b64", "", "", json.dumps(json.loads(bench.read_text()).get("targets", ""))))
+for what, figure, verdict in json.loads(bench.read_text()).get("targets", []) if bench.is_file() else []:
+    rows.append((f"  bench {what}", verdict, "", figure))
 widths = [max(len(r[i]) for r in rows) for i in range(3)]
 for r in rows:
     print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[3])

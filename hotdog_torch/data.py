@@ -1,37 +1,26 @@
-"""ImageFolder discovery, the decode-once cache, the split, device-resident batches.
+"""The data set of a run: its folders through the decode-once cache (cache.py), the split, device-resident batches.
 
-The classes and files are found by torchvision's ImageFolder rules (one class per subfolder, sorted;
-image extensions only; subfolders followed, links too), scanned here without importing torchvision,
-which costs 1.5 s of start-up (tests/test_data.py checks the scan against ImageFolder itself).
-Every image is decoded, resized and converted once into one uint8 tensor of
-shape (N, C, S, S); that tensor is cached on disk under a key made of the file
-list, the files' sizes and mtimes and the image settings, so a changed, added or
-removed file means a fresh decode.  Training then draws batches by index from
-the tensor held on the training device and normalises them there: no per-epoch
-decode, no DataLoader.
+Every image is decoded, resized and converted once into one uint8 tensor of shape (N, C, S, S) per folder, cached
+on disk (cache.py: the folder scanned by torchvision's ImageFolder rules without importing torchvision, which costs
+1.5 s of start-up; tests/test_data.py checks the scan against ImageFolder itself).  Training then draws batches by
+index from the tensor held on the training device and normalises them there: no per-epoch decode, no DataLoader.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import sys
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from . import synth
+from . import cache, synth
+from .cache import image_folder  # noqa: F401 - the scan by ImageFolder's rules, tests/test_data.py checks it
 from .config import Data, UserError
-from .files import atomic_write, locked
-from .images import DECODE_ERRORS, IMG_EXTENSIONS, decode, shown
+from .images import shown
 
-CACHE_VERSION = 2  # 2: EXIF orientation applied
-SPLITS = ("train", "val", "test")
+SPLITS = cache.SPLITS
 
 
 @dataclass
@@ -104,157 +93,6 @@ class Dataset:
         return "\n".join(lines)
 
 
-_FILES: dict[str, int] = {}  # per process: the cache file being written, opened once
-
-
-def _decode_block(job) -> list[int]:
-    """Decode consecutive rows into one buffer, write it into the .npy with one pwrite; return the undecodable rows."""
-    paths, first_row, out_file, offset, size, channels = job
-    buffer = np.zeros((len(paths), channels, size, size), np.uint8)
-    bad = []
-    for k, path in enumerate(paths):
-        try:
-            buffer[k] = decode(path, size, channels)
-        except DECODE_ERRORS:
-            bad.append(first_row + k)
-    fd = _FILES.get(out_file)
-    if fd is None:
-        fd = _FILES[out_file] = os.open(out_file, os.O_WRONLY)
-    os.pwrite(fd, buffer.data, offset + first_row * buffer[0].nbytes)
-    return bad
-
-
-# ---------------------------------------------------------------- a folder of classes, decoded and cached
-
-
-def _cache_root(data: Data) -> Path:
-    if data.cache_dir:
-        return Path(data.cache_dir)
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hotdog_torch"
-
-
-def _cache_key(samples, data: Data) -> str:
-    """A hash of the image settings and of every sample's path, class, size and modification time."""
-    h = hashlib.sha256()
-    h.update(json.dumps([CACHE_VERSION, data.image_size, data.channels]).encode())
-    for path, label, size, mtime in samples:
-        h.update(os.fsencode(os.path.abspath(path)) + f"\0{label}\0{size}\0{mtime}\0".encode())
-    return h.hexdigest()[:32]
-
-
-def image_folder(folder) -> tuple[list[str], list[tuple[str, int]]]:
-    """(classes, [(path, class index), ...]) by ImageFolder's rules: each subfolder a class, sorted by name; in it,
-    every file with an image extension (any case), walking subfolders (and links) in sorted order."""
-    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
-    samples = []
-    for label, name in enumerate(classes):
-        for root, _, names in sorted(os.walk(os.path.join(folder, name), followlinks=True)):
-            samples += [(os.path.join(root, f), label) for f in sorted(names) if f.lower().endswith(IMG_EXTENSIONS)]
-    return classes, samples
-
-
-def _scan(folder: Path) -> tuple[list[str], list[tuple[str, int, int, int]]]:
-    """ImageFolder's classes and (path, class, size, mtime) samples, each file stat()ed once; a file reached twice
-    (through a symlink, or a hard link) counts once.  A dangling link stays in, to be skipped as undecodable."""
-    try:
-        classes, found = image_folder(folder)
-    except (FileNotFoundError, NotADirectoryError):
-        classes = []
-    if not classes:
-        raise UserError(f"{folder} holds no class folders: expected {folder}/<class name>/<images>")
-    seen, samples = set(), []
-    for path, label in found:
-        try:
-            st = os.stat(path)
-        except OSError:
-            samples.append((path, label, -1, -1))
-            continue
-        if (st.st_dev, st.st_ino) not in seen:
-            seen.add((st.st_dev, st.st_ino))
-            samples.append((path, label, st.st_size, st.st_mtime_ns))
-    return classes, samples
-
-
-def _decode_all(samples, data: Data, out_file: Path, offset: int, progress: bool, desc: str) -> set[int]:
-    """Decode sample i into row i of out_file (an .npy whose data starts at offset) on data.workers processes.
-
-    Work goes out in blocks of 32 consecutive rows; each block is one write, so the
-    processes share no memory and send back only the rows they could not decode.
-    """
-    from tqdm import tqdm
-
-    block = 32
-    jobs = [
-        ([sample[0] for sample in samples[i : i + block]], i, str(out_file), offset, data.image_size, data.channels)
-        for i in range(0, len(samples), block)
-    ]
-    workers = min(data.workers or os.cpu_count() or 1, len(jobs))
-    bar = tqdm(total=len(samples), desc=desc, unit="img", disable=not progress, file=sys.stderr, leave=False)
-    bad: set[int] = set()
-    try:
-        if workers <= 1:
-            results = map(_decode_block, jobs)
-        else:
-            pool = ProcessPoolExecutor(workers)
-            results = pool.map(_decode_block, jobs)
-        for job, rows in zip(jobs, results, strict=True):
-            bad.update(rows)
-            bar.update(len(job[0]))
-    finally:
-        bar.close()
-        if workers > 1:
-            pool.shutdown()
-        fd = _FILES.pop(str(out_file), None)
-        if fd is not None:
-            os.close(fd)
-    return bad
-
-
-def _build_entry(samples, classes, data: Data, images_file: Path, meta_file: Path, progress: bool, desc: str) -> None:
-    """Decode into a temporary .npy, fsync, rename into place; then the .json that marks the entry complete.
-    Called holding the entry's lock: any temporary file of this entry is a killed process's."""
-    shape = (len(samples), data.channels, data.image_size, data.image_size)
-    for stale in images_file.parent.glob(f".{images_file.stem}.*.tmp"):  # of a process killed building this entry
-        stale.unlink()
-    tmp = images_file.with_name(f".{images_file.name}.{os.getpid()}.tmp")
-    try:
-        empty = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)  # header + room for every row
-        offset = empty.offset
-        del empty
-        bad = _decode_all(samples, data, tmp, offset, progress, desc)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, images_file)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    rows = [i for i in range(len(samples)) if i not in bad]
-    meta = dict(
-        version=CACHE_VERSION,
-        shape=list(shape),
-        classes=classes,
-        rows=rows,
-        labels=[samples[i][1] for i in rows],
-        paths=[samples[i][0] for i in rows],
-        skipped=[samples[i][0] for i in sorted(bad)],
-    )
-    atomic_write(meta_file, lambda f: f.write(json.dumps(meta).encode()))
-
-
-def _read_entry(images_file: Path, meta_file: Path, classes, in_memory: bool):
-    """(pool, meta) of a complete, undamaged cache entry, else None."""
-    try:
-        meta = json.loads(meta_file.read_text())
-        pool = np.load(images_file, mmap_mode=None if in_memory else "c")
-        if pool.shape != tuple(meta["shape"]) or meta["classes"] != classes or meta.get("version") != CACHE_VERSION:
-            return None
-        if in_memory and not pool.flags.writeable:
-            pool = pool.copy()
-        return pool, meta
-    except (OSError, ValueError, KeyError, TypeError, EOFError, json.JSONDecodeError):
-        return None  # missing, truncated or damaged: decoded afresh and rewritten
-
-
 def decoded_bytes(n_images: int, data: Data) -> int:
     return n_images * data.channels * data.image_size**2
 
@@ -266,26 +104,7 @@ def load_folder(
 
     in_memory=False leaves the pool memory-mapped from the cache file (bigger-than-memory data).
     """
-    classes, samples = scanned or _scan(folder)
-    key = _cache_key(samples, data)
-    root = _cache_root(data)
-    images_file, meta_file = root / f"{key}.npy", root / f"{key}.json"
-    entry = _read_entry(images_file, meta_file, classes, in_memory)
-    if entry is None:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(
-                f"cannot create the decode cache folder {root} ({e.strerror}); set data.cache_dir to a writable folder"
-            ) from None
-        with locked(root / f"{key}.lock", f"waiting for another process decoding {folder} into {root}"):
-            entry = _read_entry(images_file, meta_file, classes, in_memory)  # it decoded while this one waited
-            if entry is None:
-                _build_entry(samples, classes, data, images_file, meta_file, progress, f"decoding {folder}")
-                entry = _read_entry(images_file, meta_file, classes, in_memory)
-        if entry is None:
-            raise OSError(f"the decode cache entry {images_file} could not be read back after writing it")
-    pool, meta = entry
+    classes, pool, meta = cache.entry(folder, data, progress, scanned, in_memory)
     rows, labels = torch.tensor(meta["rows"], dtype=torch.int64), torch.tensor(meta["labels"], dtype=torch.int64)
     split = Split(torch.from_numpy(pool), rows, labels, meta["paths"], mapped=not in_memory)
     return classes, split, meta["skipped"]
@@ -323,8 +142,8 @@ def load_dataset(data: Data, seed: int, progress: bool = True, memory_budget: in
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist")
     layout = "splits" if (root / "train").is_dir() else "folders"
-    folders = {s: root / s for s in SPLITS if (root / s).is_dir()} if layout == "splits" else {"train": root}
-    scanned = {name: _scan(folder) for name, folder in folders.items()}
+    folders = cache.folders(data)
+    scanned = {name: cache.scan(folder) for name, folder in folders.items()}
     classes = scanned["train"][0]
     if len(classes) < 2:
         raise UserError(f"{folders['train']} has {len(classes)} class folder(s); at least two are needed")

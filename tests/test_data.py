@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from hotdog_torch import config, data, drawings, images
+from hotdog_torch import cache, config, data, drawings, images
 from hotdog_torch.config import UserError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def settings(tmp_path, **kw):
@@ -42,7 +47,7 @@ def test_cache_equals_a_fresh_decode_and_is_hit_the_second_time(tmp_path, tiny_t
     def no_decoding(*a, **k):
         raise AssertionError("a cache hit must not decode")
 
-    monkeypatch.setattr(data, "_decode_all", no_decoding)
+    monkeypatch.setattr(cache, "decode_all", no_decoding)
     _, second, _ = data.load_folder(tiny_tree / "train", d, progress=False)
     assert torch.equal(images_of(first), images_of(second)) and torch.equal(first.labels, second.labels)
     assert second.paths == first.paths
@@ -168,7 +173,7 @@ def test_large_jpegs_decode_in_draft_mode(tmp_path):
     Image.open(big).save(png)
     with images.open_scaled(png, 128, "RGB") as im:
         assert im.size == (512, 512)  # not a JPEG: no draft
-    fast, full = images.decode(big, 128, 3).astype(int), data.decode(png, 128, 3).astype(int)
+    fast, full = images.decode(big, 128, 3).astype(int), images.decode(png, 128, 3).astype(int)
     assert np.abs(fast - full).mean() < 4  # the same picture, within JPEG and scaling error
 
 
@@ -277,3 +282,26 @@ def test_an_epoch_makes_no_copy_of_its_images(tiny_tree, make_config, monkeypatc
     train.run(cfg, progress=False)
     image = cfg.data.channels * cfg.data.image_size**2
     assert 0 < LargestImages.most <= 16 * image  # a batch's rows at a time, never the epoch's 72 images at once
+
+
+def test_the_training_command_starts_decoding_before_it_imports_torch(tmp_path, tiny_tree, monkeypatch):
+    """`python -m hotdog_torch.train` decodes its folders in a process of its own while torch loads (cache.prefetch):
+    the run then finds every entry in the cache."""
+    d = settings(tmp_path, root=str(tiny_tree))
+    argv = ["--config", "configs/hotdog.yaml", f"data.root={tiny_tree}", f"data.cache_dir={d.cache_dir}"]
+    argv += ["data.image_size=32", "data.workers=1", "--no-progress"]
+    code = f"""import sys
+sys.orig_argv = [sys.executable, "-m", "hotdog_torch.train", *{argv!r}]
+import hotdog_torch, hotdog_torch.cache as cache
+assert "torch" not in sys.modules and len(cache._PREFETCH) == 1
+sys.exit(cache._PREFETCH[0].wait())
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+    def no_decoding(*a, **k):
+        raise AssertionError("the prefetch decoded every folder already")
+
+    monkeypatch.setattr(cache, "decode_all", no_decoding)
+    ds = data.load_dataset(d, seed=0, progress=False)
+    assert len(ds.train) + len(ds.val) == 90 and len(ds.test) == 30

@@ -14,7 +14,7 @@ LAYERS = [
     ["checks"],
     ["config"],
     ["files", "runtime", "drawings", "images", "model", "cost", "dist", "augment", "optim", "schedule"],
-    ["synth", "step", "stopping", "checkpoint"],
+    ["synth", "step", "stopping", "checkpoint", "cache"],
     ["data", "report"],
     ["loop", "framing"],
     ["search", "board"],

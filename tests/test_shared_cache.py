@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The synthetic set is drawn small: the seed's 7200 images would take minutes on two cores.
 SLOWED = """
 import functools, os, sys, time
-from hotdog_torch import data, synth, train
+from hotdog_torch import cache, synth, train
 log, pause = sys.argv[1], float(sys.argv[2])
 
 def note(what, real):
@@ -31,7 +31,7 @@ def note(what, real):
 
 small = functools.partial(synth.generate, hot_dogs=12, others=12, test_hot_dogs=4, test_others=4, size=32, workers=1)
 synth.generate = note("draw", small)
-data._decode_all = note("decode", data._decode_all)
+cache.decode_all = note("decode", cache.decode_all)
 sys.exit(train.main(sys.argv[3:]))
 """
 

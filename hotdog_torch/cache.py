@@ -1,0 +1,257 @@
+"""The decode-once cache, without torch: the ImageFolder scan, the key of a folder's decode, and the entry itself.
+
+An entry is one .npy of every image of a folder, decoded, resized and converted to uint8 (N, C, S, S), and a .json
+that marks it complete, under a key made of the image settings and every file's path, class, size and mtime, so a
+changed, added or removed file means a fresh decode.  Nothing here imports torch (2 s of start-up here), so that
+`python -m hotdog_torch.train` can start decoding in processes of its own while torch loads (prefetch);
+data.load_folder then finds the entry complete, or waits on its lock for it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from . import config
+from .config import Data, UserError
+from .files import atomic_write, locked
+from .images import DECODE_ERRORS, IMG_EXTENSIONS, decode
+
+CACHE_VERSION = 2  # 2: EXIF orientation applied
+SPLITS = ("train", "val", "test")
+_PREFETCH: list = []  # this process's prefetching process, once started
+
+
+_FILES: dict[str, int] = {}  # per process: the cache file being written, opened once
+
+
+def decode_block(job) -> list[int]:
+    """Decode consecutive rows into one buffer, write it into the .npy with one pwrite; return the undecodable rows."""
+    paths, first_row, out_file, offset, size, channels = job
+    buffer = np.zeros((len(paths), channels, size, size), np.uint8)
+    bad = []
+    for k, path in enumerate(paths):
+        try:
+            buffer[k] = decode(path, size, channels)
+        except DECODE_ERRORS:
+            bad.append(first_row + k)
+    fd = _FILES.get(out_file)
+    if fd is None:
+        fd = _FILES[out_file] = os.open(out_file, os.O_WRONLY)
+    os.pwrite(fd, buffer.data, offset + first_row * buffer[0].nbytes)
+    return bad
+
+
+def cache_root(data: Data) -> Path:
+    if data.cache_dir:
+        return Path(data.cache_dir)
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hotdog_torch"
+
+
+def cache_key(samples, data: Data) -> str:
+    """A hash of the image settings and of every sample's path, class, size and modification time."""
+    h = hashlib.sha256()
+    h.update(json.dumps([CACHE_VERSION, data.image_size, data.channels]).encode())
+    for path, label, size, mtime in samples:
+        h.update(os.fsencode(os.path.abspath(path)) + f"\0{label}\0{size}\0{mtime}\0".encode())
+    return h.hexdigest()[:32]
+
+
+def image_folder(folder) -> tuple[list[str], list[tuple[str, int]]]:
+    """(classes, [(path, class index), ...]) by ImageFolder's rules: each subfolder a class, sorted by name; in it,
+    every file with an image extension (any case), walking subfolders (and links) in sorted order."""
+    classes = sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+    samples = []
+    for label, name in enumerate(classes):
+        for root, _, names in sorted(os.walk(os.path.join(folder, name), followlinks=True)):
+            samples += [(os.path.join(root, f), label) for f in sorted(names) if f.lower().endswith(IMG_EXTENSIONS)]
+    return classes, samples
+
+
+def scan(folder: Path) -> tuple[list[str], list[tuple[str, int, int, int]]]:
+    """ImageFolder's classes and (path, class, size, mtime) samples, each file stat()ed once; a file reached twice
+    (through a symlink, or a hard link) counts once.  A dangling link stays in, to be skipped as undecodable."""
+    try:
+        classes, found = image_folder(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        classes = []
+    if not classes:
+        raise UserError(f"{folder} holds no class folders: expected {folder}/<class name>/<images>")
+    seen, samples = set(), []
+    for path, label in found:
+        try:
+            st = os.stat(path)
+        except OSError:
+            samples.append((path, label, -1, -1))
+            continue
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            samples.append((path, label, st.st_size, st.st_mtime_ns))
+    return classes, samples
+
+
+def decode_all(samples, data: Data, out_file: Path, offset: int, progress: bool, desc: str) -> set[int]:
+    """Decode sample i into row i of out_file (an .npy whose data starts at offset) on data.workers processes.
+
+    Work goes out in blocks of 32 consecutive rows; each block is one write, so the
+    processes share no memory and send back only the rows they could not decode.
+    """
+    from tqdm import tqdm
+
+    block = 32
+    jobs = [
+        ([sample[0] for sample in samples[i : i + block]], i, str(out_file), offset, data.image_size, data.channels)
+        for i in range(0, len(samples), block)
+    ]
+    workers = min(data.workers or os.cpu_count() or 1, len(jobs))
+    bar = tqdm(total=len(samples), desc=desc, unit="img", disable=not progress, file=sys.stderr, leave=False)
+    bad: set[int] = set()
+    try:
+        if workers <= 1:
+            results = map(decode_block, jobs)
+        else:
+            pool = ProcessPoolExecutor(workers)
+            results = pool.map(decode_block, jobs)
+        for job, rows in zip(jobs, results, strict=True):
+            bad.update(rows)
+            bar.update(len(job[0]))
+    finally:
+        bar.close()
+        if workers > 1:
+            pool.shutdown()
+        fd = _FILES.pop(str(out_file), None)
+        if fd is not None:
+            os.close(fd)
+    return bad
+
+
+def build_entry(samples, classes, data: Data, images_file: Path, meta_file: Path, progress: bool, desc: str) -> None:
+    """Decode into a temporary .npy, fsync, rename into place; then the .json that marks the entry complete.
+    Called holding the entry's lock: any temporary file of this entry is a killed process's."""
+    shape = (len(samples), data.channels, data.image_size, data.image_size)
+    for stale in images_file.parent.glob(f".{images_file.stem}.*.tmp"):  # of a process killed building this entry
+        stale.unlink()
+    tmp = images_file.with_name(f".{images_file.name}.{os.getpid()}.tmp")
+    try:
+        empty = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)  # header + room for every row
+        offset = empty.offset
+        del empty
+        bad = decode_all(samples, data, tmp, offset, progress, desc)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, images_file)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    rows = [i for i in range(len(samples)) if i not in bad]
+    meta = dict(
+        version=CACHE_VERSION,
+        shape=list(shape),
+        classes=classes,
+        rows=rows,
+        labels=[samples[i][1] for i in rows],
+        paths=[samples[i][0] for i in rows],
+        skipped=[samples[i][0] for i in sorted(bad)],
+    )
+    atomic_write(meta_file, lambda f: f.write(json.dumps(meta).encode()))
+
+
+def read_entry(images_file: Path, meta_file: Path, classes, in_memory: bool):
+    """(pool, meta) of a complete, undamaged cache entry, else None."""
+    try:
+        meta = json.loads(meta_file.read_text())
+        pool = np.load(images_file, mmap_mode=None if in_memory else "c")
+        if pool.shape != tuple(meta["shape"]) or meta["classes"] != classes or meta.get("version") != CACHE_VERSION:
+            return None
+        if in_memory and not pool.flags.writeable:
+            pool = pool.copy()
+        return pool, meta
+    except (OSError, ValueError, KeyError, TypeError, EOFError, json.JSONDecodeError):
+        return None  # missing, truncated or damaged: decoded afresh and rewritten
+
+
+def entry(folder: Path, data: Data, progress: bool = True, scanned=None, in_memory: bool = True):
+    """(classes, pool, meta) of folder's complete cache entry, decoding it first unless it is there; pool is a numpy
+    array, memory-mapped from the file unless in_memory.  Of processes asking at once, one decodes (the lock)."""
+    classes, samples = scanned or scan(folder)
+    key = cache_key(samples, data)
+    root = cache_root(data)
+    images_file, meta_file = root / f"{key}.npy", root / f"{key}.json"
+    found = read_entry(images_file, meta_file, classes, in_memory)
+    if found is None:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(
+                f"cannot create the decode cache folder {root} ({e.strerror}); set data.cache_dir to a writable folder"
+            ) from None
+        with locked(root / f"{key}.lock", _waiting(folder, root)):
+            found = read_entry(images_file, meta_file, classes, in_memory)  # it decoded while this one waited
+            if found is None:
+                build_entry(samples, classes, data, images_file, meta_file, progress, f"decoding {folder}")
+                found = read_entry(images_file, meta_file, classes, in_memory)
+        if found is None:
+            raise OSError(f"the decode cache entry {images_file} could not be read back after writing it")
+    return classes, *found
+
+
+def _waiting(folder, root) -> str:
+    if _PREFETCH:
+        return f"decoding {folder} (started with the command, while torch loaded)"
+    return f"waiting for another process decoding {folder} into {root}"
+
+
+def folders(data: Data) -> dict[str, Path]:
+    """The image folders of data.root: its train/, val/, test/ splits, or the root itself as the training folder."""
+    root = Path(data.root)
+    return {s: root / s for s in SPLITS if (root / s).is_dir()} if (root / "train").is_dir() else {"train": root}
+
+
+def prefetch(argv: list[str]):
+    """For the command `python -m hotdog_torch.train ARGV`, before it imports torch: start decoding the folders its
+    run will load, in a process of its own; None when there is nothing to start.  A mistake in the arguments is
+    left for the command itself to report, and under torchrun rank 0 decodes first anyway."""
+    args = {"--config": None, "--resume": None}
+    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
+    for flag, value in zip(argv, argv[1:], strict=False):
+        if flag in args:
+            args[flag] = value
+    try:
+        cfg = config.load_run(args["--config"], args["--resume"], overrides)
+    except (UserError, OSError):
+        return None
+    if "RANK" in os.environ or not Path(cfg.data.root).is_dir() or {"-h", "--help"} & set(argv):
+        return None
+    # a new interpreter, not a fork: this runs while the package is being imported (its import locks are held)
+    code = (
+        "import json, sys; from hotdog_torch import cache; cache.decode_folders(cache.Data(**json.loads(sys.argv[1])))"
+    )
+    d = cfg.data  # what the cache reads of it
+    keys = dict(root=d.root, image_size=d.image_size, channels=d.channels, cache_dir=d.cache_dir, workers=d.workers)
+    process = subprocess.Popen([sys.executable, "-c", code, json.dumps(keys)])
+    _PREFETCH.append(process)
+    atexit.register(_stop, process)  # a run that stopped before it needed the data does not wait for it
+    return process
+
+
+def _stop(process) -> None:
+    if process.poll() is None:
+        process.terminate()
+        process.wait()
+
+
+def decode_folders(data: Data) -> None:
+    """Every folder of data.root into the cache (the prefetching process's work)."""
+    for folder in folders(data).values():
+        try:
+            entry(folder, data, progress=False)
+        except (UserError, OSError):
+            return  # the run finds the same fault, and says it

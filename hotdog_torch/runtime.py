@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .config import UserError
+
+DEFAULT_THREADS = torch.get_num_threads()  # torch's intra-op threads for this process, before any run changed them
+SMALL_PRODUCT = 1 << 21  # multiply-adds of a layer's product in one step, below which one thread is faster
 
 
 def resolve_device(name: str) -> torch.device:
@@ -38,6 +43,23 @@ def peak_memory_bytes(device: torch.device) -> int:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def set_up_cpu(device: torch.device, flush: str | bool, widths: list[int], batch_size: int) -> None:
+    """The CPU threads of a training run: how many (intra_op_threads), and subnormals flushed in each."""
+    intra_op_threads(device, widths, batch_size)
+    flush_denormal(flush, device)
+
+
+def intra_op_threads(device: torch.device, widths: list[int], batch_size: int) -> int:
+    """One intra-op thread for a network whose every layer's product in a step (batch x inputs x outputs) is below
+    SMALL_PRODUCT multiply-adds, else torch's default; OMP_NUM_THREADS, when set, decides.  At such sizes threads
+    add only their barriers, which cost milliseconds when other processes hold the cores: the 784-30-10 network at
+    batch 10 ran 5-27x faster on one thread on this project's shared 2-core CPU (docs/BENCHMARKS.md)."""
+    if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        largest = max(batch_size * n_in * n_out for n_in, n_out in zip(widths, widths[1:], strict=False))
+        torch.set_num_threads(1 if largest < SMALL_PRODUCT else DEFAULT_THREADS)
+    return torch.get_num_threads()
 
 
 def flush_denormal(setting: str | bool, device: torch.device) -> bool:

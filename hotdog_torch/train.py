@@ -110,7 +110,6 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
     world = dist.from_env()  # one process, or one of torchrun's
     device = dist.start(world, runtime.resolve_device(cfg.device))
     runtime.use_tf32(device)
-    runtime.flush_denormal(cfg.train.flush_denormal, device)  # before the first step: no subnormal slows it
     if world.distributed and cfg.optim.name == "random_search":
         raise UserError("random search runs in one process: start it without torchrun")
     resume_dir = resume_dir or dist.restarted_run(world, cfg.log.dir)  # a worker died: go on where the run was
@@ -129,6 +128,7 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
     torch.manual_seed(cfg.seed)
     width = cfg.data.channels * cfg.data.image_size**2
     model = build_model(width, cfg.model.hidden, len(ds.classes), cfg.model.activation, cfg.model.dropout).to(device)
+    runtime.set_up_cpu(device, cfg.train.flush_denormal, [width, *cfg.model.hidden, len(ds.classes)], batch_size)
     if world.distributed and cfg.model.dropout:  # each rank's rows their own dropout masks
         torch.manual_seed(cfg.seed + world.rank)
     optimizer = make_optimizer(model, cfg, fuses(cfg, device, world))

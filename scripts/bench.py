@@ -135,7 +135,7 @@ def ten_classes(root: Path, tmp: str) -> Path:
         if path.startswith("train/"):
             folder = Path(tmp, "ten", group if group == "hot_dog" else what)
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / Path(path).name).symlink_to(root / path)
+            (folder / Path(path).name).symlink_to((root / path).resolve())
     return Path(tmp, "ten")
 
 

@@ -1,4 +1,5 @@
-"""Subnormal floats are flushed to zero in every CPU thread of training and of using a network (train.flush_denormal).
+"""The CPU threads of a run: one intra-op thread for a small network, and subnormal floats flushed to zero in every
+thread of training and of using a network (train.flush_denormal).
 
 x86 arithmetic on subnormals (|x| < 1.2e-38 in fp32) is many times slower, and ½·MSE on saturated sigmoids makes
 them: the momentum step ran 4-5x slower with them (docs/BENCHMARKS.md).
@@ -25,9 +26,11 @@ def subnormal_products() -> int:
 
 @pytest.fixture
 def flush_off():
+    torch.set_num_threads(runtime.DEFAULT_THREADS)  # as a new process has them, whatever ran before in this one
     subnormal_products()  # the OpenMP team exists before the flag changes, as in any process that has computed
     yield
     runtime.flush_denormal(False, CPU)  # torch's default, for the tests that follow
+    torch.set_num_threads(runtime.DEFAULT_THREADS)
 
 
 def test_flush_holds_in_every_intra_op_thread(flush_off):
@@ -55,3 +58,13 @@ def test_training_evaluate_and_predict_flush_on_the_cpu(tiny_tree, make_config, 
     del ckpt["config"]["train"]["flush_denormal"]  # a checkpoint from before the key: auto
     evaluate_folder(ckpt, tiny_tree / "test")
     assert subnormal_products() == 0
+
+
+def test_a_small_network_trains_on_one_intra_op_thread(tiny_tree, make_config, flush_off, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    train.run(make_config(tiny_tree, "train.epochs=1", "log.run_name=small"), progress=False)  # 16 x 1024 x 16
+    assert torch.get_num_threads() == 1
+    assert runtime.intra_op_threads(CPU, [49152, 512, 2], 64) == runtime.DEFAULT_THREADS  # the bench's network
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    torch.set_num_threads(2)
+    assert runtime.intra_op_threads(CPU, [784, 30, 10], 10) == 2  # the user's setting wins

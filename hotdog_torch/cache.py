@@ -13,6 +13,7 @@ import atexit
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -228,7 +229,8 @@ def prefetch(argv: list[str]):
         cfg = config.load_run(args["--config"], args["--resume"], overrides)
     except (UserError, OSError):
         return None
-    if "RANK" in os.environ or not Path(cfg.data.root).is_dir() or {"-h", "--help"} & set(argv):
+    cuda = cfg.device.startswith("cuda")  # maybe absent: the command's first check, before any data
+    if "RANK" in os.environ or cuda or not Path(cfg.data.root).is_dir() or {"-h", "--help"} & set(argv):
         return None
     # a new interpreter, not a fork: this runs while the package is being imported (its import locks are held)
     code = (
@@ -236,15 +238,17 @@ def prefetch(argv: list[str]):
     )
     d = cfg.data  # what the cache reads of it
     keys = dict(root=d.root, image_size=d.image_size, channels=d.channels, cache_dir=d.cache_dir, workers=d.workers)
-    process = subprocess.Popen([sys.executable, "-c", code, json.dumps(keys)])
+    quiet = dict(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen([sys.executable, "-c", code, json.dumps(keys)], start_new_session=True, **quiet)
     _PREFETCH.append(process)
     atexit.register(_stop, process)  # a run that stopped before it needed the data does not wait for it
     return process
 
 
 def _stop(process) -> None:
+    """The prefetching process and its decoding workers (its session), if still at work when the command ends."""
     if process.poll() is None:
-        process.terminate()
+        os.killpg(process.pid, signal.SIGTERM)
         process.wait()
 
 

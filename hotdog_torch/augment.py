@@ -32,6 +32,11 @@ def strength(a: Augment, epoch: int) -> float:
     return 1.0 if a.warmup_epochs == 0 else min(1.0, epoch / (a.warmup_epochs + 1))
 
 
+def recorded(a: Augment, epoch: int) -> dict:
+    """What an epoch's metrics record of the augmentation: its strength, in an augmented run."""
+    return {"augment_strength": strength(a, epoch)} if a.enabled else {}
+
+
 def draw(a: Augment, n: int, generator: torch.Generator, s: float = 1.0) -> torch.Tensor:
     """(n, len(PARAMS)) random framings at strength s in [0, 1], on the generator's device.
 
@@ -41,12 +46,11 @@ def draw(a: Augment, n: int, generator: torch.Generator, s: float = 1.0) -> torc
     never changes which image gets which draw.
     """
     u = torch.rand(n, len(PARAMS), generator=generator, device=generator.device) * 2 - 1  # uniform in [-1, 1)
-    scale = torch.tensor(
-        [a.shift, a.shift, math.log(a.zoom), math.radians(a.rotate), 0, a.light, a.light, a.light / 2, a.light / 2,
-         a.light / 2],
-        device=u.device,
-    )  # fmt: skip
-    p = u * (scale * s)
+    half = a.light / 2
+    limits = (a.shift, a.shift, math.log(a.zoom), math.radians(a.rotate), 0, a.light, a.light, half, half, half)
+    p = torch.empty_like(u)
+    for k, limit in enumerate(limits):  # by Python numbers: a tensor of them would be a copy from the host
+        p[:, k] = u[:, k] * (limit * s)
     p[:, 4] = torch.where((u[:, 4] < 0) & a.flip, -1.0, 1.0)  # -1: mirrored
     p[:, 5:] += 1  # brightness, contrast and cast are gains around 1
     return p
@@ -73,14 +77,14 @@ def grid(p: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def light(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """Brightness, contrast (around mid-grey) and, for RGB, a colour cast, in place on pixels 0..255; clipped there
-    as a camera's sensor clips."""
+    """Brightness, contrast (around mid-grey) and, for RGB, a colour cast, on pixels 0..255; clipped there as a
+    camera's sensor clips."""
     bright, contrast = p[:, 5:6], p[:, 6:7]
     if x.shape[1] == 3:
         bright = bright * p[:, 7:10]  # the cast: a gain per channel
     # brightness·(contrast·(x − 127.5) + 127.5) = gain·x + offset
     gain, offset = bright * contrast, bright * 127.5 * (1 - contrast)
-    return x.mul_(gain[..., None, None]).add_(offset[..., None, None]).clamp_(0, 255)
+    return torch.addcmul(offset[..., None, None], x, gain[..., None, None]).clamp_(0, 255)  # two passes over x
 
 
 def apply(images: torch.Tensor, p: torch.Tensor, border: str = "reflect") -> torch.Tensor:

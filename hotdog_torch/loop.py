@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import data, dist
+from . import augment, data, dist
+from .config import Augment
 from .cost import error_rate, half_mse, one_hot
 from .step import Step
 
@@ -32,6 +33,7 @@ class Feed:
     device: torch.device
     world: dist.World = dist.SINGLE  # under torchrun, this process takes its share of every batch
     class_weights: torch.Tensor | None = None  # each class's weight in the training cost (optim.class_weights)
+    augment: Augment | None = None  # data.augment: each image framed afresh at every step (when enabled)
     scale: torch.Tensor = field(init=False)  # data.normalise's constants, computed once
     shift: torch.Tensor = field(init=False)
 
@@ -42,9 +44,18 @@ class Feed:
     def steps(self) -> int:
         return math.ceil(len(self.split) / self.batch_size)
 
-    def images(self, rows: torch.Tensor) -> torch.Tensor:
-        """These rows of the pool, on the device, normalised (as data.normalise does)."""
-        return self.normalised(self.split.images[rows])
+    def images(self, rows: torch.Tensor, framings: torch.Tensor | None = None) -> torch.Tensor:
+        """These rows of the pool, on the device, framed by their rows of augment.draw (if any), normalised."""
+        x = self.split.images[rows]
+        if framings is not None:  # framed on the device, from uint8 there: floats 0..255
+            x = augment.apply(x.to(self.device, non_blocking=True), framings, self.augment.border)
+        return self.normalised(x)
+
+    def framings(self, n: int, generator: torch.Generator, epoch: int) -> torch.Tensor | None:
+        """The framing of each of an epoch's n images, in the epoch's order (None: not augmented).  Drawn for the
+        whole batches in every process, from the batch order's generator, so each process takes its own rows."""
+        a = self.augment
+        return augment.draw(a, n, generator, augment.strength(a, epoch)) if a is not None and a.enabled else None
 
     def normalised(self, images: torch.Tensor) -> torch.Tensor:
         return images.to(self.device, non_blocking=True).float().mul_(self.scale).sub_(self.shift)
@@ -94,12 +105,14 @@ class EpochResult:
     wrongs: torch.Tensor
     lrs: list[float]
     candidate: dict | None = None
+    framings: torch.Tensor | None = None  # data.augment: each image's framing, the epoch's draw in its order
 
     def progress(self) -> dict | None:
         """The part-way epoch as checkpoint.RunState.epoch_progress keeps it (for --resume; None: random search)."""
         if self.order is None:
             return None
-        return {"order": self.order, "next": self.next, "costs": self.costs, "wrongs": self.wrongs, "lrs": self.lrs}
+        p = {"order": self.order, "next": self.next, "costs": self.costs, "wrongs": self.wrongs, "lrs": self.lrs}
+        return p if self.framings is None else p | {"framings": self.framings}
 
 
 def train_one_epoch(
@@ -116,15 +129,22 @@ def train_one_epoch(
     """One pass over the training split in shuffled batches; schedule.step() after every optimiser step.
 
     No host sync inside the epoch, except on_log(global_step), called every log_every steps.  resume, an
-    EpochResult.progress() saved mid-epoch, continues that epoch where it stopped.
+    EpochResult.progress() saved mid-epoch, continues that epoch where it stopped.  With data.augment enabled, each
+    image is framed by its row of the epoch's framings, drawn after the order, from the same generator, for the
+    whole batches (each process takes its own rows), at the strength of the curriculum for this epoch, the
+    (first_step // steps an epoch + 1)th.
     """
     n, n_steps, split, world = len(feed.split), feed.steps(), feed.split, feed.world
     if resume is None:
         order, start = torch.randperm(n, generator=generator).to(split.index.device, non_blocking=True), 0
+        drawn = feed.framings(n, generator, first_step // n_steps + 1)
+        drawn = None if drawn is None else drawn.to(feed.device, non_blocking=True)  # once an epoch, as the order
     else:
-        order, start = resume["order"].to(split.index.device), resume["next"]
+        order, start, drawn = resume["order"].to(split.index.device), resume["next"], resume.get("framings")
+        drawn = None if drawn is None else drawn.to(feed.device)
     positions, bounds, totals = epoch_plan(n, feed.batch_size, world)
     mine = order if positions is None else order[positions.to(order.device)]  # this process's images, in order
+    framings = drawn if drawn is None or positions is None else drawn[positions.to(drawn.device)]  # as one process
     rows, labels = split.index[mine], split.labels[mine].to(feed.device)
     targets = one_hot(labels, feed.n_classes)
     weights = None if feed.class_weights is None else feed.class_weights[labels]
@@ -135,7 +155,7 @@ def train_one_epoch(
     while i < n_steps and not should_stop():
         k = min(step.window, n_steps - i)  # the window's batches, one after another
         lo, hi = bounds[i], bounds[i + k]
-        x = feed.images(rows[lo:hi])  # gathered from the pool a window at a time: no copy of the epoch's images
+        x = feed.images(rows[lo:hi], None if framings is None else framings[lo:hi])  # a window at a time
         sizes = [bounds[s + 1] - bounds[s] for s in range(i, i + k)]
         lrs += [schedule.lr] * k
         w = None if weights is None else weights[lo:hi]
@@ -153,7 +173,7 @@ def train_one_epoch(
     if resume is not None:
         costs[:start] = resume["costs"].to(feed.device)
         wrongs = torch.cat([resume["wrongs"].to(feed.device), wrongs])
-    return EpochResult(order, i, costs[:i], wrongs, lrs)
+    return EpochResult(order, i, costs[:i], wrongs, lrs, framings=drawn)
 
 
 def wrong_counts(outputs: torch.Tensor, labels: torch.Tensor, sizes: list[int]) -> torch.Tensor:

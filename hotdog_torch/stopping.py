@@ -53,11 +53,13 @@ def verdict(cfg: Config, epoch: int, val_accuracy: float, diverged: bool, bad_ep
 
 def rank(m: dict, monitor: str = "val_accuracy") -> tuple:
     """Larger is better: the monitored figure first (accuracy up, cost down), the other one to break ties; an epoch
-    whose validation cost is not finite ranks below every other."""
-    cost = m["val_cost"] if math.isfinite(m["val_cost"]) else math.inf
+    whose validation cost is not finite ranks below every other.  In an augmented run, an epoch of the curriculum's
+    ramp never beats one at full strength (its network is the template the augmentation is there to unlearn,
+    however well it scores on pictures as drawn)."""
+    cost, ramp = m["val_cost"] if math.isfinite(m["val_cost"]) else math.inf, m.get("augment_strength", 1.0)
     if monitor == "val_cost":
-        return (-cost, m["val_accuracy"])
-    return (m["val_accuracy"] if cost < math.inf else -math.inf, -cost)
+        return (ramp, -cost, m["val_accuracy"])
+    return (ramp, m["val_accuracy"] if cost < math.inf else -math.inf, -cost)
 
 
 def better(m: dict, best: dict | None, train: Train) -> bool:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import board, checkpoint, config, data, dist, files, report, runtime, schedule, search, stopping
+from . import augment, board, checkpoint, config, data, dist, files, report, runtime, schedule, search, stopping
 from .checkpoint import RunState
 from .config import Config, UserError
 from .cost import COSTS, class_weights, confusion_matrix, per_class
@@ -134,9 +134,8 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
     optimizer = make_optimizer(model, cfg, fuses(cfg, device, world))
     generator = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same order on any device, and resumable
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
-    feed = Feed(
-        ds.train, mean, std, batch_size, len(ds.classes), device, world, None if weights is None else weights.to(device)
-    )
+    weights = None if weights is None else weights.to(device)
+    feed = Feed(ds.train, mean, std, batch_size, len(ds.classes), device, world, weights, cfg.data.augment)
     meta = checkpoint.meta(config.to_dict(cfg), ds.classes, mean.tolist(), std.tolist())
     state = RunState()
     if resumed is not None:  # the config given trains, not the checkpoint's numbers
@@ -163,6 +162,7 @@ def end_epoch(r: Run, state: RunState, tb: board.Board, watch, epoch: int, done:
     costs = done.costs.tolist()  # the epoch's one transfer to the host
     train = {"train_cost": sum(costs) / len(costs), "train_error_rate": int(done.wrongs.sum()) / len(r.ds.train)}
     m = {"epoch": epoch, **train, **{f"val_{k}": val[k] for k in ("cost", "error_rate", "accuracy")}}
+    m |= augment.recorded(r.cfg.data.augment, epoch)
     state.step, state.epoch_progress, state.epoch = first + done.next, None, epoch
     tb.steps("cost/train", costs, state.step - len(costs) + 1)
     tb.steps("lr", done.lrs, first + 1)

@@ -26,6 +26,8 @@ def test_data_lives_on_the_gpu_as_uint8(small_tree, make_config):
         ([], "bf16"),
         (["train.precision=fp32"], "fused"),
         (["train.precision=fp32", "train.cuda_graphs=true"], "CUDA graph"),
+        (["data.augment.enabled=true"], "bf16"),  # each image framed on the GPU: drawn and warped there
+        (["data.augment.enabled=true", "train.precision=fp32"], "fused"),
     ],
 )
 def test_an_epoch_never_waits_for_the_host(small_tree, make_config, extra, name):
@@ -38,7 +40,7 @@ def test_an_epoch_never_waits_for_the_host(small_tree, make_config, extra, name)
     constant = schedule.Schedule(optimizer, cfg.optim, 100)
     assert name in take.name  # auto precision on CUDA is bf16; the fused fp32 step; the CUDA graph
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
-    feed = loop.Feed(ds.train, mean, std, 16, 2, device)
+    feed = loop.Feed(ds.train, mean, std, 16, 2, device, augment=cfg.data.augment)
     generator = torch.Generator().manual_seed(0)  # the batch order is drawn on the CPU whatever the device
     loop.train_one_epoch(take, feed, generator, constant)  # warm-up
     torch.cuda.set_sync_debug_mode("error")  # any host synchronisation inside the epoch raises

@@ -10,6 +10,8 @@ Histograms, every epoch:        weights/layerN, gradients/layerN, scores/<class>
 Images, every log.images_every_epochs and at the end:
                                 neurons/layer1 (each first-layer neuron's weights as an input image),
                                 misclassified/val (captioned), confusion_matrix/val
+                                augmented runs: augment/batch (what the network is fed), framings/val (pictures
+                                framed as people take photos, with verdicts), and the scalars framing/<kind>
 PR curves, with the images:     pr_curve/<class>
 Text, once:                     config, dataset
 HParams, at the end:            the config's knobs against hparam/* final metrics
@@ -30,7 +32,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from . import data
+from . import augment, data, framing
 from .config import Config
 from .cost import half_mse, one_hot
 from .loop import Feed
@@ -51,7 +53,7 @@ class Board:
         self.seconds, self.norms_step, self.enabled, self.model = 0.0, None, enabled, None
 
     def watch(self, model, feed: Feed, cost_fn) -> Board:
-        self.model, self.cost_fn, split = model, cost_fn, feed.split
+        self.model, self.cost_fn, self.feed, split = model, cost_fn, feed, feed.split
         self.probe_x = self.probe_t = None  # the processes that write nothing need no probe batch
         if self.enabled:
             x, y = feed.batch(torch.arange(min(len(split), feed.batch_size, 256), device=split.index.device))
@@ -107,6 +109,9 @@ class Board:
         scores, labels = torch.nan_to_num(val["outputs"].float().cpu(), nan=0.0), split.labels.cpu()
         for k, name in enumerate(classes):
             self.writer.add_pr_curve(f"pr_curve/{name}", (labels == k).int(), scores[:, k].clamp(0, 1), step)
+        if self.feed.augment is not None and self.feed.augment.enabled:  # what it is fed, and how it copes with photos
+            self.augmented(step, classes)
+            self.framings(step, split, classes)
         self.seconds += time.perf_counter() - t
 
     def picture(self, tag: str, picture: Image.Image, step: int) -> None:
@@ -134,6 +139,32 @@ class Board:
 
     def close(self) -> None:
         self.writer.close()
+
+    def framings(self, step: int, split: data.Split, classes) -> None:
+        """framing/<kind>: balanced accuracy on the split as it is and framed as people take photos (framing.py);
+        framings/val: two pictures of each class under each framing, with the network's verdicts."""
+        mean, std = self.feed.mean, self.feed.std
+        images = split.batch(torch.arange(len(split), device=split.index.device))
+        figures = framing.report(self.model, images, split.labels, mean, std, classes)
+        self.scalars(step, {f"framing/{k}": f["balanced_accuracy"] for k, f in figures.items()})
+        some = torch.cat([torch.nonzero(split.labels == k).flatten()[:2] for k in range(len(classes))])
+        shown = images[some.to(images.device)]
+        grid = torch.cat([shown] + [framing.frame(kind, shown) for kind in framing.KINDS])
+        scores, names = framing.outputs_of(self.model, grid, mean, std), [framing.AS_IS, *framing.KINDS]
+        captions = [
+            f"{names[i // len(shown)]}\n{classes[int(s.argmax())]} {float(s.max()):.2f}" for i, s in enumerate(scores)
+        ]
+        self.picture("framings/val", captioned_grid(grid, captions, columns=len(shown)), step)
+
+    def augmented(self, step: int, classes, n: int = 24) -> None:
+        """augment/batch: what the network is fed, n training images framed as this step's epoch frames them (a
+        fresh draw at the curriculum's strength then; the run's own generator is left alone)."""
+        feed = self.feed
+        rows, epoch = feed.split.index[:n], -(-step // feed.steps())
+        p = feed.framings(len(rows), torch.Generator().manual_seed(epoch), epoch)
+        images = augment.apply(feed.split.images[rows].to(feed.device), p, feed.augment.border)
+        captions = [classes[k] for k in feed.split.labels[:n].tolist()]
+        self.picture("augment/batch", captioned_grid(images.round_().to(torch.uint8), captions, 8), step)
 
 
 class Silent:

@@ -78,13 +78,19 @@ def frame(kind: str, images: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score(model, images: torch.Tensor, labels: torch.Tensor, mean, std, classes, chunk: int = 512) -> dict:
-    """Accuracy and balanced accuracy of the model on (N, C, S, S) uint8 images."""
+def outputs_of(model, images: torch.Tensor, mean, std, chunk: int = 512) -> torch.Tensor:
+    """(N, K) scores of the model, in eval mode (no dropout), on (N, C, S, S) uint8 images."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    outputs = torch.cat([model(data.normalise(x.to(device), mean, std)).float() for x in images.split(chunk)])
+    out = torch.cat([model(data.normalise(x.to(device), mean, std)).float() for x in images.split(chunk)])
     model.train(was_training)
+    return out
+
+
+def score(model, images: torch.Tensor, labels: torch.Tensor, mean, std, classes) -> dict:
+    """Accuracy and balanced accuracy of the model on (N, C, S, S) uint8 images."""
+    outputs = outputs_of(model, images, mean, std)
     labels = labels.to(outputs.device)
     confusion = confusion_matrix(outputs, labels, len(classes))
     accuracy = (outputs.argmax(dim=1) == labels).double().mean().item()

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import checkpoint, config, two_weights
+from . import checkpoint, config, evaluate, two_weights
 from .config import UserError
-from .model import build_model
+from .model import build_model, linear_layers, neuron_pictures
 
 LESSONS = Path(str(resources.files("hotdog_torch"))) / "configs" / "lessons"  # package data, also when installed
 
@@ -91,6 +91,53 @@ def sweep_verdict(r: dict) -> str:
     return "too low: the cost is still falling slowly"
 
 
+# ---------------------------------------------------------------- a template or a hot dog?
+
+
+def framings_lesson(lesson: dict, parent: Path, quick: bool) -> dict:
+    """The same network trained on the pictures as drawn and with augmentation, both scored on the framing kinds
+    (hotdog_torch/framing.py) of the data's test split, and their first-layer neurons drawn side by side."""
+    arms = [run_arm(lesson, arm, overrides, parent, quick) for arm, overrides in arms_of(lesson).items()]
+    nets = {}
+    for r in arms:
+        ckpt = checkpoint.load(Path(r["run"]) / "checkpoints" / "best.pt")
+        r["framings"] = evaluate.evaluate_folder(ckpt, Path(ckpt["config"]["data"]["root"]), framings=True)["framings"]
+        r["worst_framing"] = min(f["balanced_accuracy"] for f in r["framings"].values())
+        nets[r["arm"]] = ckpt
+    neurons_side_by_side(nets, parent / "neurons.png")
+    return {"arms": arms, "picture": str(parent / "neurons.png")}
+
+
+def neurons_side_by_side(nets: dict[str, dict], path: Path, n: int = 8) -> None:
+    """One row per arm: its n first-layer neurons of largest weights, as pictures (what each looks for)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, axes = plt.subplots(len(nets), n, figsize=(1.6 * n, 1.9 * len(nets)), squeeze=False)
+    for row, (arm, ckpt) in zip(axes, nets.items(), strict=True):
+        weight = linear_layers(checkpoint.model_from(ckpt))[0].weight
+        pictures = neuron_pictures(weight, ckpt["channels"], ckpt["image_size"])
+        for ax, j in zip(row, weight.norm(dim=1).argsort(descending=True)[:n].tolist(), strict=False):
+            picture = pictures[j].permute(1, 2, 0).squeeze(-1).numpy()
+            ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None)
+            ax.set_xticks([]), ax.set_yticks([])
+        row[0].set_ylabel(arm)
+    fig.suptitle("first-layer neurons: templates of one framing, or parts that survive any framing?")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+
+
+def framing_rows(r: dict) -> list[str]:
+    """A lesson's arms against the framing kinds, balanced accuracy, as a Markdown table."""
+    kinds = list(r["arms"][0]["framings"])
+    rows = ["| arm | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
+    for a in r["arms"]:
+        rows.append(f"| {a['arm']} | " + " | ".join(_pct(a["framings"][k]["balanced_accuracy"]) for k in kinds) + " |")
+    return rows + ["", f"(balanced accuracy on the test split; first-layer neurons: `{r['picture']}`)"]
+
+
 # ---------------------------------------------------------------- the whole course
 
 
@@ -115,6 +162,10 @@ def run_all(parent: Path, quick: bool, only: list[str] | None = None, folder: Pa
         print(f"lesson {name}: {lesson.get('title', name)}", flush=True)
         if lesson.get("kind") == "two_weights":
             result = two_weights.run(lesson, parent / name, quick)
+        elif lesson.get("kind") == "framings":
+            result = framings_lesson(lesson, parent / name, quick)
+            for r in result["arms"]:
+                print(f"  {r['arm']:<22} worst framing {r['worst_framing']:6.2%} (balanced)", flush=True)
         else:
             result = {
                 "arms": [
@@ -168,10 +219,11 @@ def arm_rows(r: dict) -> list[str]:
 
 def write_summary(summary: dict, parent: Path) -> str:
     quick = " (--quick)" if summary["quick"] else ""
-    lines = [f"# How a network learns, in five runs{quick}", "", f"TensorBoard: `tensorboard --logdir {parent}`", ""]
+    lines = [f"# How a network learns, in six runs{quick}", "", f"TensorBoard: `tensorboard --logdir {parent}`", ""]
     for r in summary["lessons"].values():
         lines += [f"## {r['title']}", ""]
         lines += arm_rows(r) if "arms" in r else [two_weights.summary(r), ""]
+        lines += ["", *framing_rows(r)] if "picture" in r else []
         lines.append("")
     text = "\n".join(lines)
     (parent / "summary.md").write_text(text)

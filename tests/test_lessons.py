@@ -159,3 +159,29 @@ def test_the_two_weight_lesson_refuses_a_network_without_a_hidden_layer(small_tr
     with pytest.raises(UserError, match="needs a hidden layer") as refused:
         two_weights.run(lesson, tmp_path / "out", quick=True)
     assert "\n" not in str(refused.value) and not (tmp_path / "runs").exists()  # refused before training
+
+
+def test_the_template_or_hot_dog_lesson_scores_both_arms_on_every_framing(small_tree, tmp_path):
+    from PIL import Image
+
+    from hotdog_torch import framing
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_doc(small_tree, tmp_path)))
+    folder = tmp_path / "lessons"
+    folder.mkdir()
+    lesson = {"title": "template", "kind": "framings", "base": "../base.yaml", "quick": ["train.epochs=2"]}
+    lesson["arms"] = {"as_drawn": [], "augmented": ["data.augment.enabled=true", "data.augment.warmup_epochs=1"]}
+    (folder / "e_template.yaml").write_text(yaml.safe_dump(lesson))
+    parent = tmp_path / "out"
+    summary = lessons.run_all(parent, quick=True, folder=folder)
+    text = lessons.write_summary(summary, parent)
+    arms = {a["arm"]: a for a in summary["lessons"]["e_template"]["arms"]}
+    assert set(arms) == {"as_drawn", "augmented"}
+    for a in arms.values():
+        assert list(a["framings"]) == ["as_is", *framing.KINDS] and a["passes"] == 2
+        assert a["framings"]["as_is"]["accuracy"] == pytest.approx(
+            json.loads((parent / "e_template" / a["arm"] / "metrics.json").read_text())["test_accuracy"]
+        )
+    assert "| arm | as_is | shift | zoom_out | zoom_in | tilt | flip | dim | jpeg |" in text
+    picture = Image.open(parent / "e_template" / "neurons.png")
+    assert picture.width > 2 * picture.height  # one row of neurons per arm, side by side

@@ -10,11 +10,12 @@ import pytest
 import torch
 import yaml
 from conftest import config_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_distributed import close, single, torchrun
 from test_distributed import train as train_command
 from test_resume import assert_same_weights, start, train_cli, wait_for_epoch
 
-from hotdog_torch import augment, checkpoint, config, stopping, train
+from hotdog_torch import augment, checkpoint, config, framing, stopping, train
 from hotdog_torch.config import Augment, Train
 
 AUGMENT = {"enabled": True, "shift": 0.15, "zoom": 1.2, "rotate": 10.0, "light": 0.2, "warmup_epochs": 2}
@@ -46,6 +47,16 @@ def test_off_is_todays_run_and_on_frames_the_images_on_every_step_path(small_tre
     assert_same_weights(runs["unused"]["model"], runs["plain"]["model"])
     assert not torch.equal(runs["framed"]["model"]["1.weight"], runs["plain"]["model"]["1.weight"])
     assert all(torch.isfinite(v).all() for v in runs["framed"]["model"].values())
+
+
+def test_an_augmented_run_shows_what_it_is_fed_and_how_it_copes_with_photos(small_tree, make_config):
+    run_dir = train.run(make_config(small_tree, "data.augment.enabled=true", "train.epochs=2"), progress=False)
+    acc = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    acc.Reload()
+    assert {"augment/batch", "framings/val"} <= set(acc.Tags()["images"])
+    kinds = {t.split("/")[1] for t in acc.Tags()["scalars"] if t.startswith("framing/")}
+    assert kinds == {"as_is", *framing.KINDS}
+    assert [m["augment_strength"] for m in last(run_dir)["state"]["history"]] == [1.0, 1.0]  # in every epoch's
 
 
 def settings(**changes):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -75,6 +76,30 @@ def flush_denormal(setting: str | bool, device: torch.device) -> bool:
         return False
     _on_every_omp_thread(lambda: torch.set_flush_denormal(on))
     return on
+
+
+def flushing() -> bool:
+    """Are subnormal floats flushed in this thread now?  (1e-40, subnormal in fp32, reads as 0 under FTZ/DAZ.)"""
+    return float(torch.tensor([1e-40]) * 1.0) == 0.0
+
+
+def keeps_float_mode(fn):
+    """fn, leaving the caller's arithmetic as it was before it: subnormals flushed or not (in this thread and torch's
+    OpenMP team) and the number of intra-op threads.  A run called in-process (the lessons, a notebook, the tests)
+    must not change what comes after it."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        flushed, threads = flushing(), torch.get_num_threads()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
+            if flushing() != flushed:
+                flush_denormal(flushed, torch.device("cpu"))
+
+    return wrapped
 
 
 def flush_denormal_as_trained(config: dict) -> bool:

@@ -30,9 +30,7 @@ from .step import fuses, make_step
 
 
 @dataclass
-class Run:
-    """What one training run is made of, once set up."""
-
+class Run:  # what one training run is made of, once set up
     cfg: Config
     ds: data.Dataset
     dir: Path
@@ -57,6 +55,7 @@ class Run:
         return evaluate(model or self.model, split, self.feed.mean, self.feed.std, self.feed.n_classes, world=world)
 
 
+@runtime.keeps_float_mode  # flush_denormal is the run's, not the caller's
 def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir: str | Path | None = None) -> Path:
     """Train one run from a checked config, or continue the run in resume_dir; returns its folder."""
     r, state, resumed = set_up(cfg, config_name, progress, resume_dir)

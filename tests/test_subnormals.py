@@ -44,13 +44,15 @@ def test_flush_holds_in_every_intra_op_thread(flush_off):
     assert not runtime.flush_denormal("auto", torch.device("cuda"))  # auto: on for CPU runs only
 
 
-def test_training_evaluate_and_predict_flush_on_the_cpu(tiny_tree, make_config, flush_off):
+def test_training_evaluate_and_predict_flush_on_the_cpu(tiny_tree, make_config, flush_off, monkeypatch):
+    seen, epoch = [], train.train_one_epoch  # what an epoch's arithmetic does with subnormals, as it starts
+
+    monkeypatch.setattr(train, "train_one_epoch", lambda *a, **k: seen.append(subnormal_products()) or epoch(*a, **k))
     train.run(
         make_config(tiny_tree, "train.epochs=1", "train.flush_denormal=false", "log.run_name=unflushed"), progress=False
     )
-    assert subnormal_products() == N
     run_dir = train.run(make_config(tiny_tree, "train.epochs=1", "log.run_name=flushed"), progress=False)
-    assert subnormal_products() == 0  # auto on the CPU: on
+    assert seen == [N, 0]  # auto on the CPU: on, while the run trains
     ckpt = checkpoint.load(run_dir / "checkpoints" / "best.pt")
     ckpt["config"]["train"]["flush_denormal"] = False
     Classifier(ckpt)  # predict and the app use the run's setting
@@ -62,9 +64,21 @@ def test_training_evaluate_and_predict_flush_on_the_cpu(tiny_tree, make_config, 
 
 def test_a_small_network_trains_on_one_intra_op_thread(tiny_tree, make_config, flush_off, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    seen, epoch, before = [], train.train_one_epoch, torch.get_num_threads()
+    monkeypatch.setattr(
+        train, "train_one_epoch", lambda *a, **k: seen.append(torch.get_num_threads()) or epoch(*a, **k)
+    )
     train.run(make_config(tiny_tree, "train.epochs=1", "log.run_name=small"), progress=False)  # 16 x 1024 x 16
-    assert torch.get_num_threads() == 1
+    assert seen == [1] and torch.get_num_threads() == before  # one thread while it trains; the caller's after
     assert runtime.intra_op_threads(CPU, [49152, 512, 2], 64) == runtime.DEFAULT_THREADS  # the bench's network
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     torch.set_num_threads(2)
     assert runtime.intra_op_threads(CPU, [784, 30, 10], 10) == 2  # the user's setting wins
+
+
+def test_a_run_called_in_process_leaves_the_callers_arithmetic_as_it_was(small_tree, make_config):
+    from hotdog_torch import runtime, train
+
+    assert not runtime.flushing()
+    train.run(make_config(small_tree, "train.epochs=1", "log.run_name=in-process"), progress=False)
+    assert not runtime.flushing()  # the run flushed subnormals (auto, on the CPU) only while it ran

@@ -138,14 +138,10 @@ def test_ddp_sync_auto_picks_the_fewer_bytes_each_process_receives():
     assert dist.shares_factors(two, "factors", 64, 16, 1024) and not dist.shares_factors(two, "gradients", 8, 16, 1024)
 
 
-def test_a_batch_of_one_image_leaves_one_rank_an_empty_share_and_trains_on(tmp_path_factory, tmp_path):
-    from hotdog_torch import synth
-
-    root = tmp_path_factory.mktemp("odd") / "hotdog"  # 240 images: 192 to train after the split
-    synth.generate(root, hot_dogs=80, others=160, test_hot_dogs=0, test_others=0, size=32, seed=2, workers=1)
-    options = dict(optim__batch_size=191, optim__fused=False, optim__lr=0.2, train__epochs=1)  # batches of 191, 1
-    one = train(single("--config", str(config_file(root, tmp_path, "one", **options))))
-    two = train(torchrun("--config", str(config_file(root, tmp_path, "two", **options))))
+def test_a_batch_of_one_image_leaves_one_rank_an_empty_share_and_trains_on(small_tree, tmp_path):
+    options = dict(optim__batch_size=239, optim__fused=False, optim__lr=0.2, train__epochs=1)  # 240: 239, then 1
+    one = train(single("--config", str(config_file(small_tree, tmp_path, "one", **options))))
+    two = train(torchrun("--config", str(config_file(small_tree, tmp_path, "two", **options))))
     assert "diverged" not in two.stdout and "nan" not in two.stdout, two.stdout
     assert close(weights(tmp_path / "runs" / "one"), weights(tmp_path / "runs" / "two"), 1e-5)
     costs = [json.loads((tmp_path / "runs" / r / "metrics.json").read_text())["train_cost"] for r in ("one", "two")]

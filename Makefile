@@ -1,6 +1,7 @@
 # make run   set up .venv (if absent), install, train on configs/hotdog.yaml
 # make test  set up .venv (if absent), install, run the test suite
 # make lint  ruff's formatter and linter in check mode (installs ruff into .venv if needed)
+# make app   the hot-dog app on http://127.0.0.1:8000/: trains configs/photos.yaml into runs/photos once, then serves it
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -9,7 +10,7 @@ CONFIG  ?= configs/hotdog.yaml
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 RUFF    ?= ruff==0.17.6
 
-.PHONY: run test lint install tensorboard clean
+.PHONY: run test lint install tensorboard clean app
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -33,6 +34,16 @@ $(BIN)/ruff: | $(BIN)/python
 lint: $(BIN)/ruff
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
+
+# the photos recipe's network (runs/photos): trained if it is not there yet, resumed if a training was interrupted
+PHOTOS  := runs/photos
+app: install
+	@if [ -f $(PHOTOS)/checkpoints/last.pt ] && [ ! -f $(PHOTOS)/metrics.json ]; then \
+	  $(BIN)/python -m hotdog_torch.train --resume $(PHOTOS); \
+	elif [ ! -f $(PHOTOS)/checkpoints/best.pt ]; then \
+	  $(BIN)/python -m hotdog_torch.train --config configs/photos.yaml log.dir=runs log.run_name=photos; \
+	fi
+	$(BIN)/python -m hotdog_torch.serve --checkpoint $(PHOTOS)/checkpoints/best.pt
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir runs --host 127.0.0.1 --port 6006

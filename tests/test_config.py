@@ -175,3 +175,10 @@ def test_cuda_asked_for_but_absent(tmp_path):
     with pytest.raises(UserError):
         runtime.resolve_device("cuda:0")
     assert runtime.resolve_device("auto").type == "cpu"
+
+
+def test_the_photos_recipe_loads_and_ships_in_the_package():
+    cfg = config.load(REPO / "configs/photos.yaml")
+    assert cfg.data.augment.enabled and cfg.data.augment.warmup_epochs > 0 and cfg.log.run_name == "photos"
+    packaged = REPO / "hotdog_torch" / "configs" / "photos.yaml"
+    assert (REPO / "configs/photos.yaml").resolve() == packaged.resolve()

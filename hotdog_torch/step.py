@@ -229,14 +229,15 @@ def windowed(cfg: Config, world: dist.World = dist.SINGLE) -> bool:
 def make_step(model, optimizer, cfg: Config, device: torch.device, world: dist.World = dist.SINGLE) -> Step:
     """The training step for this config (and this process's place among torchrun's)."""
     if fuses(cfg, device, world):
+        graphed = cfg.train.cuda_graphs and device.type == "cuda"
+        if graphed and world.distributed:  # a graph would capture the collectives of one step and replay them blindly
+            raise UserError("train.cuda_graphs runs in one process: start it without torchrun")
+        if graphed and (
+            not isinstance(optimizer, FusedSGD) or cfg.optim.schedule != "constant" or cfg.optim.warmup_steps
+        ):
+            raise UserError("train.cuda_graphs replays the lr it captured: it needs optim.name=sgd, a constant lr")
         step = fused_step(model, optimizer, cfg, world, matmuls("fp32", device))
-        if cfg.train.cuda_graphs and device.type == "cuda":
-            if world.distributed:  # a graph would capture the collectives of one step and replay them blindly
-                raise UserError("train.cuda_graphs runs in one process: start it without torchrun")
-            if not isinstance(optimizer, FusedSGD) or cfg.optim.schedule != "constant" or cfg.optim.warmup_steps:
-                raise UserError("train.cuda_graphs replays the lr it captured: it needs optim.name=sgd, a constant lr")
-            step = cuda_graphed(step, model, optimizer)
-        return step
+        return cuda_graphed(step, model, optimizer) if graphed else step
     precision = resolve_precision(cfg, device)
     take = autograd_step(model, optimizer, cfg, precision, device, world)
     o = cfg.optim

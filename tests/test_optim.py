@@ -214,3 +214,13 @@ def test_an_epoch_with_a_nan_validation_cost_is_never_among_the_best():
             kept, _, _ = stopping.top_k(kept, m, train)
         assert [e["epoch"] for e in kept] == [3, 1]
         assert not stopping.better(epochs[1], epochs[0], train)
+
+
+def test_cuda_graphs_are_refused_under_torchrun_in_one_sentence():
+    from hotdog_torch import dist
+
+    model = build_model(4, [3], 2)
+    cfg = config.load(None, ["train.cuda_graphs=true", "train.precision=fp32"])
+    fused = optim.make_optimizer(model, cfg, True)
+    with pytest.raises(config.UserError, match="train.cuda_graphs runs in one process"):
+        step.make_step(model, fused, cfg, torch.device("cuda"), dist.World(0, 2))  # built, never run: no GPU needed

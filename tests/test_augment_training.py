@@ -19,7 +19,7 @@ from hotdog_torch import augment, checkpoint, config, framing, stopping, train
 from hotdog_torch.config import Augment, Train
 
 AUGMENT = {"enabled": True, "shift": 0.15, "zoom": 1.2, "rotate": 10.0, "light": 0.2, "warmup_epochs": 2}
-EPOCHS = 8
+EPOCHS = 5
 
 
 def last(run_dir):
@@ -91,7 +91,7 @@ def test_an_augmented_run_stopped_mid_epoch_then_killed_resumes_bit_identical(sm
 
 
 def test_two_processes_frame_their_shares_as_one_process_frames_the_batch(small_tree, tmp_path):
-    options = settings(optim__batch_size=15, train__epochs=3)
+    options = settings(optim__batch_size=15, train__epochs=2)
     train_command(single("--config", str(config_file(small_tree, tmp_path, "one", **options))))
     train_command(torchrun("--config", str(config_file(small_tree, tmp_path, "two", **options))))
     one, two = (last(tmp_path / "runs" / name)["model"] for name in ("one", "two"))

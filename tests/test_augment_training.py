@@ -106,3 +106,15 @@ def test_best_pt_is_never_an_epoch_of_the_ramp_once_one_at_full_strength_exists(
     assert stopping.better(ramp | {"val_accuracy": 0.995}, ramp, train)  # within the ramp, as before
     assert augment.recorded(Augment(enabled=True, warmup_epochs=3), 2) == {"augment_strength": 0.5}
     assert augment.recorded(Augment(), 2) == {}  # not augmented: today's metrics
+
+
+def test_an_augmented_run_on_a_one_image_class_still_trains(small_tree, tmp_path, make_config):
+    import shutil
+
+    root = tmp_path / "lonely"  # train/ and val/ folders: one hot dog to train on, the test split to validate
+    shutil.copytree(small_tree / "train" / "not_hot_dog", root / "train" / "not_hot_dog")
+    (root / "train" / "hot_dog").mkdir()
+    shutil.copy(sorted((small_tree / "train" / "hot_dog").glob("*.jpg"))[0], root / "train" / "hot_dog")
+    shutil.copytree(small_tree / "test", root / "val")
+    run_dir = train.run(make_config(root, "data.augment.enabled=true", "train.epochs=2"), progress=False)
+    assert all(torch.isfinite(v).all() for v in last(run_dir)["model"].values())

@@ -223,7 +223,7 @@ def write_summary(summary: dict, parent: Path) -> str:
     for r in summary["lessons"].values():
         lines += [f"## {r['title']}", ""]
         lines += arm_rows(r) if "arms" in r else [two_weights.summary(r), ""]
-        lines += ["", *framing_rows(r)] if "picture" in r else []
+        lines += ["", *framing_rows(r)] if "framings" in (r.get("arms") or [{}])[0] else []  # the framing lesson
         lines.append("")
     text = "\n".join(lines)
     (parent / "summary.md").write_text(text)

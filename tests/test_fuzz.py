@@ -17,7 +17,11 @@ FUZZ = settings(
 )
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(10**6), 10**6), st.floats(allow_nan=True), st.text(max_size=12)
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_subnormal=False),
+    st.text(max_size=12),
 )
 values = st.recursive(
     scalars,

@@ -28,6 +28,7 @@ def subnormal_products() -> int:
 def flush_off():
     torch.set_num_threads(runtime.DEFAULT_THREADS)  # as a new process has them, whatever ran before in this one
     subnormal_products()  # the OpenMP team exists before the flag changes, as in any process that has computed
+    runtime.flush_denormal(False, CPU)  # whatever ran before in this process (evaluate, predict flush and keep it)
     yield
     runtime.flush_denormal(False, CPU)  # torch's default, for the tests that follow
     torch.set_num_threads(runtime.DEFAULT_THREADS)

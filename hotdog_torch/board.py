@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
 from torch.utils.tensorboard.summary import hparams as hparams_summary
 
-from . import augment, data, framing
+from . import augment, data, framing, router
 from .config import Config
 from .cost import half_mse, one_hot
 from .loop import Feed
@@ -51,9 +52,13 @@ class Board:
         # purge_step, on resume: TensorBoard discards events this run logged at that step or later
         self.writer = SummaryWriter(str(run_dir), flush_secs=10, purge_step=purge_step) if enabled else Silent()
         self.seconds, self.norms_step, self.enabled, self.model = 0.0, None, enabled, None
+        self.run_dir, self.router_writer = run_dir, None
 
-    def watch(self, model, feed: Feed, cost_fn) -> Board:
+    def watch(self, model, feed: Feed, cost_fn, network=None) -> Board:
+        """model: the classifier the steps train; network: what judges a picture as it is (with a router, the
+        router then the classifier; the feed un-warps the training pictures itself)."""
         self.model, self.cost_fn, self.feed, split = model, cost_fn, feed, feed.split
+        self.network = model if network is None else network
         self.probe_x = self.probe_t = None  # the processes that write nothing need no probe batch
         if self.enabled:
             x, y = feed.batch(torch.arange(min(len(split), feed.batch_size, 256), device=split.index.device))
@@ -100,8 +105,7 @@ class Board:
         layers = linear_layers(self.model)
         grads = probe_gradients(self.model, self.probe_x, self.probe_t, self.cost_fn) if gradients else None
         log_histograms(self.writer, step, layers, grads, val["outputs"], split.labels, classes)
-        channels, size = split.images.shape[1:3]  # the network's input: (C, S, S) images
-        self.picture("neurons/layer1", neuron_images(layers[0].weight, channels, size), step)
+        self.picture("neurons/layer1", neuron_images(layers[0].weight, split.images.shape[1]), step)
         wrong_images, captions = misclassified(split, val["outputs"], classes)
         if len(wrong_images):
             self.picture("misclassified/val", captioned_grid(wrong_images, captions), step)
@@ -139,18 +143,20 @@ class Board:
 
     def close(self) -> None:
         self.writer.close()
+        if self.router_writer is not None:
+            self.router_writer.close()
 
     def framings(self, step: int, split: data.Split, classes) -> None:
         """framing/<kind>: balanced accuracy on the split as it is and framed as people take photos (framing.py);
         framings/val: two pictures of each class under each framing, with the network's verdicts."""
         mean, std = self.feed.mean, self.feed.std
         images = split.batch(torch.arange(len(split), device=split.index.device))
-        figures = framing.report(self.model, images, split.labels, mean, std, classes)
+        figures = framing.report(self.network, images, split.labels, mean, std, classes)
         self.scalars(step, {f"framing/{k}": f["balanced_accuracy"] for k, f in figures.items()})
         some = torch.cat([torch.nonzero(split.labels == k).flatten()[:2] for k in range(len(classes))])
         shown = images[some.to(images.device)]
         grid = torch.cat([shown] + [framing.frame(kind, shown) for kind in framing.KINDS])
-        scores, names = framing.outputs_of(self.model, grid, mean, std), [framing.AS_IS, *framing.KINDS]
+        scores, names = framing.outputs_of(self.network, grid, mean, std), [framing.AS_IS, *framing.KINDS]
         captions = [
             f"{names[i // len(shown)]}\n{classes[int(s.argmax())]} {float(s.max()):.2f}" for i, s in enumerate(scores)
         ]
@@ -165,6 +171,38 @@ class Board:
         images = augment.apply(feed.split.images[rows].to(feed.device), p, feed.augment.border)
         captions = [classes[k] for k in feed.split.labels[:n].tolist()]
         self.picture("augment/batch", captioned_grid(images.round_().to(torch.uint8), captions, 8), step)
+
+    def watch_router(self, split: data.Split, feed: Feed, every: int, n: int = 16) -> None:
+        """The router's phase: n validation pictures (half of each class, as far as there are) framed by a fixed
+        draw of data.augment at full strength, to show where the router looks on them every `every` epochs."""
+        per = [torch.nonzero(split.labels == k).flatten()[: n // 2] for k in range(int(split.labels.max()) + 1)]
+        rows = split.index[torch.cat(per)[:n].to(split.index.device)]
+        p = augment.draw(feed.augment, len(rows), torch.Generator().manual_seed(0))
+        framed = augment.apply(split.images[rows].to(feed.device), p.to(feed.device), feed.augment.border)
+        self.router_probe, self.router_every = framed.round_().to(torch.uint8), every
+        self.router_norm = (feed.mean, feed.std)
+
+    def router_epoch(self, net, epoch: int, costs: list[float], first_step: int, last: bool) -> None:
+        """cost/router of every router step; every router_every router epochs and at the phase's end router/boxes
+        (the probe pictures with the router's box) and router/unwarped (what the classifier will judge).  In the
+        run folder's router/ (its own x axis: the router's steps; TensorBoard shows it as the run's router)."""
+        if not self.enabled:
+            return
+        if self.router_writer is None:  # a resumed phase drops what was logged after its checkpoint
+            purge = first_step if first_step > 1 else None
+            self.router_writer = SummaryWriter(str(Path(self.run_dir) / "router"), flush_secs=10, purge_step=purge)
+        w = self.router_writer
+        for i, c in enumerate(costs):
+            w.add_scalar("cost/router", c, first_step + i)
+        if last or (self.router_every and epoch % self.router_every == 0):
+            step, x = first_step + len(costs) - 1, self.router_probe
+            with torch.no_grad():
+                maps = net.eval().locate(data.normalise(x, *self.router_norm))
+            net.train()
+            w.add_image("router/boxes", np.asarray(router.boxes_picture(x, maps)), step, dataformats="HWC")
+            unwarped = captioned_grid(router.unwarped(x, maps, net.size), [""] * len(x), columns=8)
+            w.add_image("router/unwarped", np.asarray(unwarped), step, dataformats="HWC")
+        w.flush()
 
 
 class Silent:
@@ -268,9 +306,10 @@ def _font(size: int):
         return ImageFont.load_default()
 
 
-def neuron_images(weight: torch.Tensor, channels: int, size: int, limit: int = 64, columns: int = 8) -> Image.Image:
+def neuron_images(weight: torch.Tensor, channels: int, limit: int = 64, columns: int = 8) -> Image.Image:
     """Each first-layer neuron's weights as an input image, scaled to 0..255 per neuron: what it looks for."""
-    tiles = neuron_pictures(weight[:limit], channels, size).numpy()
+    tiles = neuron_pictures(weight[:limit], channels).numpy()
+    size = tiles.shape[-1]
     n, pad = len(tiles), 2
     rows = (n + columns - 1) // columns
     sheet = np.full((channels, rows * (size + pad) + pad, columns * (size + pad) + pad), 255, np.uint8)

@@ -18,10 +18,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Optim, UserError
+from .config import Augment, Optim, UserError
+from .config import Router as RouterSettings
 from .files import atomic_write
-from .model import build_model
+from .model import build_model, input_side
 from .optim import set_hyper
+from .router import Routed, build
 
 FORMAT = 1
 
@@ -46,6 +48,7 @@ class RunState:
     bad_epochs: int = 0  # epochs since train.monitor last improved by more than train.min_delta
     reference: dict | None = None  # the metrics of that last improvement
     top_k: list = field(default_factory=list)  # train.keep_top_k: the metrics of the epochs kept, best first
+    router: dict | None = None  # model.router: its phase (router_training.Phase.state), done or where it stopped
 
     def count(self, seconds: float, images: int) -> None:
         """A steady-state epoch's time and images, for images/s."""
@@ -92,10 +95,13 @@ def meta(config: dict, classes: list[str], mean, std) -> dict:
     return {"config": config, "classes": list(classes), **image, **normalisation}
 
 
-def save(path: str | Path, model, optimizer, meta: dict, metrics: dict, state: RunState, resumable=True) -> None:
-    """Atomically: the weights, meta(), the epoch and its metrics; when resumable (last.pt), also the optimiser
-    and the loop's state for --resume (best.pt, for using the network, goes without them: half the size)."""
+def save(path, model, optimizer, meta: dict, metrics: dict, state: RunState, resumable=True, router=None) -> None:
+    """Atomically: the weights (the router's too, if any), meta(), the epoch and its metrics; when resumable
+    (last.pt), also the optimiser and the loop's state for --resume (best.pt, for using the network, goes without
+    them: half the size)."""
     payload = {"format": FORMAT, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    if router is not None:
+        payload["router"] = {k: v.detach().cpu() for k, v in router.state_dict().items()}
     payload["optimizer"] = optimizer.state_dict() if resumable else None
     payload |= meta
     payload |= {"epoch": state.epoch, "step": state.step, "metrics": metrics}
@@ -128,13 +134,25 @@ def load(path: str | Path) -> dict:
     return ckpt
 
 
-def model_from(ckpt: dict) -> torch.nn.Sequential:
-    """The network a checkpoint describes, with its weights, on the CPU, in eval mode."""
+def model_from(ckpt: dict) -> torch.nn.Module:
+    """The network a checkpoint describes, with its weights, on the CPU, in eval mode: the MLP, or with a router
+    the router and the MLP (router.Routed: find, then judge)."""
     m = ckpt["config"]["model"]
-    width, n = ckpt["channels"] * ckpt["image_size"] ** 2, len(ckpt["classes"])
+    side = input_side(ckpt["image_size"], (m.get("router") or {}).get("size"))
+    width, n = ckpt["channels"] * side**2, len(ckpt["classes"])
     model = build_model(width, m["hidden"], n, m["activation"], m.get("dropout", 0.0))
     model.load_state_dict(ckpt["model"])
-    return model.eval()
+    if ckpt.get("router") is None:
+        return model.eval()
+    return Routed(router_from(ckpt), model).eval()
+
+
+def router_from(ckpt: dict):
+    """The router a checkpoint holds, with its weights, on the CPU."""
+    settings = RouterSettings(**ckpt["config"]["model"]["router"])
+    net = build(ckpt["channels"], settings, Augment(**ckpt["config"]["data"]["augment"]))
+    net.load_state_dict(ckpt["router"])
+    return net
 
 
 def restore(resumed: dict, model, optimizer, generator, run_dir, epochs: int, given: Optim) -> RunState | None:

@@ -27,6 +27,7 @@ def ranges(cfg) -> list[tuple[bool, str]]:
         (t.epochs >= 1, f"train.epochs must be at least 1, got {t.epochs}"),
         *optimiser(cfg),
         *augment(d.augment),
+        *router(cfg),
         (cfg.log.every_steps >= 0, f"log.every_steps must be 0 (once an epoch) or more, got {cfg.log.every_steps}"),
         (
             cfg.log.images_every_epochs >= 0,
@@ -101,4 +102,31 @@ def augment(a) -> list[tuple[bool, str]]:
         (0 <= a.rotate <= 180, f"data.augment.rotate must be between 0 and 180 degrees, got {a.rotate}"),
         (0 <= a.light < 1, f"data.augment.light must be in [0, 1), got {a.light}"),
         (a.warmup_epochs >= 0, f"data.augment.warmup_epochs must be 0 or more, got {a.warmup_epochs}"),
+    ]
+
+
+def router(cfg) -> list[tuple[bool, str]]:
+    """model.router's numbers, and what it needs: augmentation to learn from, a picture as large as its glimpse."""
+    r, d = cfg.model.router, cfg.data
+    if r is None:
+        return []
+    return [
+        (all(h >= 1 for h in r.hidden), f"model.router.hidden widths must be at least 1, got {r.hidden}"),
+        (8 <= r.size, f"model.router.size must be at least 8 pixels, got {r.size}"),
+        (
+            r.size <= d.image_size,
+            f"model.router.size {r.size} is larger than the pictures (data.image_size {d.image_size}): "
+            "its glimpse must fit in them",
+        ),
+        (1 <= r.passes <= 5, f"model.router.passes must be between 1 and 5, got {r.passes}"),
+        (
+            len(r.estimates) >= 1 and len(set(r.estimates)) == len(r.estimates),
+            f"model.router.estimates must name shift, zoom and/or angle once each, got {r.estimates}",
+        ),
+        (r.epochs >= 1, f"model.router.epochs must be at least 1, got {r.epochs}"),
+        (r.lr > 0, f"model.router.lr must be greater than 0, got {r.lr}"),
+        (
+            d.augment.enabled,
+            "model.router learns from the framings data.augment draws: set data.augment.enabled=true",
+        ),
     ]

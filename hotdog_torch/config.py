@@ -51,6 +51,21 @@ class Augment:
     warmup_epochs: int = 0
 
 
+@dataclass
+class Router:
+    """model.router: a small MLP that finds the subject and its framing, so the classifier judges it upright and
+    centred (hotdog_torch/router.py): Rowley, Baluja and Kanade's router network, trained on the framing numbers
+    data.augment drew for each training picture."""
+
+    hidden: list[int] = field(default_factory=lambda: [512, 128])  # its hidden layers (ReLU)
+    size: int = 32  # the side of its glimpse of the picture, at most data.image_size
+    passes: int = 2  # it looks again at its own un-warped picture this many times in all, the framings composed
+    # what it estimates: shift (x and y), zoom, angle; what it does not estimate it leaves as it is
+    estimates: list[Literal["shift", "zoom", "angle"]] = field(default_factory=lambda: ["shift", "zoom", "angle"])
+    epochs: int = 30  # its own phase, before the classifier's epochs: AdamW and a one-cycle lr over these epochs
+    lr: float = 0.001  # its peak lr
+
+
 # ---------------------------------------------------------------- the sections
 
 
@@ -76,6 +91,8 @@ class Model:
     hidden: list[int] = field(default_factory=lambda: [256])  # widths of the hidden layers; [] = one layer
     activation: Literal["sigmoid", "relu", "tanh"] = "sigmoid"  # of the hidden layers; the output is always a sigmoid
     dropout: float = 0.0  # probability of dropping each hidden unit in training (after each hidden layer); 0 = off
+    # null: the classifier alone; a mapping (model.router.*, or {} for its defaults): find the hot dog, then judge it
+    router: Router | None = None
 
 
 @dataclass
@@ -190,7 +207,8 @@ def valid_keys(schema: type | None = None, prefix: str = "") -> list[str]:
 
 
 def _unknown(key: str) -> UserError:
-    close = difflib.get_close_matches(key, valid_keys() + list(_sections()), n=1, cutoff=0.5)
+    optional = [f"model.router.{k}" for k in typing.get_type_hints(Router)]  # the keys of a section that may be null
+    close = difflib.get_close_matches(key, valid_keys() + optional + list(_sections()), n=1, cutoff=0.5)
     hint = f" (did you mean '{close[0]}'?)" if close else ""
     return UserError(f"unknown config key {key!r}{hint}")
 
@@ -260,20 +278,34 @@ def _close(value, t) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def _section(t) -> type | None:
+    """The dataclass of a section's type hint (Augment; Router of `Router | None`), or None for a leaf."""
+    if dataclasses.is_dataclass(t):
+        return t
+    inner = [a for a in typing.get_args(t) if a is not type(None)] if typing.get_origin(t) in UNIONS else []
+    return inner[0] if len(inner) == 1 and dataclasses.is_dataclass(inner[0]) else None
+
+
 def _set(cfg: Config, key: str, value) -> None:
-    """Set one dotted key (any depth: seed, optim.lr, data.augment.shift); a section takes a mapping of its keys."""
+    """Set one dotted key (any depth: seed, optim.lr, data.augment.shift); a section takes a mapping of its keys.
+    An optional section (model.router) is null, or takes its defaults when one of its keys is set."""
     owner, *path, name = [cfg, *key.split(".")]
     for part in path:  # walk down the nested sections
         hints = typing.get_type_hints(type(owner))
-        if part not in hints or not dataclasses.is_dataclass(hints[part]):
+        if part not in hints or _section(hints[part]) is None:
             raise _unknown(key)
+        if getattr(owner, part) is None:
+            setattr(owner, part, _section(hints[part])())
         owner = getattr(owner, part)
     hints = typing.get_type_hints(type(owner))
     if name not in hints:
         raise _unknown(key)
-    if dataclasses.is_dataclass(hints[name]):
+    section = _section(hints[name])
+    if section is not None and not (value is None and section is not hints[name]):
         if not isinstance(value, dict):
             raise UserError(f"config key '{key}' must be a mapping of its keys, got {value!r}")
+        if getattr(owner, name) is None:
+            setattr(owner, name, section())
         for k, v in value.items():
             _set(cfg, f"{key}.{k}", v)
         return

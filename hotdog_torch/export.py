@@ -6,7 +6,9 @@ The exported model takes what an app has after it has resized a photo: a uint8 i
 (N, C, S, S) of the trained size and channels, N free.  The normalisation is folded into the first
 layer (x/255, then (x − mean)/std per channel, is linear: W' = W·diag(1/(255·std)), b' = b − W·(mean/std)),
 so the model is Flatten -> float -> the MLP, and it returns the class scores (N, K), each class's sigmoid
-output, in the checkpoint's class order (they are listed in FILE.classes.json beside the model).
+output, in the checkpoint's class order (they are listed in FILE.classes.json beside the model).  With a router
+(model.router) its first layer is folded the same way, and the model finds, un-warps (ONNX's GridSample) and
+judges the raw pictures: un-warping commutes with the normalisation (router.py).
 """
 
 from __future__ import annotations
@@ -31,19 +33,26 @@ class Deployable(nn.Module):
     def __init__(self, ckpt: dict):
         super().__init__()
         self.model = checkpoint.model_from(ckpt)
-        first = linear_layers(self.model)[0]
-        s = ckpt["image_size"]
         mean, std = torch.tensor(ckpt["mean"], dtype=torch.float64), torch.tensor(ckpt["std"], dtype=torch.float64)
-        scale = (1 / (255 * std)).repeat_interleave(s * s)  # each input pixel's factor, channel by channel
-        shift = (mean / std).repeat_interleave(s * s)
-        with torch.no_grad():
-            w = first.weight.double()
-            first.bias.copy_(first.bias.double() - w @ shift)
-            first.weight.copy_(w * scale)
+        routed = hasattr(self.model, "router")
+        fold(linear_layers(self.model)[0], mean, std, self.model.router.size if routed else ckpt["image_size"])
+        if routed:
+            fold(linear_layers(self.model.router.net)[0], mean, std, self.model.router.size)
         self.requires_grad_(False)  # for inference only: its outputs carry no autograd history
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model(images.flatten(1).float())
+        x = images.float()
+        return self.model(x if hasattr(self.model, "router") else x.flatten(1))
+
+
+@torch.no_grad()
+def fold(first: nn.Linear, mean: torch.Tensor, std: torch.Tensor, s: int) -> None:
+    """x/255, then (x − mean)/std per channel, folded into a layer that reads (C, s, s) pictures."""
+    scale = (1 / (255 * std)).repeat_interleave(s * s)  # each input pixel's factor, channel by channel
+    shift = (mean / std).repeat_interleave(s * s)
+    w = first.weight.double()
+    first.bias.copy_(first.bias.double() - w @ shift)
+    first.weight.copy_(w * scale)
 
 
 def export(ckpt: dict, fmt: str, out: Path) -> Path:
@@ -58,6 +67,7 @@ def export(ckpt: dict, fmt: str, out: Path) -> Path:
                 (example,),
                 str(out),
                 dynamo=False,
+                opset_version=17,  # GridSample (a router's un-warp) since 16
                 input_names=["images"],
                 output_names=["scores"],
                 dynamic_axes={"images": {0: "batch"}, "scores": {0: "batch"}},

@@ -93,6 +93,17 @@ def _decode(path, size: int, channels: int, max_pixels: int | None) -> np.ndarra
     return arr[None] if channels == 1 else arr.transpose(2, 0, 1)
 
 
+def dimensions(file) -> tuple[int, int]:
+    """A photo's (width, height) in pixels as it was taken (EXIF orientation applied), from its header."""
+    read_heif()
+    if hasattr(file, "seek"):
+        file.seek(0)  # an upload read once already
+    with Image.open(file) as im:
+        w, h = im.size
+        turned = im.getexif().get(ORIENTATION, 1) in (5, 6, 7, 8)  # stored a quarter turn away from upright
+    return (h, w) if turned else (w, h)
+
+
 def shown(path: str) -> str:
     """A path as text that can be printed and logged (file names need not be UTF-8)."""
     return path.encode("utf-8", "backslashreplace").decode("utf-8")

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import checkpoint, config, evaluate, two_weights
+from . import checkpoint, config, data, evaluate, framing, router, two_weights
 from .config import UserError
-from .model import build_model, linear_layers, neuron_pictures
+from .model import build_model, input_side, linear_layers, neuron_pictures
 
 LESSONS = Path(str(resources.files("hotdog_torch"))) / "configs" / "lessons"  # package data, also when installed
 
@@ -58,7 +58,10 @@ def run_arm(lesson: dict, arm: str, overrides: list[str], parent: Path, quick: b
     hit = next((m for m in history if m["val_accuracy"] >= target), None)
     torch.manual_seed(cfg.seed)  # the arm's starting weights, drawn again the way train.run drew them
     start = build_model(
-        cfg.data.channels * cfg.data.image_size**2, cfg.model.hidden, len(last["classes"]), cfg.model.activation
+        cfg.data.channels * input_side(cfg.data.image_size, cfg.model.router and cfg.model.router.size) ** 2,
+        cfg.model.hidden,
+        len(last["classes"]),
+        cfg.model.activation,
     ).state_dict()
     moved = math.sqrt(sum(float(((last["model"][k].float() - start[k]) ** 2).sum()) for k in start))
     return {
@@ -105,7 +108,28 @@ def framings_lesson(lesson: dict, parent: Path, quick: bool) -> dict:
         r["worst_framing"] = min(f["balanced_accuracy"] for f in r["framings"].values())
         nets[r["arm"]] = ckpt
     neurons_side_by_side(nets, parent / "neurons.png")
-    return {"arms": arms, "picture": str(parent / "neurons.png")}
+    out = {"arms": arms, "picture": str(parent / "neurons.png")}
+    routed = [ckpt for ckpt in nets.values() if ckpt.get("router") is not None]
+    if routed:  # find, then judge: where the router looked on pictures framed each way
+        boxes_on_framings(routed[0], parent / "boxes.png")
+        out["boxes"] = str(parent / "boxes.png")
+    return out
+
+
+def boxes_on_framings(ckpt: dict, path: Path, n: int = 4) -> None:
+    """The router's box on n test pictures (half hot dogs) as they are and framed each way (a row a kind)."""
+    root = Path(ckpt["config"]["data"]["root"])
+    folder = root / "test" if (root / "test").is_dir() else root
+    settings = config.Data(root=str(folder), image_size=ckpt["image_size"], channels=ckpt["channels"])
+    settings.cache_dir = ckpt["config"]["data"].get("cache_dir")
+    _, split, _ = data.load_folder(folder, settings, False)
+    rows = torch.cat([torch.nonzero(split.labels == k).flatten()[: n // 2] for k in range(2)])
+    shown = split.batch(rows)
+    pictures = torch.cat([shown] + [framing.frame(kind, shown) for kind in framing.KINDS])
+    net = checkpoint.model_from(ckpt)
+    with torch.no_grad():
+        maps = net.router.locate(data.normalise(pictures, torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])))
+    router.boxes_picture(pictures, maps, columns=len(shown)).save(path)
 
 
 def neurons_side_by_side(nets: dict[str, dict], path: Path, n: int = 8) -> None:
@@ -118,7 +142,7 @@ def neurons_side_by_side(nets: dict[str, dict], path: Path, n: int = 8) -> None:
     fig, axes = plt.subplots(len(nets), n, figsize=(1.6 * n, 1.9 * len(nets)), squeeze=False)
     for row, (arm, ckpt) in zip(axes, nets.items(), strict=True):
         weight = linear_layers(checkpoint.model_from(ckpt))[0].weight
-        pictures = neuron_pictures(weight, ckpt["channels"], ckpt["image_size"])
+        pictures = neuron_pictures(weight, ckpt["channels"])
         for ax, j in zip(row, weight.norm(dim=1).argsort(descending=True)[:n].tolist(), strict=False):
             picture = pictures[j].permute(1, 2, 0).squeeze(-1).numpy()
             ax.imshow(picture, cmap="gray" if picture.ndim == 2 else None)
@@ -135,7 +159,8 @@ def framing_rows(r: dict) -> list[str]:
     rows = ["| arm | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for a in r["arms"]:
         rows.append(f"| {a['arm']} | " + " | ".join(_pct(a["framings"][k]["balanced_accuracy"]) for k in kinds) + " |")
-    return rows + ["", f"(balanced accuracy on the test split; first-layer neurons: `{r['picture']}`)"]
+    boxes = f"; the router's boxes: `{r['boxes']}`" if "boxes" in r else ""
+    return rows + ["", f"(balanced accuracy on the test split; first-layer neurons: `{r['picture']}`{boxes})"]
 
 
 # ---------------------------------------------------------------- the whole course

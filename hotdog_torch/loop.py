@@ -34,6 +34,7 @@ class Feed:
     world: dist.World = dist.SINGLE  # under torchrun, this process takes its share of every batch
     class_weights: torch.Tensor | None = None  # each class's weight in the training cost (optim.class_weights)
     augment: Augment | None = None  # data.augment: each image framed afresh at every step (when enabled)
+    router: torch.nn.Module | None = None  # model.router, once trained: each picture un-warped before the classifier
     scale: torch.Tensor = field(init=False)  # data.normalise's constants, computed once
     shift: torch.Tensor = field(init=False)
 
@@ -49,7 +50,11 @@ class Feed:
         x = self.split.images[rows]
         if framings is not None:  # framed on the device, from uint8 there: floats 0..255
             x = augment.apply(x.to(self.device, non_blocking=True), framings, self.augment.border)
-        return self.normalised(x)
+        x = self.normalised(x)
+        if self.router is not None:  # found, then judged: the classifier learns from the pictures the router un-warps
+            with torch.no_grad():
+                x = self.router(x)
+        return x
 
     def framings(self, n: int, generator: torch.Generator, epoch: int) -> torch.Tensor | None:
         """The framing of each of an epoch's n images, in the epoch's order (None: not augmented).  Drawn for the

@@ -29,13 +29,21 @@ def build_model(
     return nn.Sequential(*layers)
 
 
-def linear_layers(model: nn.Sequential) -> list[nn.Linear]:
-    return [m for m in model if isinstance(m, nn.Linear)]
+def linear_layers(model: nn.Module) -> list[nn.Linear]:
+    """The MLP's Linear layers in order (of a network with a router, router.Routed, the classifier's)."""
+    return [m for m in getattr(model, "classifier", model) if isinstance(m, nn.Linear)]
 
 
-def neuron_pictures(weight: torch.Tensor, channels: int, size: int) -> torch.Tensor:
+def input_side(image_size: int, router_size: int | None) -> int:
+    """The side of the pictures the classifier judges: the data's, or with a router the router's (model.router.size:
+    it un-warps each picture to that side, so it may sample a larger one)."""
+    return image_size if router_size is None else router_size
+
+
+def neuron_pictures(weight: torch.Tensor, channels: int) -> torch.Tensor:
     """Each first-layer neuron's weights as an input image, (N, C, S, S) uint8, scaled to 0..255 per neuron:
     what it looks for (bright: pixels that excite it, dark: pixels that inhibit it)."""
+    size = round((weight.shape[1] / channels) ** 0.5)
     w = weight.detach().float().cpu().view(-1, channels, size, size)
     lo = w.flatten(1).min(dim=1).values.view(-1, 1, 1, 1)
     hi = w.flatten(1).max(dim=1).values.view(-1, 1, 1, 1)

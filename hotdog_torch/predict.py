@@ -2,7 +2,9 @@
 
     python -m hotdog_torch.predict --checkpoint runs/<name>/checkpoints/best.pt photo.jpg more/photos/ [--json]
 
-One line per image: path, predicted class, score (the class's sigmoid output).
+One line per image: path, predicted class, score (the class's sigmoid output), and for a network with a router
+(model.router) where it found the subject: the box, its four corners (x, y) in the photo's pixels, clockwise from
+the top left of the upright picture.
 Folders are searched for image files.  Any size or mode is brought to the
 network's input the way training did (Pillow decode, draft mode for large JPEGs,
 convert, resize, normalise).  A file that cannot be read is reported on stderr and
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import checkpoint, data, images, runtime
+from . import checkpoint, data, images, router, runtime
 from .config import UserError
 from .images import IMG_EXTENSIONS
 from .model import linear_layers, neuron_pictures
@@ -48,12 +50,14 @@ class Classifier:
 
     def __init__(self, ckpt: dict):
         self.model = checkpoint.model_from(ckpt)
+        self.router = getattr(self.model, "router", None)  # model.router: find, then judge
+        self.classifier = getattr(self.model, "classifier", self.model)
         runtime.flush_denormal_as_trained(ckpt["config"])  # as in training (the app too)
         self.classes, self.size, self.channels = ckpt["classes"], ckpt["image_size"], ckpt["channels"]
         self.mean, self.std = torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"])
-        layers = linear_layers(self.model)
+        layers = linear_layers(self.classifier)
         self.hidden = len(layers) > 1  # the first layer's neurons are hidden ones (not the output's)
-        self.pictures = neuron_pictures(layers[0].weight, self.channels, self.size) if self.hidden else None
+        self.pictures = neuron_pictures(layers[0].weight, self.channels) if self.hidden else None
 
     def decode(self, file, max_pixels: int | None = None) -> np.ndarray:
         """A path or binary file as the network's (C, S, S) uint8 input; raises images.DECODE_ERRORS."""
@@ -65,19 +69,35 @@ class Classifier:
         return self.model(data.normalise(torch.from_numpy(arrays), self.mean, self.std))
 
     @torch.no_grad()
-    def explain(self, array: np.ndarray, top: int = 8) -> dict:
-        """The verdict on one image, every class's score, and the hidden neurons that fired most for it."""
+    def maps(self, arrays: np.ndarray) -> torch.Tensor | None:
+        """With a router, where it found the subject in each of (N, C, S, S) uint8 images: (N, 2, 3) maps."""
+        return (
+            None
+            if self.router is None
+            else self.router.locate(data.normalise(torch.from_numpy(arrays), self.mean, self.std))
+        )
+
+    @torch.no_grad()
+    def explain(self, array: np.ndarray, top: int = 8, photo_size: tuple[int, int] | None = None) -> dict:
+        """The verdict on one image, every class's score, and the hidden neurons that fired most for it; with a
+        router, where it found the subject (`box`, in the pixels of a photo of photo_size, else of the network's
+        input) and the picture the classifier judged (`judged`)."""
         x = data.normalise(torch.from_numpy(array[None]), self.mean, self.std)
-        scores = self.model(x)[0]
+        maps = None if self.router is None else self.router.locate(x)
+        judged = x if maps is None else router.sample(x, maps, self.router.size)
+        scores = self.classifier(judged)[0]
         k = int(scores.argmax())
         out = {"class": self.classes[k], "score": float(scores[k])}
         out["scores"] = {c: float(s) for c, s in zip(self.classes, scores, strict=True)}
         out["neurons"] = []
         if self.hidden:
-            fired = self.model[:3](x)[0]  # Flatten, the first Linear, its activation
+            fired = self.classifier[:3](judged)[0]  # Flatten, the first Linear, its activation
             for j in fired.argsort(descending=True)[:top].tolist():
                 out["neurons"].append({"index": j, "activation": float(fired[j]), "picture": png_url(self.pictures[j])})
         out["seen"] = png_url(torch.from_numpy(array))
+        if maps is not None:
+            out["box"] = router.box(maps[0], *(photo_size or (self.size, self.size)))
+            out["judged"] = png_url(router.unwarped(torch.from_numpy(array[None]), maps, self.router.size)[0])
         return out
 
 
@@ -90,7 +110,8 @@ def png_url(image: torch.Tensor) -> str:
 
 
 def predict(ckpt: dict, files: list[Path], batch: int = 256):
-    """Yield (path, class, score) for each readable file, or (path, None, reason) for one that is not."""
+    """Yield (path, class, score, box) for each readable file, or (path, None, reason, None) for one that is not;
+    box: with a router, where it found the subject in the photo's pixels (router.box), else None."""
     net = Classifier(ckpt)
     for i in range(0, len(files), batch):
         chunk, arrays, results = files[i : i + batch], [], {}
@@ -98,16 +119,18 @@ def predict(ckpt: dict, files: list[Path], batch: int = 256):
             try:
                 arrays.append((f, net.decode(f)))
             except FileNotFoundError:
-                results[f] = (None, "no such file")
+                results[f] = (None, "no such file", None)
             except IsADirectoryError:
-                results[f] = (None, "is a directory")
+                results[f] = (None, "is a directory", None)
             except images.DECODE_ERRORS as e:
-                results[f] = (None, f"cannot be read as an image ({e.__class__.__name__})")
+                results[f] = (None, f"cannot be read as an image ({e.__class__.__name__})", None)
         if arrays:
-            scores = net.scores(np.stack([a for _, a in arrays]))
+            batch = np.stack([a for _, a in arrays])
+            scores, maps = net.scores(batch), net.maps(batch)
             best = scores.argmax(dim=1)
-            for (f, _), k, s in zip(arrays, best.tolist(), scores.tolist(), strict=True):
-                results[f] = (net.classes[k], s[k])
+            for j, ((f, _), k, s) in enumerate(zip(arrays, best.tolist(), scores.tolist(), strict=True)):
+                box = None if maps is None else router.box(maps[j], *images.dimensions(f))
+                results[f] = (net.classes[k], s[k], box)
         for f in chunk:
             yield (f, *results[f])
 
@@ -128,7 +151,7 @@ def main(argv=None) -> int:
         print("error: no image files found in " + ", ".join(a.images), file=sys.stderr)
         return 2
     failed = 0
-    for path, label, score in predict(ckpt, files):
+    for path, label, score, box in predict(ckpt, files):
         shown = images.shown(os.fspath(path))
         if label is None:
             failed += 1
@@ -136,9 +159,10 @@ def main(argv=None) -> int:
             if a.json:
                 print(json.dumps({"path": shown, "error": score}))
         elif a.json:
-            print(json.dumps({"path": shown, "class": label, "score": round(score, 6)}))
+            print(json.dumps({"path": shown, "class": label, "score": round(score, 6)} | ({"box": box} if box else {})))
         else:
-            print(f"{shown}\t{label}\t{score:.4f}")
+            where = "" if box is None else "\tbox " + " ".join(f"({x:g}, {y:g})" for x, y in box)
+            print(f"{shown}\t{label}\t{score:.4f}{where}")
     return 1 if failed else 0
 
 

@@ -96,7 +96,10 @@ async def read_upload(request):
 
 
 def classify(net: Classifier, data: bytes) -> dict:
-    return net.explain(net.decode(io.BytesIO(data), max_pixels=MAX_PIXELS))
+    """The verdict on an uploaded photo; with a router, its box in the photo's own pixels."""
+    photo = io.BytesIO(data)
+    array = net.decode(photo, max_pixels=MAX_PIXELS)
+    return net.explain(array, photo_size=images.dimensions(photo) if net.router is not None else None)
 
 
 def check_port(host: str, port: int) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import signal
+import sys
 
 from .config import Config, Train
 
@@ -121,3 +122,21 @@ class Interrupted(Exception):
 
     def __init__(self, code: int):
         self.code = code
+
+
+def interrupt(r, state, done, first: int, epoch: int, signum: int):
+    """Save where the epoch stopped (the resumed run continues from that very step), say how to resume, and exit.
+    r: train.Run; done: loop.EpochResult."""
+    state.step = first + (done.next if done.order is not None else 0)  # a random-search pass is drawn again whole
+    r.save("last", state, state.history[-1] if state.history else {}, done.progress())
+    saved_and_stopped(r.dir, f"epoch {epoch}, step {done.next} of {r.feed.steps()}", signum)
+
+
+def saved_and_stopped(run_dir, where: str, signum: int):
+    """Say where the run was saved (checkpoints/last.pt, at `where`) and how to resume it; end with Interrupted."""
+    name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
+    resume = f"python -m hotdog_torch.train --resume {run_dir}"
+    print(
+        f"\n{name}: saved {run_dir}/checkpoints/last.pt at {where}. Resume with: {resume}", file=sys.stderr, flush=True
+    )
+    raise Interrupted(128 + signum)

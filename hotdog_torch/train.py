@@ -24,8 +24,9 @@ from .checkpoint import RunState
 from .config import Config, UserError
 from .cost import COSTS, class_weights, confusion_matrix, per_class
 from .loop import EpochResult, Feed, clamp_batch_size, evaluate, train_one_epoch
-from .model import build_model
+from .model import build_model, input_side
 from .optim import make_optimizer
+from .router_training import Phase, phase_of, routed, run_phase
 from .step import fuses, make_step
 
 
@@ -41,6 +42,11 @@ class Run:  # what one training run is made of, once set up
     feed: Feed  # the training split's batches
     meta: dict  # what a checkpoint needs besides the weights (checkpoint.meta)
     world: dist.World = dist.SINGLE  # under torchrun, rank 0 alone writes
+    phase: Phase | None = None  # model.router: the router and its phase (before the epochs)
+
+    @property
+    def network(self) -> torch.nn.Module:  # what judges a picture: the classifier, or the router then the classifier
+        return routed(self.phase, self.model)
 
     def save(self, name: str, state: RunState, metrics: dict, progress=None) -> None:
         """checkpoints/<name>.pt; progress, when an epoch stopped part-way, is where (for --resume)."""
@@ -48,11 +54,12 @@ class Run:  # what one training run is made of, once set up
             return
         state.epoch_progress = checkpoint.on_cpu(progress)
         state.rng, state.schedule = checkpoint.rng_state(self.generator), self.schedule.state_dict()
-        path = self.dir / "checkpoints" / f"{name}.pt"
-        checkpoint.save(path, self.model, self.optimizer, self.meta, metrics, state, resumable=name == "last")
+        state.router = None if self.phase is None else self.phase.state()
+        path, router = self.dir / "checkpoints" / f"{name}.pt", self.phase and self.phase.net
+        checkpoint.save(path, self.model, self.optimizer, self.meta, metrics, state, name == "last", router)
 
     def evaluate(self, split: data.Split, model=None, world=dist.SINGLE) -> dict:
-        return evaluate(model or self.model, split, self.feed.mean, self.feed.std, self.feed.n_classes, world=world)
+        return evaluate(model or self.network, split, self.feed.mean, self.feed.std, self.feed.n_classes, world=world)
 
 
 @runtime.keeps_float_mode  # flush_denormal is the run's, not the caller's
@@ -74,7 +81,7 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
 
     print(f"step: {step_name}; data {r.ds.where(r.feed.device)}", flush=True)
     purge = state.step + 1 if resumed else None  # TensorBoard drops what a resumed run logged after its checkpoint
-    tb = board.Board(r.dir, purge, r.world.main).watch(r.model, r.feed, COSTS[cfg.optim.cost])
+    tb = board.Board(r.dir, purge, r.world.main)
     if not resumed:
         tb.text(yaml.safe_dump(config.to_dict(cfg), sort_keys=False), r.ds.summary())
     watch = stopping.DivergenceWatch(cfg.train.diverge_factor, cfg.train.diverge_steps, state.divergence)
@@ -83,13 +90,17 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
         r.save("last", state, {})
     with stopping.StopRequest() as request:
         stop = dist.StopFlag(r.world, request)  # under torchrun, all ranks stop at the same step
+        if r.phase is not None and not run_phase(r, state, tb, lambda: stop(now=True)):
+            where = f"router epoch {r.phase.epoch} of {r.phase.epochs}"
+            stopping.saved_and_stopped(r.dir, where, request.signal or signal.SIGTERM)
+        tb.watch(r.model, r.feed, COSTS[cfg.optim.cost], r.network)
         for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
             t0, tb.seconds = time.perf_counter(), 0.0
             first = state.step - (state.epoch_progress or {}).get("next", 0)  # also when resumed mid-epoch
             done = epoch_pass(state, tb, stop, first)
             state.seconds = seconds_before + time.perf_counter() - session_start
             if stop(now=True):
-                interrupt(r, state, done, first, epoch, request.signal or signal.SIGTERM)
+                stopping.interrupt(r, state, done, first, epoch, request.signal or signal.SIGTERM)
             seconds = time.perf_counter() - t0
             if epoch > 1 or cfg.train.epochs == 1:  # steady state: the first epoch pays for warm-up
                 state.count(seconds, len(r.ds.train))
@@ -109,8 +120,7 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
     world = dist.from_env()  # one process, or one of torchrun's
     device = dist.start(world, runtime.resolve_device(cfg.device))
     runtime.use_tf32(device)
-    if world.distributed and cfg.optim.name == "random_search":
-        raise UserError("random search runs in one process: start it without torchrun")
+    search.check(world, cfg)
     resume_dir = resume_dir or dist.restarted_run(world, cfg.log.dir)  # a worker died: go on where the run was
     resumed = checkpoint.load(Path(resume_dir) / "checkpoints" / "last.pt") if resume_dir else None
     budget = cfg.data.memory_budget if cfg.data.memory_budget is not None else data.default_memory_budget(device)
@@ -125,7 +135,7 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
         dist.note_run(world, cfg.log.dir, run_dir)
     run_dir = dist.broadcast(world, run_dir if world.main else None)
     torch.manual_seed(cfg.seed)
-    width = cfg.data.channels * cfg.data.image_size**2
+    width = cfg.data.channels * input_side(cfg.data.image_size, cfg.model.router and cfg.model.router.size) ** 2
     model = build_model(width, cfg.model.hidden, len(ds.classes), cfg.model.activation, cfg.model.dropout).to(device)
     runtime.set_up_cpu(device, cfg.train.flush_denormal, [width, *cfg.model.hidden, len(ds.classes)], batch_size)
     if world.distributed and cfg.model.dropout:  # each rank's rows their own dropout masks
@@ -140,19 +150,9 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
     if resumed is not None:  # the config given trains, not the checkpoint's numbers
         state = checkpoint.restore(resumed, model, optimizer, generator, run_dir, cfg.train.epochs, cfg.optim)
     lr = schedule.Schedule(optimizer, cfg.optim, total_steps, state and state.schedule, state.step if state else 0)
-    r = Run(cfg, ds, run_dir, model, optimizer, lr, generator, feed, meta, world)
+    phase = phase_of(cfg, device, feed.steps(), resumed, state)
+    r = Run(cfg, ds, run_dir, model, optimizer, lr, generator, feed, meta, world, phase)
     return r, state, resumed is not None
-
-
-def interrupt(r: Run, state: RunState, done: EpochResult, first: int, epoch: int, signum: int):
-    """Save where the epoch stopped (the resumed run continues from that very step), say how to resume, and exit."""
-    state.step = first + (done.next if done.order is not None else 0)  # a random-search pass is drawn again whole
-    r.save("last", state, state.history[-1] if state.history else {}, done.progress())
-    name = "SIGTERM" if signum == signal.SIGTERM else "Ctrl-C"
-    where = f"epoch {epoch}, step {done.next} of {r.feed.steps()}"
-    resume = f"python -m hotdog_torch.train --resume {r.dir}"
-    print(f"\n{name}: saved {r.dir}/checkpoints/last.pt at {where}. Resume with: {resume}", file=sys.stderr, flush=True)
-    raise stopping.Interrupted(128 + signum)
 
 
 def end_epoch(r: Run, state: RunState, tb: board.Board, watch, epoch: int, done: EpochResult, first: int) -> dict:

@@ -74,6 +74,11 @@ def best(trained):
 
 @pytest.fixture(scope="module")
 def server(best):
+    yield from serving(best)
+
+
+def serving(best):
+    """The app of a checkpoint in a uvicorn process of its own: yields its address, then stops it."""
     port = free_port()
     command = [sys.executable, "-m", "hotdog_torch.serve", "--checkpoint", str(best), "--port", str(port)]
     proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -180,5 +180,6 @@ def test_cuda_asked_for_but_absent(tmp_path):
 def test_the_photos_recipe_loads_and_ships_in_the_package():
     cfg = config.load(REPO / "configs/photos.yaml")
     assert cfg.data.augment.enabled and cfg.data.augment.warmup_epochs > 0 and cfg.log.run_name == "photos"
+    assert cfg.model.router is not None and cfg.model.router.size < cfg.data.image_size  # find, then judge
     packaged = REPO / "hotdog_torch" / "configs" / "photos.yaml"
     assert (REPO / "configs/photos.yaml").resolve() == packaged.resolve()

@@ -13,11 +13,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "hotdog_torch"
 LAYERS = [
     ["checks"],
     ["config"],
-    ["files", "runtime", "drawings", "images", "model", "cost", "dist", "augment", "optim", "schedule"],
+    ["files", "runtime", "drawings", "images", "model", "cost", "dist", "augment", "optim", "schedule", "router"],
     ["synth", "step", "stopping", "checkpoint", "cache"],
     ["data", "report"],
     ["loop", "framing"],
-    ["search", "board"],
+    ["search", "board", "router_training"],
     ["train"],
     ["evaluate", "predict", "baselines", "two_weights", "export", "lr_find"],
     ["lessons", "serve"],

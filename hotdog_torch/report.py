@@ -26,6 +26,9 @@ def metrics(state: RunState, **extra) -> dict:
     out = {k: best[k] for k in ("val_accuracy", "val_error_rate", "val_cost", "train_cost")}
     out |= {"best_epoch": best["epoch"], "epochs": len(state.history), "steps": state.step, "seconds": state.seconds}
     out["train_images_per_second"] = state.train_images / state.train_seconds if state.train_seconds else None
+    if state.router:  # model.router: its phase, before the epochs
+        r = state.router
+        out |= {"router_epochs": r["epoch"], "router_seconds": sum(r["seconds"]), "router_cost": r["costs"][-1]}
     return out | extra
 
 

@@ -133,6 +133,8 @@ def test_a_routed_run_learns_where_to_look_and_shows_it(routed):
     assert isinstance(net, router.Routed) and not torch.equal(net.router.net[-1].weight, torch.zeros(4, 32))
     state = checkpoint.load(routed / "checkpoints" / "last.pt")["state"]
     assert state["router"]["epoch"] == 3 and state["router"]["costs"][-1] < state["router"]["costs"][0]
+    metrics = json.loads((routed / "metrics.json").read_text())
+    assert metrics["router_epochs"] == 3 and metrics["router_seconds"] > 0
 
     acc = EventAccumulator(str(routed / "router"), size_guidance={"scalars": 0, "images": 0})
     acc.Reload()

@@ -2,9 +2,10 @@
 
     python scripts/router_cost.py --checkpoint runs/photos/checkpoints/best.pt [--photos 50]
 
-The same checkpoint twice: as it is (router, then classifier) and with the router taken out (the classifier alone
-on the picture as it is).  Each photo is a test picture of the checkpoint's data at a phone's size (1280 x 960
-JPEG); each answer is serve.classify on its bytes, timed alone; the medians and their ratio are printed.
+The same checkpoint twice: as it is (router, then classifier) and with the router's passes taken out (no router
+network evaluated: the picture only resampled to the classifier's side, then judged).  Each photo is a test
+picture of the checkpoint's data at a phone's size (1280 x 960 JPEG); each answer is serve.classify on its bytes,
+timed alone; the medians and their ratio are printed.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def main() -> int:
     uploads = photos(ckpt, a.photos)
     routed = Classifier(ckpt)
     alone = Classifier(ckpt)
-    alone.model, alone.router = alone.classifier, None
+    alone.router.passes = 0  # locate() is then the identity: no router MLP runs
     with_router, without = median_seconds(routed, uploads), median_seconds(alone, uploads)
     print(
         f"{len(uploads)} photos of 1280x960: median answer {with_router * 1e3:.2f} ms with the router, "

@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     p.add_argument("--config", default="configs/hotdog.yaml")
     p.add_argument("--log-dir", help="where the runs go (default: a temporary folder)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # flags and positionals in any order
     try:
         cfg = config.load(a.config, a.overrides)
         data.prepare(cfg.data, cfg.seed)  # draws the synthetic set if the config asks for it

@@ -287,7 +287,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=100, help="optimiser steps from --min-lr to --max-lr (default 100)")
     p.add_argument("--checkpoint", help="start from this checkpoint's network (only read) instead of a fresh one")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # flags and positionals in any order
     warnings.showwarning = lambda message, *args, **kw: print(f"warning: {message}", file=sys.stderr)
     try:
         check(a.min_lr, a.max_lr, a.steps)

@@ -140,7 +140,7 @@ def main(argv=None) -> int:
     p.add_argument("--checkpoint", required=True, help="a checkpoints/best.pt or last.pt of a run")
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--json", action="store_true", help="one JSON object per line: path, class, score (or error)")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # flags and positionals in any order
     try:
         ckpt = checkpoint.load(a.checkpoint)
     except UserError as e:

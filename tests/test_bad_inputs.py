@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import struct
@@ -207,3 +208,20 @@ def test_a_dangling_link_is_skipped_and_a_hard_link_counts_once(tmp_path, tiny_t
     _, split, skipped = data.load_folder(root, d, progress=False)
     assert [os.path.basename(p) for p in skipped] == ["dangling.jpg"]
     assert len(split) == 90 and not any(p.endswith("zz_hard_link.jpg") for p in split.paths)
+
+
+@pytest.mark.parametrize(
+    "command, args",
+    [
+        ("train", ["--config", "MISSING", "model.hidden=[8]", "--no-progress", "train.epochs=2"]),
+        ("lr_find", ["--config", "MISSING", "model.hidden=[8]", "--steps", "5", "train.epochs=2"]),
+        ("baselines", ["--config", "MISSING", "model.hidden=[8]", "--log-dir", "runs", "train.epochs=2"]),
+        ("predict", ["--checkpoint", "MISSING", "a.jpg", "--json", "b.jpg"]),
+    ],
+)
+def test_arguments_after_a_flag_still_reach_the_command(command, args, tmp_path, capsys):
+    missing = str(tmp_path / "missing")
+    main = importlib.import_module(f"hotdog_torch.{command}").main
+    assert main([missing if a == "MISSING" else a for a in args]) == 2  # the missing file, not "unrecognized arguments"
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and missing in err

@@ -114,13 +114,14 @@ def load_folder(
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(train, val) indices: round(fraction * n_c) of each class c goes to val."""
+    """(train, val) indices: round(fraction * n_c) of each class c goes to val, but at least one image and at most
+    n_c - 1: a class of few images keeps one in each split (load_dataset refuses a class of fewer than two)."""
     g = torch.Generator().manual_seed(seed)
     train, val = [], []
     for c in labels.unique().tolist():
         idx = torch.nonzero(labels == c).flatten()
         idx = idx[torch.randperm(len(idx), generator=g)]
-        n_val = int(round(fraction * len(idx)))
+        n_val = min(max(int(round(fraction * len(idx))), 1), len(idx) - 1)
         val.append(idx[:n_val])
         train.append(idx[n_val:])
     return torch.cat(train).sort().values, torch.cat(val).sort().values

@@ -305,3 +305,12 @@ sys.exit(cache._PREFETCH[0].wait())
     monkeypatch.setattr(cache, "decode_all", no_decoding)
     ds = data.load_dataset(d, seed=0, progress=False)
     assert len(ds.train) + len(ds.val) == 90 and len(ds.test) == 30
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.75, 0.9])
+def test_the_split_keeps_every_class_in_training_and_in_validation(fraction):
+    labels = torch.tensor([0, 0, 0] + [1] * 2 + [2] * 40)  # small classes: round(fraction * n) may be 0 or n
+    train, val = data.stratified_split(labels, fraction, seed=0)
+    assert set(labels[train].tolist()) == {0, 1, 2} and set(labels[val].tolist()) == {0, 1, 2}
+    assert sorted(torch.cat([train, val]).tolist()) == list(range(len(labels)))
+    assert len(val[labels[val] == 2]) == round(fraction * 40)  # a class of many images: the fraction, as before

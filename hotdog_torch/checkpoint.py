@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import Augment, Optim, UserError
+from .config import Augment, Config, Optim, Train, UserError
 from .config import Router as RouterSettings
-from .files import atomic_write
+from .files import atomic_write, write_config
 from .model import build_model, input_side
 from .optim import set_hyper
 from .router import Routed, build
@@ -155,7 +155,7 @@ def router_from(ckpt: dict):
     return net
 
 
-def restore(resumed: dict, model, optimizer, generator, run_dir, epochs: int, given: Optim) -> RunState | None:
+def restore(resumed: dict, model, optimizer, generator, run_dir, train: Train, given: Optim) -> RunState | None:
     """Load last.pt's weights, optimiser, generators and loop state; None when the run has nothing left to do.
 
     The optimiser's numbers are then the config's (`given`: the run's config.yaml and the overrides), which the
@@ -175,11 +175,8 @@ def restore(resumed: dict, model, optimizer, generator, run_dir, epochs: int, gi
         raise UserError(f"{run_dir}/checkpoints/last.pt does not fit this config's model ({reason})") from None
     state = RunState(**resumed["state"])
     set_rng_state(generator, state.rng)
-    if state.stopped_because is not None and not (state.stopped_because == "epochs" and epochs > state.epoch):
-        print(
-            f"{run_dir} already finished ({state.stopped_because}); nothing to resume. "
-            f"To train on, pass train.epochs=N above {state.epoch}."
-        )
+    if state.stopped_because is not None and (advice := still_stopped(state, train)):
+        print(f"{run_dir} already finished ({state.stopped_because}); nothing to resume. {advice}")
         return None
     state.stopped_because = None
     set_hyper(optimizer, given)
@@ -190,3 +187,48 @@ def restore(resumed: dict, model, optimizer, generator, run_dir, epochs: int, gi
     where = f"epoch {state.epoch + 1}, step {p['next'] + 1} of it" if p else f"the end of epoch {state.epoch}"
     print(f"resuming from {where} (global step {state.step})", flush=True)
     return state
+
+
+def still_stopped(state: RunState, train: Train) -> str | None:
+    """What a finished run needs to train on (None: the config given lets it): the limit that stopped it raised.
+
+    As stopping.verdict would judge its last epoch again under the config given; like Lightning's EarlyStopping,
+    the early-stopping state (epochs without improvement, the figure to beat) goes on from where it was."""
+    if state.stopped_because == "diverged":
+        return "Its cost diverged: start a new run, with a lower optim.lr."
+    last, need = state.history[-1] if state.history else {}, []
+    if train.epochs <= state.epoch:
+        need.append(f"train.epochs=N above {state.epoch}")
+    accuracy, target = last.get("val_accuracy", 0.0), train.target_accuracy
+    if state.stopped_because == "target_accuracy" and target is not None and accuracy >= target:
+        need.append(f"train.target_accuracy above {accuracy:.6g} (or null)")
+    if state.stopped_because == "no_improvement" and train.patience is not None and state.bad_epochs >= train.patience:
+        need.append(f"train.patience above {state.bad_epochs} (or null)")
+    return f"To train on, pass {' and '.join(need)}." if need else None
+
+
+def settle(run_dir, cfg: Config, resumed: dict | None) -> None:
+    """The run folder, once every check of a new or resumed run has passed: its config.yaml written, checkpoints/
+    mended (so a refused resume changes nothing on disk)."""
+    write_config(run_dir, cfg)
+    mend(run_dir, resumed)
+
+
+def mend(run_dir, resumed: dict | None) -> None:
+    """Make checkpoints/ agree with the last.pt a run resumes from.  train.keep writes last.pt first, then best.pt and
+    best-<epoch>.pt: a kill between them leaves those of last.pt's epoch unwritten (written here, from last.pt's
+    weights, which are that epoch's) or a k-best file it pushed out still there (removed)."""
+    if resumed is None or resumed["state"]["epoch_progress"] is not None:  # saved mid-epoch: nothing was pending
+        return
+    state, folder = resumed["state"], Path(run_dir) / "checkpoints"
+    wanted = {"best": state["best"], **{f"best-{m['epoch']}": m for m in state["top_k"]}}
+    for name, m in wanted.items():
+        path = folder / f"{name}.pt"
+        due = m is not None and m["epoch"] == state["epoch"]  # last.pt's epoch: last.pt holds its weights
+        if due and (not path.is_file() or load(path)["step"] != state["step"]):
+            buffer = io.BytesIO()
+            torch.save(resumed | {"optimizer": None, "state": None, "metrics": m}, buffer)
+            atomic_write(path, lambda f, b=buffer: f.write(b.getbuffer()))
+    for path in folder.glob("best-*.pt"):
+        if path.stem not in wanted:
+            path.unlink()

@@ -75,7 +75,7 @@ def make_run_dir(log_dir: str, name: str) -> Path:
 
 
 def open_run_dir(cfg: Config, config_name: str, resume_dir, resumed, ds, device) -> Path:
-    """A new runs/<name> (or the resumed one), with the resolved config.yaml written into it."""
+    """A new runs/<name> (or the resumed one); config.yaml is written once the run's checks have passed."""
     if resumed is None:
         run_dir = make_run_dir(cfg.log.dir, cfg.log.run_name or f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}")
         (run_dir / "checkpoints").mkdir()
@@ -85,8 +85,12 @@ def open_run_dir(cfg: Config, config_name: str, resume_dir, resumed, ds, device)
             raise UserError(
                 f"{run_dir} was trained on classes {resumed['classes']}, but {cfg.data.root} has {ds.classes}"
             )
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(cfg), sort_keys=False))
     test = f", {len(ds.test)} test" if ds.test else ""
     images = f"{len(ds.train)} train, {len(ds.val)} val{test} images of {len(ds.classes)} classes"
     print(f"run {run_dir}: {images} on {device}", flush=True)
     return run_dir
+
+
+def write_config(run_dir: Path, cfg: Config) -> None:
+    """The run's resolved config.yaml (what --resume reads back)."""
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(cfg), sort_keys=False))

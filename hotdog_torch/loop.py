@@ -45,6 +45,10 @@ class Feed:
     def steps(self) -> int:
         return math.ceil(len(self.split) / self.batch_size)
 
+    def images_in(self, start: int, stop: int) -> int:
+        """The images of an epoch's steps [start, stop), every process's share."""
+        return min(stop * self.batch_size, len(self.split)) - min(start * self.batch_size, len(self.split))
+
     def images(self, rows: torch.Tensor, framings: torch.Tensor | None = None) -> torch.Tensor:
         """These rows of the pool, on the device, framed by their rows of augment.draw (if any), normalised."""
         x = self.split.images[rows]

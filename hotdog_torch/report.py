@@ -12,10 +12,11 @@ from .files import atomic_write_text
 
 
 def print_epoch(epoch: int, epochs: int, m: dict, images_per_second: float) -> None:
+    """The epoch's line; its speed is of the steps this session took (none: an epoch resumed after its last step)."""
+    speed = f"  {images_per_second:,.0f} images/s" if images_per_second else ""
     print(
         f"epoch {epoch:3d}/{epochs}  train cost {m['train_cost']:.4f}  val cost {m['val_cost']:.4f}  "
-        f"val error rate {100 * m['val_error_rate']:5.2f}%  val accuracy {100 * m['val_accuracy']:6.2f}%  "
-        f"{images_per_second:,.0f} images/s",
+        f"val error rate {100 * m['val_error_rate']:5.2f}%  val accuracy {100 * m['val_accuracy']:6.2f}%{speed}",
         flush=True,
     )
 

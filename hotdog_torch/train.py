@@ -66,8 +66,8 @@ class Run:  # what one training run is made of, once set up
 def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir: str | Path | None = None) -> Path:
     """Train one run from a checked config, or continue the run in resume_dir; returns its folder."""
     r, state, resumed = set_up(cfg, config_name, progress, resume_dir)
-    if state is None:
-        return r.dir
+    if state is None:  # nothing to resume
+        return dist.finish(r.world) or r.dir
     if cfg.optim.name == "random_search":  # the shot in the dark: a draw a pass, no step
         step_name, epoch_pass = search.NAME, search.Search(r.model, r.feed).epoch
     else:
@@ -101,12 +101,12 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
             state.seconds = seconds_before + time.perf_counter() - session_start
             if stop(now=True):
                 stopping.interrupt(r, state, done, first, epoch, request.signal or signal.SIGTERM)
-            seconds = time.perf_counter() - t0
+            seconds, images = time.perf_counter() - t0, r.feed.images_in(state.step - first, done.next)  # resumed: part
             if epoch > 1 or cfg.train.epochs == 1:  # steady state: the first epoch pays for warm-up
-                state.count(seconds, len(r.ds.train))
+                state.count(seconds, images)
             m = end_epoch(r, state, tb, watch, epoch, done, first)
             m["seconds"] = time.perf_counter() - t0  # the whole epoch: training, evaluation and logging
-            report.print_epoch(epoch, cfg.train.epochs, m, len(r.ds.train) / seconds)
+            report.print_epoch(epoch, cfg.train.epochs, m, images / seconds)
             keep(r, state, m)
             if state.stopped_because in ("target_accuracy", "diverged", "no_improvement"):
                 break
@@ -148,11 +148,12 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
     meta = checkpoint.meta(config.to_dict(cfg), ds.classes, mean.tolist(), std.tolist())
     state = RunState()
     if resumed is not None:  # the config given trains, not the checkpoint's numbers
-        state = checkpoint.restore(resumed, model, optimizer, generator, run_dir, cfg.train.epochs, cfg.optim)
+        state = checkpoint.restore(resumed, model, optimizer, generator, run_dir, cfg.train, cfg.optim)
     lr = schedule.Schedule(optimizer, cfg.optim, total_steps, state and state.schedule, state.step if state else 0)
     phase = phase_of(cfg, device, feed.steps(), resumed, state)
-    r = Run(cfg, ds, run_dir, model, optimizer, lr, generator, feed, meta, world, phase)
-    return r, state, resumed is not None
+    if world.main and state is not None:  # only now: a refused resume changes nothing on disk
+        checkpoint.settle(run_dir, cfg, resumed)
+    return Run(cfg, ds, run_dir, model, optimizer, lr, generator, feed, meta, world, phase), state, resumed is not None
 
 
 def end_epoch(r: Run, state: RunState, tb: board.Board, watch, epoch: int, done: EpochResult, first: int) -> dict:
@@ -189,19 +190,18 @@ def end_epoch(r: Run, state: RunState, tb: board.Board, watch, epoch: int, done:
 
 
 def keep(r: Run, state: RunState, m: dict) -> None:
-    """The epoch into the history, best.pt when it is the best so far (and the k best's files), last.pt when due."""
+    """The epoch into the history; best.pt (and the k best's files) and last.pt, when due and before those: mend."""
     state.history.append(m)
-    if state.best is None or (math.isfinite(m["train_cost"]) and stopping.better(m, state.best, r.cfg.train)):
-        state.best = m
-        r.save("best", state, m)
+    best = state.best is None or (math.isfinite(m["train_cost"]) and stopping.better(m, state.best, r.cfg.train))
+    state.best, entered, out = m if best else state.best, False, []
     if r.cfg.train.keep_top_k and math.isfinite(m["train_cost"]) and math.isfinite(m["val_cost"]):
         state.top_k, entered, out = stopping.top_k(state.top_k, m, r.cfg.train)
-        if entered:
-            r.save(f"best-{m['epoch']}", state, m)
-        for gone in out if r.world.main else ():
-            (r.dir / "checkpoints" / f"best-{gone['epoch']}.pt").unlink(missing_ok=True)
-    if m["epoch"] % r.cfg.train.checkpoint_every_epochs == 0 or state.stopped_because:
+    if best or entered or m["epoch"] % r.cfg.train.checkpoint_every_epochs == 0 or state.stopped_because:
         r.save("last", state, m)
+    for name in ["best"] * best + [f"best-{m['epoch']}"] * entered:
+        r.save(name, state, m)
+    for gone in out if r.world.main else ():
+        (r.dir / "checkpoints" / f"best-{gone['epoch']}.pt").unlink(missing_ok=True)
 
 
 def finish(r: Run, state: RunState, tb: board.Board, step_name: str) -> None:
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
     example = "overrides, values parsed as YAML, e.g. optim.lr=0.5 model.hidden=[256,64]"
     p.add_argument("overrides", nargs="*", metavar="section.key=value", help=example)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # overrides after a flag too
     warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)  # not a source line
     try:
         cfg = config.load_run(args.config, args.resume, args.overrides)

@@ -232,3 +232,22 @@ def test_after_a_restart_rank_0_tells_every_rank_which_run_to_go_on_with(tmp_pat
     done = subprocess.run([*launcher, "--no-python", sys.executable, "-c", RESTARTED, *args], capture_output=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [(tmp_path / f"answer.{r}").read_text() for r in (0, 1)] == [str(run_dir)] * 2
+
+
+FINISHED = """
+import sys
+import torch.distributed as td
+from hotdog_torch import train
+code = train.main(sys.argv[1:])
+sys.exit(3 if td.is_initialized() else code)  # 3: the command returned with its process group still up
+"""
+
+
+def test_a_resume_with_nothing_to_resume_leaves_the_process_group(small_tree, tmp_path):
+    script = tmp_path / "finished.py"
+    script.write_text(FINISHED)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
+    cfg = config_file(small_tree, tmp_path, "done", optim__batch_size=60, train__epochs=1)
+    train([*launcher, "--no-progress", "--config", str(cfg)])
+    again = train([*launcher, "--no-progress", "--resume", str(tmp_path / "runs" / "done")])
+    assert "nothing to resume" in again.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch
 from conftest import config_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from hotdog_torch import checkpoint, train
+from hotdog_torch import checkpoint, stopping, train
 
 REPO = Path(__file__).resolve().parents[1]
 EPOCHS = 30
@@ -136,3 +137,109 @@ def test_resume_errors_are_one_sentence(tmp_path):
         text=True,
     )
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+
+
+def snapshot(folder: Path) -> dict:
+    """Every file under folder: its bytes and modification time."""
+    return {p.relative_to(folder): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    "override, says",
+    [
+        ("optim.name=adamw", "resume without that override"),
+        ("model.hidden=[8]", "does not fit"),
+        ("train.epochs=1", ""),
+    ],
+)
+def test_a_refused_resume_changes_nothing_on_disk(tiny_tree, make_config, capsys, override, says):
+    run_dir = train.run(make_config(tiny_tree, "train.epochs=2"), progress=False)
+    before = snapshot(run_dir)
+    train.main(["--resume", str(run_dir), "--no-progress", override])
+    out, err = capsys.readouterr()
+    assert says in err and ("already finished" in out or err.startswith("error: "))
+    assert snapshot(run_dir) == before  # config.yaml too: the plain --resume still works
+    assert train.main(["--resume", str(run_dir), "--no-progress", "train.epochs=3"]) == 0
+
+
+@pytest.mark.parametrize(
+    "given, why, stopped_at, advice, follow, ends_at",
+    [
+        (["train.epochs=6", "train.patience=1", "optim.lr=1e-9"], "no_improvement", 2, "train.patience", 3, 4),
+        (["train.target_accuracy=0.01"], "target_accuracy", 1, "train.target_accuracy", "null", 3),
+    ],
+)
+def test_a_run_stopped_early_trains_on_as_its_advice_says(
+    tiny_tree, make_config, capsys, given, why, stopped_at, advice, follow, ends_at
+):
+    run_dir = train.run(make_config(tiny_tree, *given), progress=False)
+    last = run_dir / "checkpoints" / "last.pt"
+    assert checkpoint.load(last)["state"]["stopped_because"] == why and checkpoint.load(last)["epoch"] == stopped_at
+    capsys.readouterr()
+    assert train.main(["--resume", str(run_dir), "--no-progress"]) == 0
+    assert f"nothing to resume. To train on, pass {advice} above" in capsys.readouterr().out
+    assert train.main(["--resume", str(run_dir), "--no-progress", f"{advice}={follow}"]) == 0
+    assert checkpoint.load(last)["epoch"] == ends_at
+
+
+def stop_at_call(monkeypatch, n):
+    """A stop request (as Ctrl-C makes) seen at the n-th time the loop asks, counted from now."""
+    calls = iter(range(1, 10_000))
+    monkeypatch.setattr(stopping.StopRequest, "__call__", lambda self: next(calls) >= n)
+
+
+@pytest.mark.parametrize("stop_call, resumed_images", [(9, 40), (12, 0)])  # at step 3 of epoch 2; after its last
+def test_a_resumed_epoch_counts_only_the_images_it_trained(
+    tiny_tree, make_config, monkeypatch, capsys, stop_call, resumed_images
+):
+    cfg = make_config(tiny_tree)  # 72 training images in 5 steps (16, 16, 16, 16, 8); 5 asks + 1 at the end an epoch
+    stop_at_call(monkeypatch, stop_call)
+    with pytest.raises(stopping.Interrupted):
+        train.run(cfg, progress=False)
+    run_dir = Path(cfg.log.dir) / "tiny"
+    monkeypatch.undo()
+    capsys.readouterr()
+    train.run(cfg, progress=False, resume_dir=run_dir)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch")]
+    assert ("images/s" in lines[0]) == (resumed_images > 0) and "images/s" in lines[1]
+    state = checkpoint.load(run_dir / "checkpoints" / "last.pt")["state"]
+    assert state["train_images"] == resumed_images + 72  # the resumed part of epoch 2, then all of epoch 3
+
+
+KILLER = """
+import os, signal, sys
+from hotdog_torch import checkpoint, stopping, train
+save, when = checkpoint.save, sys.argv.pop(1)
+def killing_save(path, *args, **kw):
+    state = args[4]
+    at = path.name == "best.pt" and state.epoch >= 3 and state.epoch % 2 == 1  # last.pt not due: every 2 epochs
+    if at and when == "before":
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(path, *args, **kw)
+    if at:
+        os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save = killing_save
+sys.exit(train.main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_a_kill_between_best_and_last_leaves_best_pt_and_metrics_agreeing(small_tree, tmp_path, when):
+    options = dict(optim__batch_size=16, train__epochs=8, train__checkpoint_every_epochs=2)
+    cfg = write_config(small_tree, tmp_path, log__run_name="lost", **options)
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    run = [sys.executable, str(killer), when, "--no-progress", "--config", str(cfg)]
+    killed = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr  # a new best at an odd epoch: SIGKILLed at best.pt
+    run_dir = tmp_path / "runs" / "lost"
+    epoch = checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"]
+    resumed = train_cli("--resume", str(run_dir), f"train.epochs={epoch}")  # the resumed timeline: no more epochs
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    best = checkpoint.load(run_dir / "checkpoints" / "best.pt")
+    assert best["epoch"] == metrics["best_epoch"]
+    assert (
+        best["metrics"]["val_accuracy"] == metrics["val_accuracy"]
+        and best["metrics"]["val_cost"] == metrics["val_cost"]
+    )

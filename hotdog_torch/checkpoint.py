@@ -218,10 +218,10 @@ def mend(run_dir, resumed: dict | None) -> None:
     """Make checkpoints/ agree with the last.pt a run resumes from.  train.keep writes last.pt first, then best.pt and
     best-<epoch>.pt: a kill between them leaves those of last.pt's epoch unwritten (written here, from last.pt's
     weights, which are that epoch's) or a k-best file it pushed out still there (removed)."""
-    if resumed is None or resumed["state"]["epoch_progress"] is not None:  # saved mid-epoch: nothing was pending
+    if resumed is None or resumed["state"].get("epoch_progress") is not None:  # saved mid-epoch: nothing pending
         return
     state, folder = resumed["state"], Path(run_dir) / "checkpoints"
-    wanted = {"best": state["best"], **{f"best-{m['epoch']}": m for m in state["top_k"]}}
+    wanted = {"best": state.get("best"), **{f"best-{m['epoch']}": m for m in state.get("top_k", [])}}
     for name, m in wanted.items():
         path = folder / f"{name}.pt"
         due = m is not None and m["epoch"] == state["epoch"]  # last.pt's epoch: last.pt holds its weights

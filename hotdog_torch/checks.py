@@ -126,7 +126,12 @@ def router(cfg) -> list[tuple[bool, str]]:
         (r.epochs >= 1, f"model.router.epochs must be at least 1, got {r.epochs}"),
         (r.lr > 0, f"model.router.lr must be greater than 0, got {r.lr}"),
         (
-            d.augment.enabled,
-            "model.router learns from the framings data.augment draws: set data.augment.enabled=true",
+            d.augment.enabled and (d.augment.shift > 0 or d.augment.zoom > 1 or d.augment.rotate > 0),
+            "model.router learns from the framings data.augment draws: set data.augment.enabled=true, with a shift, "
+            "zoom or rotate to draw",
+        ),
+        (
+            cfg.optim.name != "random_search",
+            "random search draws the classifier's weights without a router: set model.router=null for it",
         ),
     ]

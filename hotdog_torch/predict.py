@@ -125,8 +125,8 @@ def predict(ckpt: dict, files: list[Path], batch: int = 256):
             except images.DECODE_ERRORS as e:
                 results[f] = (None, f"cannot be read as an image ({e.__class__.__name__})", None)
         if arrays:
-            batch = np.stack([a for _, a in arrays])
-            scores, maps = net.scores(batch), net.maps(batch)
+            stacked = np.stack([a for _, a in arrays])
+            scores, maps = net.scores(stacked), net.maps(stacked)
             best = scores.argmax(dim=1)
             for j, ((f, _), k, s) in enumerate(zip(arrays, best.tolist(), scores.tolist(), strict=True)):
                 box = None if maps is None else router.box(maps[j], *images.dimensions(f))

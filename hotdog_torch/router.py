@@ -95,6 +95,12 @@ class Routed(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.router(x))
 
+    def train(self, mode: bool = True) -> Routed:
+        """The classifier's mode; the router, trained in its own phase, stays in eval mode."""
+        super().train(mode)
+        self.router.eval()
+        return self
+
 
 def identity(x: torch.Tensor) -> torch.Tensor:
     """(N, 2, 3) identity maps, one per picture of x; N taken from x as a computation, so that an exported

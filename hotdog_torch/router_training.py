@@ -54,7 +54,7 @@ class Phase:
 def build(cfg: Config, device) -> router.Router:
     """The router, its first weights drawn from a generator of its own (the classifier's draws stay as they were)."""
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed + SEED)
+        torch.default_generator.manual_seed(cfg.seed + SEED)  # not torch.manual_seed: that reseeds CUDA too
         return router.build(cfg.data.channels, cfg.model.router, cfg.data.augment).to(device)
 
 
@@ -113,9 +113,8 @@ def one_epoch(phase: Phase, feed: Feed) -> list[float]:
 
 def phase_of(cfg: Config, device, steps: int, resumed: dict | None, state) -> Phase | None:
     """model.router's phase (None without a router): from the start, or as the resumed checkpoint left it."""
-    if resumed is not None and (resumed.get("router") is None) != (cfg.model.router is None):
-        had = "with" if resumed.get("router") is not None else "without"
-        raise UserError(f"this run was trained {had} model.router: resume it as it was, or start a new run")
+    if resumed is not None:
+        check_resume(cfg, resumed, state)
     if cfg.model.router is None:
         return None
     net = build(cfg, device)
@@ -124,10 +123,32 @@ def phase_of(cfg: Config, device, steps: int, resumed: dict | None, state) -> Ph
     return start(net, cfg, steps, state.router if state is not None else None)
 
 
+def check_resume(cfg: Config, resumed: dict, state) -> None:
+    """A resume goes on with the router it trained: refused (one sentence, before anything is written) when the
+    override adds or drops it, changes what it is, or changes its phase's plan before the phase is done."""
+    saved, given = resumed["config"]["model"].get("router"), cfg.model.router
+    if (saved is None) != (given is None):
+        had = "with" if saved is not None else "without"
+        raise UserError(f"this run was trained {had} model.router: resume it as it was, or start a new run")
+    if saved is None:
+        return
+    fixed = ["hidden", "size", "estimates", "epochs", "lr"]  # what it is, and its phase's one-cycle plan
+    changed = [k for k in fixed if saved[k] != getattr(given, k)]
+    if not (state and state.router and state.router["epoch"] >= saved["epochs"]):  # the phase is not done yet
+        changed += ["optim.batch_size"] if resumed["config"]["optim"]["batch_size"] != cfg.optim.batch_size else []
+    if changed:
+        names = ", ".join(k if "." in k else f"model.router.{k}" for k in changed)
+        raise UserError(
+            f"{names} cannot change on resume: the router was trained with the run's own; resume without it"
+        )
+
+
 def run_phase(r, state, board, should_stop) -> bool:
     """A run's router phase, unless done (True); False when stopped in it, saved.  Then the router is frozen and
     un-warps every picture the classifier learns from."""
     board.watch_router(r.ds.val, r.feed, r.cfg.log.images_every_epochs)
+    if r.phase.epoch == 0:  # a run killed in its first router epoch resumes from its start
+        r.save("last", state, {})
     if not train(r.phase, r.feed, board, should_stop, lambda: r.save("last", state, {})):
         return False
     r.feed.router = r.phase.net.eval().requires_grad_(False)

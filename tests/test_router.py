@@ -203,11 +203,35 @@ def test_two_processes_train_the_router_and_the_classifier_as_one_process(small_
     assert close(one["model"], two["model"], 3e-5)  # the tolerance of tests/test_distributed.py
 
 
-def test_a_resume_that_adds_or_drops_the_router_is_refused(routed, small_tree, tmp_path):
-    r = subprocess.run(
-        single("--resume", str(routed), "model.router=null", "train.epochs=5"), cwd=REPO, capture_output=True, text=True
-    )
-    assert r.returncode == 2 and "trained with model.router" in r.stderr and "Traceback" not in r.stderr
+def test_a_resume_that_changes_the_router_is_refused_and_changes_nothing(routed):
+    before = {p: p.read_bytes() for p in routed.rglob("*") if p.is_file() and "events" not in p.name}
+    for change in ["model.router=null", "model.router.hidden=[8]", "model.router.estimates=[shift]"]:
+        r = subprocess.run(
+            single("--resume", str(routed), change, "train.epochs=4"), cwd=REPO, capture_output=True, text=True
+        )
+        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+        assert ("trained with model.router" if "null" in change else "cannot change on resume") in r.stderr
+        assert {p: p.read_bytes() for p in before} == before  # config.yaml and the checkpoints as they were
+    r = subprocess.run(single("--resume", str(routed), "train.epochs=4"), cwd=REPO, capture_output=True, text=True)
+    assert r.returncode == 0 and "epoch   4/4" in r.stdout, r.stderr  # the plain resume still trains on
+
+
+def test_what_a_router_cannot_do_is_refused_in_one_sentence():
+    framed = ["data.augment.enabled=true", "model.router={}"]
+    with pytest.raises(UserError, match="random search"):
+        config.from_dict({}, [*framed, "optim.name=random_search"])
+    with pytest.raises(UserError, match="shift, zoom or rotate"):
+        config.from_dict({}, [*framed, "data.augment.shift=0", "data.augment.zoom=1", "data.augment.rotate=0"])
+
+
+def test_predict_goes_through_its_batches_and_the_router_stays_in_eval_mode(routed, small_tree):
+    ckpt = checkpoint.load(routed / "checkpoints" / "best.pt")
+    files = predict.image_files([str(small_tree / "test" / "hot_dog")])[:3]
+    one_by_one = list(predict.predict(ckpt, files, batch=1))
+    assert [r[1:3] for r in one_by_one] == [r[1:3] for r in predict.predict(ckpt, files)]
+    assert all(len(box) == 4 for *_, box in one_by_one)
+    net = checkpoint.model_from(ckpt).train()
+    assert net.classifier.training and not net.router.training
 
 
 @pytest.fixture(scope="module")

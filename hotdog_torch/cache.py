@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import config
+from . import cli, config
 from .config import Data, UserError
 from .files import atomic_write, exit_with, locked, worker_pool
 from .images import DECODE_ERRORS, IMG_EXTENSIONS, decode
@@ -219,7 +219,7 @@ def prefetch(argv: list[str]):
     to start.  A mistake in the arguments is left for the command itself to report, and under torchrun rank 0
     decodes first anyway."""
     try:
-        args = config.command_line(argv, quiet=True)  # read as the command reads them (--config=FILE, --conf FILE)
+        args = cli.command_line(argv, quiet=True)  # read as the command reads them (--config=FILE, --conf FILE)
         cfg = config.load_run(args.config, args.resume, args.overrides)
     except (UserError, OSError):
         return None

@@ -13,7 +13,6 @@ into exit code 2.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import difflib
 import os
@@ -388,27 +387,6 @@ def load_run(path: str | Path | None, resume_dir: str | Path | None, overrides: 
     if not (Path(resume_dir) / "config.yaml").is_file():
         raise UserError(f"{resume_dir} is not a run folder (it has no config.yaml)")
     return load(Path(resume_dir) / "config.yaml", overrides)
-
-
-def command_line(argv: list[str] | None, quiet: bool = False) -> argparse.Namespace:
-    """The training command's arguments.  quiet, for the prefetch that reads them before torch loads (cache.py):
-    no -h, and a mistake raises UserError instead of printing, left for the command itself to say."""
-    p = argparse.ArgumentParser(
-        "python -m hotdog_torch.train", description="Train the hot-dog MLP from a YAML config.", add_help=not quiet
-    )
-    p.add_argument("--config", help="YAML config (keys: hotdog_torch/config.py); without it, the schema's defaults")
-    resume = "continue runs/<name> from its checkpoints/last.pt, with its config.yaml (overrides still apply)"
-    p.add_argument("--resume", metavar="RUN_DIR", help=resume)
-    example = "overrides, values parsed as YAML, e.g. optim.lr=0.5 model.hidden=[256,64]"
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help=example)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    if quiet:
-
-        def refuse(message):
-            raise UserError(message)
-
-        p.error = refuse
-    return p.parse_intermixed_args(argv)  # overrides after a flag too
 
 
 def to_dict(cfg: Config) -> dict:

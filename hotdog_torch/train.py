@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import augment, board, checkpoint, config, data, dist, files, report, runtime, schedule, search, stopping
+from . import augment, board, checkpoint, cli, config, data, dist, files, report, runtime, schedule, search, stopping
 from .checkpoint import RunState
 from .config import Config, UserError
 from .cost import COSTS, class_weights, confusion_matrix, per_class
@@ -221,7 +221,7 @@ def finish(r: Run, state: RunState, tb: board.Board, step_name: str) -> None:
 
 
 def main(argv=None) -> int:
-    args = config.command_line(argv)  # the prefetch reads them the same way (cache.prefetch)
+    args = cli.command_line(argv)  # the prefetch reads them the same way (cache.prefetch)
     warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)  # not a source line
     try:
         cfg = config.load_run(args.config, args.resume, args.overrides)

@@ -9,21 +9,18 @@ data.load_folder then finds the entry complete, or waits on its lock for it.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from . import config
+from . import cli, config
 from .config import Data, UserError
-from .files import atomic_write, locked
+from .files import atomic_write, exit_with, locked, worker_pool
 from .images import DECODE_ERRORS, IMG_EXTENSIONS, decode
 
 CACHE_VERSION = 2  # 2: EXIF orientation applied
@@ -119,7 +116,7 @@ def decode_all(samples, data: Data, out_file: Path, offset: int, progress: bool,
         if workers <= 1:
             results = map(decode_block, jobs)
         else:
-            pool = ProcessPoolExecutor(workers)
+            pool = worker_pool(workers)
             results = pool.map(decode_block, jobs)
         for job, rows in zip(jobs, results, strict=True):
             bad.update(rows)
@@ -127,7 +124,7 @@ def decode_all(samples, data: Data, out_file: Path, offset: int, progress: bool,
     finally:
         bar.close()
         if workers > 1:
-            pool.shutdown()
+            pool.shutdown(cancel_futures=True)  # Ctrl-C: the blocks at work end, the others are not started
         fd = _FILES.pop(str(out_file), None)
         if fd is not None:
             os.close(fd)
@@ -218,44 +215,39 @@ def folders(data: Data) -> dict[str, Path]:
 
 def prefetch(argv: list[str]):
     """For the command `python -m hotdog_torch.train ARGV`, before it imports torch: start decoding the folders its
-    run will load, in a process of its own; None when there is nothing to start.  A mistake in the arguments is
-    left for the command itself to report, and under torchrun rank 0 decodes first anyway."""
-    args = {"--config": None, "--resume": None}
-    overrides = [a for a in argv if "=" in a and not a.startswith("-")]
-    for flag, value in zip(argv, argv[1:], strict=False):
-        if flag in args:
-            args[flag] = value
+    run will load, in a process of its own that ends with the command, however it ends; None when there is nothing
+    to start.  A mistake in the arguments is left for the command itself to report, and under torchrun rank 0
+    decodes first anyway."""
     try:
-        cfg = config.load_run(args["--config"], args["--resume"], overrides)
+        args = cli.command_line(argv, quiet=True)  # read as the command reads them (--config=FILE, --conf FILE)
+        cfg = config.load_run(args.config, args.resume, args.overrides)
     except (UserError, OSError):
         return None
     cuda = cfg.device.startswith("cuda")  # maybe absent: the command's first check, before any data
-    if "RANK" in os.environ or cuda or not Path(cfg.data.root).is_dir() or {"-h", "--help"} & set(argv):
+    if "RANK" in os.environ or cuda or not Path(cfg.data.root).is_dir():
         return None
-    # a new interpreter, not a fork: this runs while the package is being imported (its import locks are held)
-    code = (
-        "import json, sys; from hotdog_torch import cache; cache.decode_folders(cache.Data(**json.loads(sys.argv[1])))"
-    )
+    # a new interpreter, not a fork: this runs while the package is being imported (its import locks are held);
+    # in a session of its own, out of the terminal's reach: it ends when the command does (exit_with)
+    code = "import sys; from hotdog_torch import cache; cache.prefetched(int(sys.argv[1]), sys.argv[2])"
     d = cfg.data  # what the cache reads of it
     keys = dict(root=d.root, image_size=d.image_size, channels=d.channels, cache_dir=d.cache_dir, workers=d.workers)
     quiet = dict(stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    process = subprocess.Popen([sys.executable, "-c", code, json.dumps(keys)], start_new_session=True, **quiet)
+    command = [sys.executable, "-c", code, str(os.getpid()), json.dumps(keys)]
+    process = subprocess.Popen(command, start_new_session=True, **quiet)
     _PREFETCH.append(process)
-    atexit.register(_stop, process)  # a run that stopped before it needed the data does not wait for it
     return process
 
 
-def _stop(process) -> None:
-    """The prefetching process and its decoding workers (its session), if still at work when the command ends."""
-    if process.poll() is None:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait()
+def prefetched(command: int, keys: str) -> None:
+    """The prefetching process: every folder of the run into the cache, for as long as its command lives."""
+    exit_with(command)
+    decode_folders(Data(**json.loads(keys)))
 
 
 def decode_folders(data: Data) -> None:
-    """Every folder of data.root into the cache (the prefetching process's work)."""
+    """Every folder of data.root into the cache; an entry already complete is left on disk (its header read)."""
     for folder in folders(data).values():
         try:
-            entry(folder, data, progress=False)
+            entry(folder, data, progress=False, in_memory=False)
         except (UserError, OSError):
             return  # the run finds the same fault, and says it

@@ -1,12 +1,17 @@
-"""The run's files: atomic writes (a reader sees the old file or the new one, never half of one), the run folder."""
+"""The run's files: atomic writes (a reader sees the old file or the new one, never half of one), the lock on a
+file and the worker processes that write one, the run folder."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import multiprocessing
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,19 +46,43 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 def locked(path: str | os.PathLike, waiting: str) -> Iterator[None]:
     """Hold an exclusive lock on the file `path` (created if missing), printing `waiting` if another process has it.
 
-    fcntl.flock: the kernel drops the lock when its holder exits, however it dies (SIGKILL too), so a lock is never
-    left stale, and whatever temporary files the holder of this lock writes are stale once another process has it.
+    A POSIX lock (fcntl.lockf): it belongs to this process alone, so the processes it forks (worker_pool) do not
+    hold it too, and the kernel drops it when this process exits, however it dies (SIGKILL too): a lock is never
+    left stale, and whatever temporary files its holder writes are stale once another process has it.  (flock's
+    lock belongs to the open file, shared by every fork: orphaned workers of a killed holder kept it for ever.)
+    It excludes other processes, not this one's threads; closing any descriptor of the file here releases it.
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             print(waiting, file=sys.stderr, flush=True)
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def exit_with(parent: int) -> None:
+    """End this process when process `parent`, its parent, is gone, however it died (SIGKILL, the OOM killer): a
+    thread that looks ten times a second whether it still is the parent (an orphan passes to init or a reaper)."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(0.1)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit_with_parent", daemon=True).start()
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """Processes forked to write files, while this one holds their lock: none holds the lock (locked), and none
+    outlives this process (exit_with), so that a command stopped any way takes its workers with it."""
+    fork = multiprocessing.get_context("fork")  # the workers' parent is this process (not a forkserver)
+    return ProcessPoolExecutor(workers, mp_context=fork, initializer=exit_with, initargs=(os.getpid(),))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -106,7 +105,7 @@ def generate(
     from tqdm import tqdm
 
     shows = {}
-    with ProcessPoolExecutor(workers) as pool:
+    with files.worker_pool(workers) as pool:  # none outlives this process, nor holds its lock
         drawn = pool.map(_write_one, jobs, chunksize=64)
         for path, what in tqdm(
             drawn, total=len(jobs), desc="drawing", unit="img", disable=not progress, file=sys.stderr

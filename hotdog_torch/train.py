@@ -7,7 +7,6 @@ checkpoints, and stop at the target accuracy, on divergence, without improvement
 
 from __future__ import annotations
 
-import argparse
 import math
 import signal
 import sys
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import augment, board, checkpoint, config, data, dist, files, report, runtime, schedule, search, stopping
+from . import augment, board, checkpoint, cli, config, data, dist, files, report, runtime, schedule, search, stopping
 from .checkpoint import RunState
 from .config import Config, UserError
 from .cost import COSTS, class_weights, confusion_matrix, per_class
@@ -222,14 +221,7 @@ def finish(r: Run, state: RunState, tb: board.Board, step_name: str) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser("python -m hotdog_torch.train", description="Train the hot-dog MLP from a YAML config.")
-    p.add_argument("--config", help="YAML config (keys: hotdog_torch/config.py); without it, the schema's defaults")
-    resume = "continue runs/<name> from its checkpoints/last.pt, with its config.yaml (overrides still apply)"
-    p.add_argument("--resume", metavar="RUN_DIR", help=resume)
-    example = "overrides, values parsed as YAML, e.g. optim.lr=0.5 model.hidden=[256,64]"
-    p.add_argument("overrides", nargs="*", metavar="section.key=value", help=example)
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    args = p.parse_intermixed_args(argv)  # overrides after a flag too
+    args = cli.command_line(argv)  # the prefetch reads them the same way (cache.prefetch)
     warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)  # not a source line
     try:
         cfg = config.load_run(args.config, args.resume, args.overrides)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import config_file
 from PIL import Image
 
 from hotdog_torch import cache, config, data, drawings, images
@@ -314,3 +316,48 @@ def test_the_split_keeps_every_class_in_training_and_in_validation(fraction):
     assert set(labels[train].tolist()) == {0, 1, 2} and set(labels[val].tolist()) == {0, 1, 2}
     assert sorted(torch.cat([train, val]).tolist()) == list(range(len(labels)))
     assert len(val[labels[val] == 2]) == round(fraction * 40)  # a class of many images: the fraction, as before
+
+
+@pytest.mark.parametrize("form", ["--config=FILE", "--resume=DIR", "--conf FILE"])
+def test_the_prefetch_reads_the_command_line_as_the_command_does(tmp_path, tiny_tree, form):
+    """The `=` forms and argparse's abbreviations name the run's config to the prefetch too (it read only
+    `--config FILE`, and otherwise decoded the default config's data/hotdog-synth at 128 px beside the run)."""
+    cfg = config_file(tiny_tree, tmp_path, "run")
+    (tmp_path / "runs" / "run").mkdir(parents=True)
+    shutil.copy(cfg, tmp_path / "runs" / "run" / "config.yaml")
+    argv = {"--config=FILE": [f"--config={cfg}"], "--resume=DIR": [f"--resume={tmp_path / 'runs' / 'run'}"]}
+    argv = argv.get(form, ["--conf", str(cfg)]) + ["--no-progress"]
+    code = f"""import sys
+sys.orig_argv = [sys.executable, "-m", "hotdog_torch.train", *{argv!r}]
+import hotdog_torch, hotdog_torch.cache as cache
+assert len(cache._PREFETCH) == 1, "no prefetch started"
+sys.exit(cache._PREFETCH[0].wait())
+"""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}  # run where the default config's data folder is not
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(list((tmp_path / "cache").glob("*.npy"))) == 2  # train/ and test/ of the run's own set
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the peak memory from /proc")
+def test_the_prefetch_leaves_a_complete_entry_on_disk(tmp_path, tiny_tree):
+    """With the cache complete, the prefetch reads the entries' headers, not their images (it loaded each whole,
+    beside the run's own copy: twice the memory, and data.memory_budget defeated)."""
+    d = settings(tmp_path, root=str(tiny_tree), image_size=320, channels=3)
+    for folder in cache.folders(d).values():
+        cache.entry(folder, d, progress=False, in_memory=False)
+    code = """import json, re, sys
+from hotdog_torch import cache
+peak = lambda: int(re.search(r"VmHWM:\\s*(\\d+) kB", open("/proc/self/status").read())[1]) * 1024
+before = peak()
+cache.decode_folders(cache.Data(**json.loads(sys.argv[1])))
+print(peak() - before)
+"""
+    keys = dict(root=d.root, image_size=d.image_size, channels=d.channels, cache_dir=d.cache_dir, workers=1)
+    command = [sys.executable, "-c", code, json.dumps(keys)]
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    grown = int(done.stdout)  # the peak resident memory (VmHWM: ru_maxrss would carry pytest's over the exec)
+    assert grown < data.decoded_bytes(120, d) / 4, f"the prefetch's peak memory grew by {grown / 2**20:.0f} MiB"

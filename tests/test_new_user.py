@@ -47,7 +47,7 @@ def test_asked_for_on_the_command_line_the_set_is_drawn_anywhere_and_atomically(
     assert "is missing: drawing the synthetic hot-dog set" in capsys.readouterr().out
     assert len(ds.train) + len(ds.val) == 6000 and (root / "manifest.json").is_file()
     hidden = [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
-    assert hidden == []  # the drawing folder was renamed (the lock file of the draw stays, empty, as flock's do)
+    assert hidden == []  # the drawing folder was renamed (the lock file of the draw stays, empty, as lock files do)
 
 
 def test_a_short_run_logs_its_norms_once_an_epoch(small_tree, make_config):

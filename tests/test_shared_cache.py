@@ -3,6 +3,7 @@ mid-decode.  One of them draws or decodes, the others wait and reuse what it mad
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -10,7 +11,10 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+import pytest
 from conftest import config_file
+from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -76,3 +80,140 @@ def test_a_decode_killed_midway_leaves_nothing_behind(tiny_tree, tmp_path):
     out, err = again.communicate(timeout=120)
     assert again.returncode == 0, err[-3000:]
     assert not leftovers(cache) and len(list(cache.glob("*.npy"))) == 2
+
+
+# ---------------------------------------------------------------- a command stopped while its pool decodes
+
+MARK = "HOTDOG_TEST_COMMAND"  # in the environment of a command started here, and so of every process it starts
+MODULE = ["-m", "hotdog_torch.train"]  # the prefetch decodes, in a process of its own, with its pool
+MAIN = ["-c", "import sys; from hotdog_torch import train; sys.exit(train.main())"]  # no prefetch: the run's pool
+
+
+def marked(token: str) -> dict[int, int]:
+    """{pid: parent pid} of the live processes whose environment carries MARK=token (Linux's /proc)."""
+    found = {}
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if f"{MARK}={token}".encode() in environ.read_bytes().split(b"\0"):
+                stat = (environ.parent / "stat").read_text()
+                found[int(environ.parent.name)] = int(stat.rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile, or a zombie
+    return found
+
+
+def survivors(token: str, seconds: float) -> dict[int, str]:
+    """{pid: command line} of the processes still marked token after waiting up to seconds for them to go."""
+    deadline = time.time() + seconds
+    while marked(token) and time.time() < deadline:
+        time.sleep(0.05)
+    found = {}
+    for pid in marked(token):
+        try:
+            found[pid] = Path(f"/proc/{pid}/cmdline").read_bytes()[:100].decode(errors="replace")
+        except OSError:
+            pass
+    return found
+
+
+def kill_marked(token: str) -> None:
+    for pid in marked(token):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def command(tmp_path: Path, start: list[str], name: str, tree: Path) -> subprocess.Popen:
+    """The training command on tree, 2 decoding workers, in a session of its own as a terminal starts it; its
+    processes marked name, its stderr in tmp_path/name.err (a file: a pipe would wait for every process holding it)."""
+    cfg = config_file(tree, tmp_path, name, train__epochs=1, data__workers=2)
+    env = {**os.environ, MARK: str(tmp_path / name)}  # unique: another test or session marks others
+    with open(tmp_path / f"{name}.err", "w") as err:
+        command = [sys.executable, *start, "--config", str(cfg), "--no-progress"]
+        return subprocess.Popen(
+            command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err
+        )
+
+
+def finishes(tmp_path: Path, p: subprocess.Popen, name: str, seconds: float) -> None:
+    try:
+        p.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        raise AssertionError(f"{name} still running after {seconds} s: {survivors(str(tmp_path / name), 0)}") from None
+    assert p.returncode == 0, (tmp_path / f"{name}.err").read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def slow_tree(tmp_path_factory):
+    """train/{hot_dog,not_hot_dog} of 200 PNG files each, 1024x1024: 5 KB on disk but 13 ms to decode (Pillow has
+    no draft mode for PNG), so that two workers take seconds over them."""
+    side = np.arange(1024)
+    x = (np.add.outer(side, side) % 256).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(np.stack([x, x.T, x], -1)).save(buffer, "PNG")
+    root = tmp_path_factory.mktemp("slow") / "hotdog"
+    for cls in ("hot_dog", "not_hot_dog"):
+        (root / "train" / cls).mkdir(parents=True)
+        for i in range(200):
+            (root / "train" / cls / f"{i}.png").write_bytes(buffer.getvalue())
+    return root
+
+
+def decoding(p: subprocess.Popen, token: str, cache: Path) -> int:
+    """Wait until the process decoding the entry (the prefetch, or else the command) has its two workers at work;
+    return its pid."""
+    deadline = time.time() + 60
+    while True:
+        assert p.poll() is None and time.time() < deadline, f"no decode seen: {p.poll()}"
+        parents = list(marked(token).values())
+        holders = [pid for pid in parents if parents.count(pid) == 2]  # the prefetch has one child, a decoder two
+        if holders and list(cache.glob(".*.tmp")):
+            return holders[0]
+        time.sleep(0.02)
+
+
+needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds processes through /proc")
+
+
+@needs_proc
+@pytest.mark.parametrize(
+    "start, how",
+    [(MODULE, "SIGKILL"), (MODULE, "SIGTERM"), (MODULE, "Ctrl-C"), (MAIN, "SIGKILL")],
+    ids=["prefetch-SIGKILL", "prefetch-SIGTERM", "prefetch-Ctrl-C", "own-pool-SIGKILL"],
+)
+def test_a_command_stopped_while_it_decodes_takes_every_process_with_it(slow_tree, tmp_path, start, how):
+    """Whatever stops the command, none of the processes it started goes on, and the next run on that cache
+    (a killed one's workers held the entry's lock: it waited forever) decodes it and trains."""
+    p, token = command(tmp_path, start, "stopped", slow_tree), str(tmp_path / "stopped")
+    try:
+        decoding(p, token, tmp_path / "cache")
+        if how == "Ctrl-C":
+            os.killpg(p.pid, signal.SIGINT)  # as a terminal does: to the foreground process group
+        else:
+            os.kill(p.pid, getattr(signal, how))
+        p.wait(timeout=30)
+        left = survivors(token, 1)
+        assert not left, f"left running after {how}: {left}"
+    finally:
+        kill_marked(token)
+    again = command(tmp_path, MODULE, "again", slow_tree)
+    try:
+        finishes(tmp_path, again, "again", 120)
+    finally:
+        kill_marked(str(tmp_path / "again"))
+    assert not leftovers(tmp_path / "cache")
+
+
+@needs_proc
+def test_a_decoding_process_killed_leaves_no_lock_held(slow_tree, tmp_path):
+    """The OOM killer takes the prefetch (the entry's lock holder) while its workers decode: they go with it, and
+    the command, waiting on the lock, decodes by itself and trains."""
+    p, token = command(tmp_path, MODULE, "oom", slow_tree), str(tmp_path / "oom")
+    try:
+        os.kill(decoding(p, token, tmp_path / "cache"), signal.SIGKILL)
+        finishes(tmp_path, p, "oom", 120)
+        left = survivors(token, 1)
+        assert not left, f"left running: {left}"
+    finally:
+        kill_marked(token)

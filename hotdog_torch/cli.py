@@ -1,0 +1,29 @@
+"""The training command's arguments, without torch: `python -m hotdog_torch.train` reads them in train.main, and
+reads them first, the same way, in the package's __init__.py, to start decoding the run's folders (cache.prefetch)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .config import UserError
+
+
+def command_line(argv: list[str] | None, quiet: bool = False) -> argparse.Namespace:
+    """The command's --config, --resume, overrides and --no-progress.  quiet, for the prefetch: no -h, and a mistake
+    raises UserError instead of printing, left for the command itself to say."""
+    p = argparse.ArgumentParser(
+        "python -m hotdog_torch.train", description="Train the hot-dog MLP from a YAML config.", add_help=not quiet
+    )
+    p.add_argument("--config", help="YAML config (keys: hotdog_torch/config.py); without it, the schema's defaults")
+    resume = "continue runs/<name> from its checkpoints/last.pt, with its config.yaml (overrides still apply)"
+    p.add_argument("--resume", metavar="RUN_DIR", help=resume)
+    example = "overrides, values parsed as YAML, e.g. optim.lr=0.5 model.hidden=[256,64]"
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help=example)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    if quiet:
+
+        def refuse(message):
+            raise UserError(message)
+
+        p.error = refuse
+    return p.parse_intermixed_args(argv)  # overrides after a flag too

@@ -15,6 +15,10 @@ and the test stops once the smoothed cost passes 4× its lowest (or a cost is Na
 fastai's default, 'valley': on the smoothed curve without its first tenth and last 5 steps, the longest run of
 decreasing costs (the longest decreasing subsequence), and the lr halfway down it.
 
+With a router (model.router) the test measures the classifier's lr (optim.lr; the router's own, model.router.lr,
+is its phase's): the pictures are un-warped by the router of --checkpoint, or without one by a new router, which is
+the identity (the classifier then sees the pictures as they are framed, at its own side).
+
 The network trained is a copy: the config, the data cache, the checkpoint (--checkpoint is only read) and every
 random generator (torch's CPU and CUDA ones, numpy's, Python's) are as they were.  Writes lr_find.png (the cost
 against the lr, log axis, the suggestion marked) and a TensorBoard run into --out (default
@@ -40,12 +44,12 @@ import torch
 import yaml
 from PIL import Image
 
-from . import checkpoint, config, data, dist, files, runtime
+from . import checkpoint, config, data, dist, files, router_training, runtime
 from .board import Board
 from .config import Config, UserError
 from .cost import class_weights, one_hot
 from .loop import Feed, clamp_batch_size
-from .model import build_model, linear_layers
+from .model import build_model, input_side, linear_layers
 from .optim import make_optimizer
 from .step import fuses, make_step
 
@@ -141,6 +145,8 @@ def find(cfg: Config, min_lr=1e-7, max_lr=10.0, steps=100, model=None, progress=
     device = runtime.resolve_device(cfg.device)
     runtime.use_tf32(device)  # the arithmetic train.py's run would do
     runtime.flush_denormal(cfg.train.flush_denormal, device)
+    router = getattr(model, "router", None)  # a routed checkpoint: its router un-warps, its classifier is trained
+    model = getattr(model, "classifier", model)
     if model is not None:
         with random_state_kept(device):
             network(cfg, model)  # before anything is decoded or written
@@ -151,9 +157,10 @@ def find(cfg: Config, min_lr=1e-7, max_lr=10.0, steps=100, model=None, progress=
         optimizer = make_optimizer(net, cfg, fuses(cfg, device))
         step = make_step(net, optimizer, cfg, device)
         generator = torch.Generator(device=ds.train.index.device).manual_seed(cfg.seed)
-        lrs, costs, blew_up = descend(
-            step, feed_of(cfg, ds, device), optimizer, generator, rates(min_lr, max_lr, steps)
-        )
+        feed = feed_of(cfg, ds, device)
+        if cfg.model.router is not None:
+            feed.router = (router or router_training.build(cfg, device)).to(device).eval()
+        lrs, costs, blew_up = descend(step, feed, optimizer, generator, rates(min_lr, max_lr, steps))
     smooth = smoothed([c for c in costs if math.isfinite(c)])
     doc = config.to_dict(cfg)
     return Finding(lrs, costs, smooth, steps, valley(smooth), blew_up, step.name, cfg.optim.cost, doc, ds.summary())
@@ -171,7 +178,7 @@ def feed_of(cfg: Config, ds: data.Dataset, device: torch.device) -> Feed:
 def network(cfg: Config, model, n_classes: int | None = None) -> torch.nn.Sequential:
     """A copy of model in training mode, or a fresh network seeded as train.py seeds it (on the CPU generator);
     n_classes None: the model's own, only to check that it is the config's network before the data is read."""
-    width = cfg.data.channels * cfg.data.image_size**2
+    width = cfg.data.channels * input_side(cfg.data.image_size, cfg.model.router and cfg.model.router.size) ** 2
     n = n_classes or linear_layers(model)[-1].out_features
     torch.default_generator.manual_seed(cfg.seed)  # not torch.manual_seed: that queues a seed for CUDA too
     fresh = build_model(width, cfg.model.hidden, n, cfg.model.activation, cfg.model.dropout)

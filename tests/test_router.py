@@ -324,3 +324,17 @@ def test_the_find_then_judge_lesson_scores_both_arms_and_draws_the_boxes(small_t
     for arm, overrides in shipped["arms"].items():  # the shipped lesson's quick arms: with and without the router
         cfg = config.load(shipped["base"], [*shipped["overrides"], *shipped["quick"], *overrides])
         assert (cfg.model.router is None) == (arm == "alone")
+
+
+def test_lr_find_measures_the_classifier_behind_the_router(routed, small_tree, tmp_path):
+    """With --checkpoint of a routed run, its router un-warps and its classifier is trained (a copy); without, a
+    new router (the identity) does: either way a suggestion, and nothing of the run is touched."""
+    from hotdog_torch import lr_find
+
+    cfg = routed_run(small_tree, tmp_path, "find")
+    before = (routed / "checkpoints" / "best.pt").read_bytes()
+    net = checkpoint.model_from(checkpoint.load(routed / "checkpoints" / "best.pt"))
+    trained, fresh = (lr_find.find(cfg, 1e-5, 1.0, 30, model) for model in (net, None))
+    assert len(trained.costs) >= 10 and len(fresh.costs) >= 10
+    assert trained.costs[0] < fresh.costs[0]  # the trained router and classifier, at the lowest lr: a lower cost
+    assert (routed / "checkpoints" / "best.pt").read_bytes() == before

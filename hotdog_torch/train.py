@@ -58,8 +58,9 @@ class Run:  # what one training run is made of, once set up
         path, router = self.dir / "checkpoints" / f"{name}.pt", self.phase and self.phase.net
         checkpoint.save(path, self.model, self.optimizer, self.meta, metrics, state, name == "last", router)
 
-    def evaluate(self, split: data.Split, model=None, world=dist.SINGLE) -> dict:
-        return evaluate(model or self.network, split, self.feed.mean, self.feed.std, self.feed.n_classes, world=world)
+    def evaluate(self, split: data.Split, model=None, world=dist.SINGLE) -> dict:  # the cost training minimises
+        f, how = self.feed, {"world": world, "cost": COSTS[self.cfg.optim.cost], "weights": self.feed.class_weights}
+        return evaluate(model or self.network, split, f.mean, f.std, f.n_classes, **how)
 
 
 @runtime.keeps_float_mode  # flush_denormal is the run's, not the caller's

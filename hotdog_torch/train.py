@@ -50,12 +50,12 @@ class Run:  # what one training run is made of, once set up
 
     def save(self, name: str, state: RunState, metrics: dict, progress=None) -> None:
         """checkpoints/<name>.pt; progress, when an epoch stopped part-way, is where (for --resume)."""
+        rng = checkpoint.rng_state(self.generator, self.world) if name == "last" else None  # every rank's: all call
         if not self.world.main:
             return
-        state.epoch_progress = checkpoint.on_cpu(progress)
-        state.rng, state.schedule = checkpoint.rng_state(self.generator), self.schedule.state_dict()
-        state.router = None if self.phase is None else self.phase.state()
-        path, router = self.dir / "checkpoints" / f"{name}.pt", self.phase and self.phase.net
+        state.epoch_progress, state.rng = checkpoint.on_cpu(progress), rng  # rng: for --resume, in last.pt alone
+        state.schedule, path = self.schedule.state_dict(), self.dir / "checkpoints" / f"{name}.pt"
+        state.router, router = None if self.phase is None else self.phase.state(), self.phase and self.phase.net
         checkpoint.save(path, self.model, self.optimizer, self.meta, metrics, state, name == "last", router)
 
     def evaluate(self, split: data.Split, model=None, world=dist.SINGLE) -> dict:  # the cost training minimises

@@ -232,3 +232,15 @@ def test_after_a_restart_rank_0_tells_every_rank_which_run_to_go_on_with(tmp_pat
     done = subprocess.run([*launcher, "--no-python", sys.executable, "-c", RESTARTED, *args], capture_output=True)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [(tmp_path / f"answer.{r}").read_text() for r in (0, 1)] == [str(run_dir)] * 2
+
+
+def test_torchrun_with_dropout_resumes_bit_identical(small_tree, tmp_path):
+    """Each rank draws its own dropout masks (seeded seed + rank): last.pt keeps every rank's generator, and each
+    rank of the resumed run takes its own back, so the resumed run goes on exactly as the straight one."""
+    options = dict(optim__batch_size=15, model__dropout=0.3, train__epochs=3)
+    train(torchrun("--config", str(config_file(small_tree, tmp_path, "straight", **options))))
+    train(torchrun("--config", str(config_file(small_tree, tmp_path, "halfway", **options)), "train.epochs=1"))
+    halfway = tmp_path / "runs" / "halfway"
+    train(torchrun("--resume", str(halfway), "train.epochs=3"))
+    a, b = weights(tmp_path / "runs" / "straight"), weights(halfway)
+    assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)

@@ -27,7 +27,7 @@ from .loop import EpochResult, Feed, clamp_batch_size, evaluate, train_one_epoch
 from .model import build_model, input_side
 from .optim import make_optimizer
 from .router_training import Phase, phase_of, routed, run_phase
-from .step import fuses, make_step
+from .step import check_step, fuses, make_step
 
 
 @dataclass
@@ -121,7 +121,7 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
     world = dist.from_env()  # one process, or one of torchrun's
     device = dist.start(world, runtime.resolve_device(cfg.device))
     runtime.use_tf32(device)
-    search.check(world, cfg)
+    check_step(cfg, device, world)  # a config no step can take here, before anything is written
     resume_dir = resume_dir or dist.restarted_run(world, cfg.log.dir)  # a worker died: go on where the run was
     resumed = checkpoint.load(Path(resume_dir) / "checkpoints" / "last.pt") if resume_dir else None
     budget = cfg.data.memory_budget if cfg.data.memory_budget is not None else data.default_memory_budget(device)

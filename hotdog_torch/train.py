@@ -1,9 +1,8 @@
 """Train the hot-dog network: python -m hotdog_torch.train --config configs/hotdog.yaml [section.key=value ...]
 
-Decode the images once into a uint8 tensor on the device; each epoch, batches of shuffled indices, each a step
-of gradient descent on C = optim.cost, ½·MSE by default (step.py), at the lr the schedule gives; then evaluate on
-validation (the same cost), log, save checkpoints, and stop at the target accuracy, on divergence, without
-improvement, or after the last epoch.
+Decode the images once into a uint8 tensor on the device; each epoch, batches of shuffled indices, each a step of
+gradient descent on C = optim.cost (½·MSE by default; step.py) at the lr the schedule gives; then evaluate on
+validation (same C), log, save checkpoints, and stop at the target, on divergence, without improvement, or at the end.
 """
 
 from __future__ import annotations

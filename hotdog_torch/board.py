@@ -2,7 +2,7 @@
 
 The x axis is always the optimiser step (1 = after the first update).
 
-Scalars, every step:            cost/train (½·MSE of the batch), lr (the learning rate the step used)
+Scalars, every step:            cost/train (the batch's cost, optim.cost), lr (the learning rate the step used)
 Scalars, every log.every_steps: weight_norm/layerN, grad_norm/layerN (on a fixed probe batch)
 Scalars, every epoch:           epoch, cost/train_epoch, cost/val, error_rate/train, error_rate/val,
                                 accuracy/val, balanced_accuracy/val, precision|recall|f1/val/<class>
@@ -17,7 +17,8 @@ Text, once:                     config, dataset
 HParams, at the end:            the config's knobs against hparam/* final metrics
 
 The error rate is the seed's first cost function, # wrongly identified / total:
-it is logged beside the smooth cost ½·MSE that gradient descent follows.
+it is logged beside the smooth cost gradient descent follows (optim.cost, ½·MSE by default; cost/val is the same
+cost, weighted by optim.class_weights as training is).
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import dist
 from .config import Augment, Config, Optim, Train, UserError
 from .config import Router as RouterSettings
 from .files import atomic_write, write_config
@@ -63,25 +64,37 @@ def on_cpu(progress: dict | None) -> dict | None:
     return None if progress is None else {k: v.cpu() if torch.is_tensor(v) else v for k, v in progress.items()}
 
 
-def rng_state(generator) -> dict:
-    """Every random number generator's state, as plain data and tensors (loadable with weights_only=True)."""
+def rng_state(generator, world: dist.World = dist.SINGLE) -> dict:
+    """Every random number generator's state, as plain data and tensors (loadable with weights_only=True).
+
+    Under torchrun each rank draws its own dropout masks from torch's generators: "ranks" holds every rank's
+    (a collective: every rank calls this at the same point)."""
     np_state = np.random.get_state()
     numpy = {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2])}
     numpy.update(has_gauss=int(np_state[3]), gauss=float(np_state[4]))
-    return {
-        "batches": generator.get_state(),
+    own = {
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else [],
+    }
+    return {
+        "batches": generator.get_state(),
+        **own,
+        "ranks": dist.all_objects(world, own),
         "numpy": numpy,
         "python": list(random.getstate()[1]) + [random.getstate()[0]],
     }
 
 
-def set_rng_state(generator, state: dict) -> None:
+def set_rng_state(generator, state: dict, rank: int | None = None) -> None:
+    """The generators as rng_state saved them; torch's are this rank's own (rank: torchrun's, by default; a rank the
+    saved run did not have keeps the seed it was given, seed + rank, as a new run's would)."""
     generator.set_state(state["batches"])
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    rank = dist.from_env().rank if rank is None else rank
+    ranks = state.get("ranks") or [state]  # a checkpoint from before "ranks": rank 0's alone
+    if rank < len(ranks):
+        torch.set_rng_state(ranks[rank]["torch"])
+        if ranks[rank]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ranks[rank]["cuda"])
     n = state["numpy"]
     np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
     *keys, version = state["python"]

@@ -144,7 +144,8 @@ class Train:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the network (autograd path)
     # CUDA only, off until scripts/gpu_check.sh has run it on a GPU: capture the fused fp32 step (train.precision=fp32)
-    # as a CUDA graph and replay it, one launch a step instead of dozens
+    # as a CUDA graph and replay it, one launch a step instead of dozens; one process, SGD at a constant lr, no
+    # dropout (step.check_step refuses anything else in one sentence)
     cuda_graphs: bool = False
     # under torchrun, how the fused step shares a layer's gradient: "factors" (all-gather each rank's δ and input
     # rows), "gradients" (all-reduce the gradient), or "auto" (per layer, the fewer bytes received)

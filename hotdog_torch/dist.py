@@ -205,6 +205,17 @@ def broadcast_weights(world: World, model: torch.nn.Module) -> None:
             td.broadcast(t.data, src=0)
 
 
+def all_objects(world: World, value) -> list:
+    """Every rank's value, in rank order, on every rank ([value] in one process)."""
+    if not world.distributed:
+        return [value]
+    import torch.distributed as td
+
+    out = [None] * world.size
+    td.all_gather_object(out, value)
+    return out
+
+
 def broadcast(world: World, value):
     """rank 0's value, on every rank."""
     if not world.distributed:

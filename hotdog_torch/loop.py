@@ -198,8 +198,22 @@ def wrong_counts(outputs: torch.Tensor, labels: torch.Tensor, sizes: list[int]) 
 
 
 @torch.no_grad()
-def evaluate(model, split: data.Split, mean, std, n_classes, device=None, chunk=1024, world=dist.SINGLE) -> dict:
+def evaluate(
+    model,
+    split: data.Split,
+    mean,
+    std,
+    n_classes,
+    device=None,
+    chunk=1024,
+    world=dist.SINGLE,
+    cost=half_mse,
+    weights=None,
+) -> dict:
     """Cost, error rate and accuracy of the whole split, plus every output score.
+
+    The cost is `cost` (training's optim.cost: ½·MSE by default), each image weighted by its class's entry of
+    `weights` (optim.class_weights) as the training cost is.
 
     Under torchrun (world) each process scores its contiguous share of the split and the scores are gathered,
     so every process holds the whole split's and computes the same figures from them.
@@ -213,7 +227,7 @@ def evaluate(model, split: data.Split, mean, std, n_classes, device=None, chunk=
     mine = torch.cat(mine) if mine else torch.empty(0, n_classes, device=device)  # a share of no images
     outputs = dist.all_rows(world, mine, len(split))
     labels = split.labels.to(device)
-    cost = half_mse(outputs, one_hot(labels, n_classes)).item()
+    c = cost(outputs, one_hot(labels, n_classes), None if weights is None else weights.to(device)[labels]).item()
     err = error_rate(outputs, labels).item()
     model.train()
-    return {"cost": cost, "error_rate": err, "accuracy": 1 - err, "outputs": outputs}
+    return {"cost": c, "error_rate": err, "accuracy": 1 - err, "outputs": outputs}

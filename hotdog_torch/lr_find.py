@@ -167,12 +167,13 @@ def find(cfg: Config, min_lr=1e-7, max_lr=10.0, steps=100, model=None, progress=
 
 
 def feed_of(cfg: Config, ds: data.Dataset, device: torch.device) -> Feed:
-    """The training split's batches, as train.py feeds them (its batch size, normalisation and class weights)."""
+    """The training split's batches, as train.py feeds them (its batch size, normalisation, class weights and
+    data.augment)."""
     weights = class_weights(cfg.optim.class_weights, ds.train.labels, ds.classes)
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
     batch_size = clamp_batch_size(cfg.optim.batch_size, len(ds.train))
     weights = None if weights is None else weights.to(device)
-    return Feed(ds.train, mean, std, batch_size, len(ds.classes), device, dist.SINGLE, weights)
+    return Feed(ds.train, mean, std, batch_size, len(ds.classes), device, dist.SINGLE, weights, cfg.data.augment)
 
 
 def network(cfg: Config, model, n_classes: int | None = None) -> torch.nn.Sequential:
@@ -215,10 +216,17 @@ def descend(step, feed: Feed, optimizer, generator, lrs: list[float]) -> tuple[l
 
 
 def batches(feed: Feed, generator):
-    """(normalised images, labels) of shuffled batches of the training split, epoch after epoch, without end."""
+    """(normalised images, labels) of shuffled batches of the training split, epoch after epoch, without end; with
+    data.augment, each image framed as train.py frames it (the epoch's draw after its order, at its strength)."""
+    epoch, split = 0, feed.split
     while True:
-        order = torch.randperm(len(feed.split), generator=generator, device=feed.split.index.device)
-        yield from (feed.batch(positions) for positions in order.split(feed.batch_size))
+        epoch += 1
+        order = torch.randperm(len(split), generator=generator, device=split.index.device)
+        framings = feed.framings(len(order), generator, epoch)
+        for lo in range(0, len(order), feed.batch_size):
+            positions = order[lo : lo + feed.batch_size]
+            framed = None if framings is None else framings[lo : lo + feed.batch_size].to(feed.device)
+            yield feed.images(split.index[positions], framed), split.labels[positions].to(feed.device)
 
 
 def plot(f: Finding) -> Image.Image:

@@ -11,17 +11,10 @@ import copy
 
 import torch
 
-from .config import UserError
 from .loop import EpochResult, Feed, evaluate
 from .model import linear_layers
 
 NAME = "random search (a fresh draw of every weight per pass, the best kept; no gradients)"
-
-
-def check(world, cfg) -> None:
-    """Random search runs in one process (its draws are not shared out): refused under torchrun."""
-    if world.distributed and cfg.optim.name == "random_search":
-        raise UserError("random search runs in one process: start it without torchrun")
 
 
 @torch.no_grad()

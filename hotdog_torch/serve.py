@@ -71,17 +71,27 @@ def create_app(checkpoint_path: str | Path):
 
 
 async def read_upload(request):
-    """The uploaded file's bytes, or an error answer."""
+    """The uploaded file's bytes, or an error answer.  The body is counted as it arrives, with a Content-Length or
+    chunked without one, and refused once it passes the limit: nothing is parsed or spooled to disk before."""
     from starlette.datastructures import UploadFile
+    from starlette.requests import Request
 
+    too_large = error(413, f"the upload is over {MAX_BYTES // 2**20} MB; send a smaller photo")
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > MAX_BYTES + 2**16:
         if int(length) <= 4 * MAX_BYTES:  # read it to the end, so that the client gets the answer, not a reset
             async for _ in request.stream():
                 pass
-        return error(413, f"the upload is over {MAX_BYTES // 2**20} MB; send a smaller photo")
+        return too_large
+    body = await body_within(request, MAX_BYTES + 2**16)  # the photo and its multipart framing
+    if body is None:
+        return too_large
+
+    async def replay():  # the body, read once, handed to the multipart parser
+        return {"type": "http.request", "body": body, "more_body": False}
+
     try:
-        form = await request.form(max_files=1, max_fields=8)
+        form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
     except Exception:  # noqa: BLE001 - whatever the multipart parser makes of a malformed body, the body is at fault
         return error(400, "send the photo as a multipart form, in the field 'file'")
     upload = form.get("file")
@@ -90,9 +100,17 @@ async def read_upload(request):
     data = await upload.read(MAX_BYTES + 1)
     if not data:
         return error(400, "the upload is empty")
-    if len(data) > MAX_BYTES:
-        return error(413, f"the upload is over {MAX_BYTES // 2**20} MB; send a smaller photo")
-    return data
+    return too_large if len(data) > MAX_BYTES else data
+
+
+async def body_within(request, limit: int) -> bytes | None:
+    """The request's body as it arrives, or None as soon as it passes limit bytes (the rest is not waited for)."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            return None
+    return bytes(body)
 
 
 def classify(net: Classifier, data: bytes) -> dict:

@@ -226,18 +226,40 @@ def windowed(cfg: Config, world: dist.World = dist.SINGLE) -> bool:
     return plain and constant and o.fused_window > 1 and not world.distributed
 
 
+def check_step(cfg: Config, device: torch.device, world: dist.World = dist.SINGLE) -> None:
+    """Refuse, in one sentence, a config no step can take here (train.py asks before anything is written):
+    random search under torchrun, and train.cuda_graphs wherever the graph could not be what runs."""
+    if world.distributed and cfg.optim.name == "random_search":
+        raise UserError("random search runs in one process: start it without torchrun")
+    o, why = cfg.optim, "train.cuda_graphs replays the fused fp32 SGD step"
+    refusals = [
+        (device.type != "cuda", f"train.cuda_graphs needs a CUDA device, but this run trains on {device}"),
+        (o.name == "random_search", "train.cuda_graphs has no step to replay in a random search"),
+        # a graph would capture the collectives of one step and replay them blindly
+        (world.distributed, "train.cuda_graphs runs in one process: start it without torchrun"),
+        (resolve_precision(cfg, device) != "fp32", f"{why}: it needs train.precision=fp32 (auto is bf16 on CUDA)"),
+        (not o.fused, f"{why}: it needs optim.fused=true"),
+        (o.cost != "half_mse", f"{why}: it needs optim.cost=half_mse"),
+        (cfg.train.compile, f"{why}: it needs train.compile=false"),
+        (o.name != "sgd", "train.cuda_graphs replays the lr it captured: it needs optim.name=sgd, a constant lr"),
+        (
+            o.schedule != "constant" or o.warmup_steps,
+            "train.cuda_graphs replays the lr it captured: it needs a constant lr",
+        ),
+        # the warm-up before capture draws masks no step uses, so a resumed run (captured again) would draw others
+        (cfg.model.dropout > 0, "train.cuda_graphs resumes exactly only without dropout: it needs model.dropout=0"),
+    ]
+    refused = next((why for wrong, why in refusals if wrong), None) if cfg.train.cuda_graphs else None
+    if refused:
+        raise UserError(f"{refused}; or set train.cuda_graphs=false")
+
+
 def make_step(model, optimizer, cfg: Config, device: torch.device, world: dist.World = dist.SINGLE) -> Step:
     """The training step for this config (and this process's place among torchrun's)."""
+    check_step(cfg, device, world)
     if fuses(cfg, device, world):
-        graphed = cfg.train.cuda_graphs and device.type == "cuda"
-        if graphed and world.distributed:  # a graph would capture the collectives of one step and replay them blindly
-            raise UserError("train.cuda_graphs runs in one process: start it without torchrun")
-        if graphed and (
-            not isinstance(optimizer, FusedSGD) or cfg.optim.schedule != "constant" or cfg.optim.warmup_steps
-        ):
-            raise UserError("train.cuda_graphs replays the lr it captured: it needs optim.name=sgd, a constant lr")
         step = fused_step(model, optimizer, cfg, world, matmuls("fp32", device))
-        return cuda_graphed(step, model, optimizer) if graphed else step
+        return cuda_graphed(step, model, optimizer) if cfg.train.cuda_graphs else step
     precision = resolve_precision(cfg, device)
     take = autograd_step(model, optimizer, cfg, precision, device, world)
     o = cfg.optim
@@ -293,24 +315,23 @@ def fused_step(model, optimizer, cfg: Config, world: dist.World = dist.SINGLE, p
 
 
 def cuda_graphed(step: Step, model, optimizer) -> Step:
-    """The step captured once as a CUDA graph for the batch sizes of its first window, then replayed for every
-    window of those sizes: one launch instead of one per operation.  Other windows (the epoch's last, short
-    batch) run the step as it is.  The graph holds the lr it was captured with: make_step takes it only at a
-    constant lr (config checks), for FusedSGD.
+    """The step captured as a CUDA graph once for each sizes of window it meets (the whole batches, the epoch's
+    last, short one), then replayed for every window of those sizes: one launch instead of one per operation.
+    Every window replays a graph, whichever size a run (or a resumed run) meets first.  The graph holds the lr it
+    was captured with: check_step lets it run only at a constant lr, for FusedSGD, without dropout.
 
     Capture needs warm-up runs of the step first; they move the weights, so the weights and momentum buffers
     are put back before capture, and the run goes on as if they had never happened.  The results are the
     graph's own tensors, overwritten by the next replay: the loop copies them at once, on the same stream.
     """
-    graph, static = None, {}
+    graphs = {}  # the sizes of a window -> (its graph, the graph's inputs and results)
 
     def take(x, targets, sizes, totals, weights):
-        nonlocal graph
-        if graph is None:
-            static["sizes"] = sizes
-            graph = _capture(step, static, (x, targets, sizes, totals, weights), model, optimizer)
-        if sizes != static["sizes"]:
-            return step(x, targets, sizes, totals, weights)
+        key = tuple(sizes)
+        if key not in graphs:
+            static = {}
+            graphs[key] = _capture(step, static, (x, targets, sizes, totals, weights), model, optimizer), static
+        graph, static = graphs[key]
         static["x"].copy_(x)
         static["t"].copy_(targets)
         if weights is not None:

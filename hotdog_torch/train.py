@@ -1,8 +1,8 @@
 """Train the hot-dog network: python -m hotdog_torch.train --config configs/hotdog.yaml [section.key=value ...]
 
-Decode the images once into a uint8 tensor on the device; each epoch, batches of shuffled indices, each a step
-of gradient descent on C = ½·MSE (step.py) at the lr the schedule gives; then evaluate on validation, log, save
-checkpoints, and stop at the target accuracy, on divergence, without improvement, or after the last epoch.
+Decode the images once into a uint8 tensor on the device; each epoch, batches of shuffled indices, each a step of
+gradient descent on C = optim.cost (½·MSE by default; step.py) at the lr the schedule gives; then evaluate on
+validation (same C), log, save checkpoints, and stop at the target, on divergence, without improvement, or at the end.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from .loop import EpochResult, Feed, clamp_batch_size, evaluate, train_one_epoch
 from .model import build_model, input_side
 from .optim import make_optimizer
 from .router_training import Phase, phase_of, routed, run_phase
-from .step import fuses, make_step
+from .step import check_step, fuses, make_step
 
 
 @dataclass
@@ -49,16 +49,17 @@ class Run:  # what one training run is made of, once set up
 
     def save(self, name: str, state: RunState, metrics: dict, progress=None) -> None:
         """checkpoints/<name>.pt; progress, when an epoch stopped part-way, is where (for --resume)."""
+        rng = checkpoint.rng_state(self.generator, self.world) if name == "last" else None  # every rank's: all call
         if not self.world.main:
             return
-        state.epoch_progress = checkpoint.on_cpu(progress)
-        state.rng, state.schedule = checkpoint.rng_state(self.generator), self.schedule.state_dict()
-        state.router = None if self.phase is None else self.phase.state()
-        path, router = self.dir / "checkpoints" / f"{name}.pt", self.phase and self.phase.net
+        state.epoch_progress, state.rng = checkpoint.on_cpu(progress), rng  # rng: for --resume, in last.pt alone
+        state.schedule, path = self.schedule.state_dict(), self.dir / "checkpoints" / f"{name}.pt"
+        state.router, router = None if self.phase is None else self.phase.state(), self.phase and self.phase.net
         checkpoint.save(path, self.model, self.optimizer, self.meta, metrics, state, name == "last", router)
 
-    def evaluate(self, split: data.Split, model=None, world=dist.SINGLE) -> dict:
-        return evaluate(model or self.network, split, self.feed.mean, self.feed.std, self.feed.n_classes, world=world)
+    def evaluate(self, split: data.Split, model=None, world=dist.SINGLE) -> dict:  # the cost training minimises
+        f, how = self.feed, {"world": world, "cost": COSTS[self.cfg.optim.cost], "weights": self.feed.class_weights}
+        return evaluate(model or self.network, split, f.mean, f.std, f.n_classes, **how)
 
 
 @runtime.keeps_float_mode  # flush_denormal is the run's, not the caller's
@@ -119,7 +120,7 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
     world = dist.from_env()  # one process, or one of torchrun's
     device = dist.start(world, runtime.resolve_device(cfg.device))
     runtime.use_tf32(device)
-    search.check(world, cfg)
+    check_step(cfg, device, world)  # a config no step can take here, before anything is written
     resume_dir = resume_dir or dist.restarted_run(world, cfg.log.dir)  # a worker died: go on where the run was
     resumed = checkpoint.load(Path(resume_dir) / "checkpoints" / "last.pt") if resume_dir else None
     budget = cfg.data.memory_budget if cfg.data.memory_budget is not None else data.default_memory_budget(device)

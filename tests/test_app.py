@@ -188,6 +188,32 @@ def test_every_bad_upload_gets_a_4xx_and_the_server_keeps_serving(server):
         assert r.status == 200
 
 
+def test_a_chunked_upload_is_refused_once_it_passes_the_limit_not_after_it_ends(server):
+    """No Content-Length (Transfer-Encoding: chunked): the app counts the bytes as they arrive and answers 413 once
+    they pass 20 MB, while the client has not ended the body (nothing parsed or spooled to disk before)."""
+    host, port = server.removeprefix("http://").split(":")
+    boundary = uuid.uuid4().hex
+    head = f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="huge.jpg"\r\n\r\n'.encode()
+    request = (
+        f"POST /predict HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n"
+        f"Content-Type: multipart/form-data; boundary={boundary}\r\n\r\n"
+    ).encode()
+    chunk = b"\xff" * 2**20
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(request + b"%x\r\n%s\r\n" % (len(head), head))
+        for _ in range(21):  # 21 MB of the file, and the body never ended: no last chunk
+            s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            got = s.recv(65536)  # a server that waits for the body's end times out here
+            if not got:
+                break
+            answer += got
+    assert answer.startswith(b"HTTP/1.1 413") and b"over 20 MB" in answer, answer[:300]
+    with urllib.request.urlopen(f"{server}/health") as r:
+        assert r.status == 200
+
+
 def test_concurrent_requests_are_answered_alike(server, hot_dog_photo):
     data = hot_dog_photo.read_bytes()
     with ThreadPoolExecutor(8) as pool:

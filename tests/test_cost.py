@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hotdog_torch import cost
@@ -56,3 +57,23 @@ def test_zero_hidden_layers_is_one_layer_of_sigmoid_neurons():
     assert layer.weight.shape == (2, 16384)
     x = torch.rand(3, 1, 128, 128)
     assert torch.allclose(model(x), torch.sigmoid(x.flatten(1) @ layer.weight.T + layer.bias))
+
+
+def test_the_validation_cost_is_the_configured_cost_weighted_as_training_is(tiny_tree, make_config):
+    """optim.cost=cross_entropy with class weights: val_cost (which plateau, train.monitor=val_cost and best.pt
+    follow) is that weighted cross-entropy of the validation split, not ½·MSE."""
+    import json
+
+    from hotdog_torch import checkpoint, data, train
+
+    cfg = make_config(tiny_tree, "optim.cost=cross_entropy", "optim.class_weights=[2.0,0.5]", "train.epochs=1")
+    run_dir = train.run(cfg, progress=False)
+    val_cost = json.loads((run_dir / "metrics.json").read_text())["val_cost"]
+    ckpt = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    ds = data.prepare(cfg.data, cfg.seed, False, None)
+    x = data.normalise(ds.val.batch(torch.arange(len(ds.val))), torch.tensor(ckpt["mean"]), torch.tensor(ckpt["std"]))
+    with torch.no_grad():
+        outputs = checkpoint.model_from(ckpt)(x)
+    weights = torch.tensor([2.0, 0.5])[ds.val.labels]
+    expected = cost.cross_entropy(outputs, cost.one_hot(ds.val.labels, 2), weights).item()
+    assert val_cost == pytest.approx(expected, rel=1e-5)

@@ -208,3 +208,15 @@ def test_bad_input_is_one_sentence_exit_2_and_nothing_written(small_tree, tmp_pa
 def test_every_range_is_checked(low, high, steps):
     with pytest.raises(UserError):
         lr_find.check(low, high, steps)
+
+
+def test_it_measures_on_batches_framed_as_data_augment_frames_them(small_tree, make_config):
+    """The photos recipe trains on augmented batches: the range test must see those, not the bare images.  Framings
+    of zero magnitude give the bare batches back (the same order): the difference is the framing alone."""
+    plain = lr_find.find(make_config(small_tree, "optim.momentum=0"), 1e-4, 1e-3, 10)
+    augmented = lr_find.find(make_config(small_tree, "optim.momentum=0", "data.augment.enabled=true"), 1e-4, 1e-3, 10)
+    still = ["data.augment.enabled=true", "data.augment.shift=0", "data.augment.zoom=1", "data.augment.rotate=0"]
+    still += ["data.augment.flip=false", "data.augment.light=0"]
+    unmoved = lr_find.find(make_config(small_tree, "optim.momentum=0", *still), 1e-4, 1e-3, 10)
+    assert np.allclose(unmoved.costs, plain.costs, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(augmented.costs, plain.costs, rtol=1e-3, atol=1e-5)

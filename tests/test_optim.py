@@ -224,3 +224,73 @@ def test_cuda_graphs_are_refused_under_torchrun_in_one_sentence():
     fused = optim.make_optimizer(model, cfg, True)
     with pytest.raises(config.UserError, match="train.cuda_graphs runs in one process"):
         step.make_step(model, fused, cfg, torch.device("cuda"), dist.World(0, 2))  # built, never run: no GPU needed
+
+
+GRAPHS = [  # train.cuda_graphs=true with each of these on one CUDA process: replayed as a graph, or refused
+    ([], "train.precision=fp32"),  # CUDA's default precision is bf16 autocast: the autograd step
+    (["train.precision=bf16"], "train.precision=fp32"),
+    (["train.precision=bf16", "optim.name=adamw"], "train.precision=fp32"),
+    (["train.precision=fp32", "optim.name=adamw"], "optim.name=sgd"),
+    (["train.precision=fp32", "optim.fused=false"], "optim.fused=true"),
+    (["train.precision=fp32", "optim.cost=cross_entropy"], "optim.cost=half_mse"),
+    (["train.precision=fp32", "train.compile=true"], "train.compile=false"),
+    (["train.precision=fp32", "optim.schedule=cosine"], "constant lr"),
+    (["train.precision=fp32", "optim.warmup_steps=3"], "constant lr"),
+    (["train.precision=fp32", "model.dropout=0.2"], "model.dropout=0"),
+    (["optim.name=random_search"], "random search"),
+    (["train.precision=fp32"], None),
+    (["train.precision=fp32", "optim.momentum=0", "optim.fused_window=4"], None),
+]
+
+
+@pytest.mark.parametrize("extra, says", GRAPHS)
+def test_cuda_graphs_are_replayed_or_refused_in_one_sentence_never_ignored(extra, says):
+    model = build_model(4, [3], 2)
+    cfg = config.load(None, ["train.cuda_graphs=true", *extra])
+    cuda = torch.device("cuda")
+    built = lambda: step.make_step(model, optim.make_optimizer(model, cfg, step.fuses(cfg, cuda)), cfg, cuda)  # noqa: E731
+    if says is None:  # built, never run: no GPU needed
+        assert "replayed as a CUDA graph" in built().name
+        return
+    with pytest.raises(config.UserError, match="train.cuda_graphs") as refused:
+        step.check_step(cfg, cuda)  # what train.py asks before anything is written
+    assert says in str(refused.value) and str(refused.value).count(". ") == 0, refused.value
+    with pytest.raises(config.UserError):
+        built()
+
+
+def test_cuda_graphs_on_the_cpu_is_one_sentence_before_anything_is_written(tiny_tree, tmp_path, capsys):
+    from conftest import config_file
+
+    from hotdog_torch import train
+
+    path = config_file(tiny_tree, tmp_path, "graphs", train__cuda_graphs=True)
+    assert train.main(["--config", str(path), "--no-progress"]) == 2
+    assert "error: train.cuda_graphs needs a CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "graphs").exists()
+
+
+def test_every_window_size_replays_its_own_graph_wherever_the_run_started(monkeypatch):
+    """A run resumed at an epoch's last, short batch meets that size first: its full batches must still replay a
+    graph, as the straight run's do (the graph's kernels, not the eager ones).  The capture is faked: no GPU."""
+    captured, replays, eager = [], [], []
+
+    def capture(take, static, args, model, optimizer):
+        x, targets, sizes, totals, weights = args
+        static.update(x=x.clone(), t=targets.clone(), w=None)
+        captured.append(list(sizes))
+
+        class Graph:
+            def replay(self):
+                replays.append(list(sizes))
+                static["results"] = take(static["x"], static["t"], sizes, totals, None)
+
+        return Graph()
+
+    monkeypatch.setattr(step, "_capture", capture)
+    inner = step.Stepper(lambda x, t, sizes, totals, w: eager.append(sizes) or [(x.sum(), x)], 1, "fake")
+    graphed = step.cuda_graphed(inner, None, None)
+    for n in (5, 16, 16, 5, 16):  # resumed at the short batch, then the next epoch
+        graphed(torch.ones(n, 4), torch.zeros(n, 2), [n])
+    assert sorted(captured) == [[5], [16]] and replays == [[5], [16], [16], [5], [16]], (captured, replays)
+    assert eager == replays  # every step went through a replay, none around the graph

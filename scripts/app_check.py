@@ -9,6 +9,8 @@ decompression bomb, over 20 MB, the wrong field) from concurrent clients.  Every
 that predict.Classifier gives the same bytes, every bad one a 4xx, and the server must answer /health at the
 end; it prints the counts and the p50/p99 latency.
 --screenshot: the page after a hot-dog photo, in Debian's headless Chromium (Playwright), saved as a PNG.
+--router-cost N: with a router (model.router), the median of N photos' answers (serve.classify: decode, find,
+un-warp, judge, explain) with the router and with its passes taken out (the picture only resampled), and the ratio.
 """
 
 from __future__ import annotations
@@ -43,12 +45,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def start(best: Path) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "hotdog_torch.serve", "--checkpoint", str(best), "--port", str(port)],
-        cwd=REPO,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    command = [sys.executable, "-m", "hotdog_torch.serve", "--checkpoint", str(best), "--port", str(port)]
+    proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     for _ in range(300):
         try:
@@ -145,13 +143,39 @@ def screenshot(best: Path, out: Path) -> int:
     return 0
 
 
+def router_cost(best: Path, n: int) -> int:
+    from hotdog_torch.serve import classify
+
+    routed, alone = Classifier(checkpoint.load(best)), Classifier(checkpoint.load(best))
+    alone.router.passes = 0  # locate() is then the identity: no router MLP runs
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = synth.generate(Path(tmp) / "fresh", n // 2, n - n // 2, 0, 0, size=128, seed=5, progress=False)
+        uploads = [data for _, data in photos(folder / "train", n)]
+    medians = []
+    for net in (routed, alone):
+        classify(net, uploads[0])  # warm-up
+        medians.append(statistics.median(timed(classify, net, data) for data in uploads))
+    ms = [f"{m * 1e3:.2f} ms" for m in medians]
+    print(f"{n} photos: median answer {ms[0]} with the router, {ms[1]} without ({medians[0] / medians[1]:.2f}x)")
+    return 0
+
+
+def timed(f, *args) -> float:
+    t0 = time.perf_counter()
+    f(*args)
+    return time.perf_counter() - t0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--requests", type=int, default=160)
     p.add_argument("--clients", type=int, default=8)
     p.add_argument("--screenshot", metavar="PNG", help="save the page after a hot-dog photo here instead")
+    p.add_argument("--router-cost", type=int, metavar="N", help="time N photos' answers with and without the router")
     a = p.parse_args(argv)
+    if a.router_cost:
+        return router_cost(Path(a.checkpoint), a.router_cost)
     if a.screenshot:
         return screenshot(Path(a.checkpoint), Path(a.screenshot))
     return load(Path(a.checkpoint), a.requests, a.clients)

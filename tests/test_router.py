@@ -338,3 +338,18 @@ def test_lr_find_measures_the_classifier_behind_the_router(routed, small_tree, t
     assert len(trained.costs) >= 10 and len(fresh.costs) >= 10
     assert trained.costs[0] < fresh.costs[0]  # the trained router and classifier, at the lowest lr: a lower cost
     assert (routed / "checkpoints" / "best.pt").read_bytes() == before
+
+
+@pytest.mark.cuda
+def test_a_routed_run_on_cuda_resumes_bit_identical_and_its_network_judges_on_the_cpu(small_tree, tmp_path):
+    changes = dict(device="cuda", model__router=ROUTER | {"epochs": 2}, train__epochs=2)
+    straight = checkpoint.load(
+        train.run(routed_run(small_tree, tmp_path, "straight", **changes), False) / "checkpoints/last.pt"
+    )
+    half = train.run(routed_run(small_tree, tmp_path, "half", **changes | {"train__epochs": 1}), False)
+    train.run(config.load(half / "config.yaml", ["train.epochs=2"]), False, resume_dir=half)
+    resumed = checkpoint.load(half / "checkpoints" / "last.pt")
+    assert_same_weights(resumed["router"], straight["router"])
+    assert_same_weights(resumed["model"], straight["model"])
+    files = predict.image_files([str(small_tree / "test")])[:4]
+    assert all(len(box) == 4 for *_, box in predict.predict(resumed, files))

@@ -69,7 +69,7 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
     if state is None:  # nothing to resume
         return dist.finish(r.world) or r.dir
     if cfg.optim.name == "random_search":  # the shot in the dark: a draw a pass, no step
-        step_name, epoch_pass = search.NAME, search.Search(r.model, r.feed).epoch
+        step_name, epoch_pass = search.NAME, search.Search(r.model, r.feed, COSTS[cfg.optim.cost]).epoch
     else:
         step = make_step(r.model, r.optimizer, cfg, r.feed.device, r.world)
         step_name, every = step.name, cfg.log.every_steps
@@ -153,6 +153,8 @@ def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[R
     phase = phase_of(cfg, device, feed.steps(), resumed, state)
     if world.main and state is not None:  # only now: a refused resume changes nothing on disk
         checkpoint.settle(run_dir, cfg, resumed)
+    elif world.main and resumed is not None:  # finished: only a best.pt a kill left behind last.pt, mended
+        checkpoint.mend(run_dir, resumed)
     return Run(cfg, ds, run_dir, model, optimizer, lr, generator, feed, meta, world, phase), state, resumed is not None
 
 

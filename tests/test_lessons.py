@@ -185,3 +185,16 @@ def test_the_template_or_hot_dog_lesson_scores_both_arms_on_every_framing(small_
     assert "| arm | as_is | shift | zoom_out | zoom_in | tilt | flip | dim | jpeg |" in text
     picture = Image.open(parent / "e_template" / "neurons.png")
     assert picture.width > 2 * picture.height  # one row of neurons per arm, side by side
+
+
+def test_random_search_reports_the_configured_cost(small_tree, make_config):
+    """The same first draw (kept: nothing to beat), scored by ½·MSE and by cross-entropy: the training cost it
+    reports is the configured one, as the validation cost is."""
+    costs = {}
+    for name in ("half_mse", "cross_entropy"):
+        cfg = make_config(
+            small_tree, "optim.name=random_search", f"optim.cost={name}", "train.epochs=1", f"log.run_name={name}"
+        )
+        history = checkpoint.load(train.run(cfg, progress=False) / "checkpoints" / "last.pt")["state"]["history"]
+        costs[name] = history[0]["train_cost"]
+    assert costs["cross_entropy"] > 2 * costs["half_mse"]  # -log of a sigmoid against ½(1 - sigmoid)²

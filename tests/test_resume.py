@@ -213,7 +213,9 @@ save, when = checkpoint.save, sys.argv.pop(1)
 def killing_save(path, *args, **kw):
     state = args[4]
     at = path.name == "best.pt" and state.epoch >= 3 and state.epoch % 2 == 1  # last.pt not due: every 2 epochs
-    if at and when == "before":
+    if when == "final":  # the last epoch's new best: last.pt (the run finished) written, best.pt not yet
+        at = path.name == "best.pt" and state.stopped_because is not None
+    if at and when in ("before", "final"):
         os.kill(os.getpid(), signal.SIGKILL)
     save(path, *args, **kw)
     if at:
@@ -243,3 +245,19 @@ def test_a_kill_between_best_and_last_leaves_best_pt_and_metrics_agreeing(small_
         best["metrics"]["val_accuracy"] == metrics["val_accuracy"]
         and best["metrics"]["val_cost"] == metrics["val_cost"]
     )
+
+
+def test_a_kill_on_the_last_epoch_before_best_pt_is_mended_by_a_plain_resume(small_tree, tmp_path):
+    """The last epoch's new best: last.pt says the run is finished, best.pt is an earlier epoch's.  A plain
+    --resume has nothing to train, and still writes best.pt from last.pt's weights (that epoch's)."""
+    cfg = write_config(small_tree, tmp_path, log__run_name="final", optim__batch_size=16, train__epochs=3)
+    killer = tmp_path / "killer.py"
+    killer.write_text(KILLER)
+    killed = subprocess.run([sys.executable, str(killer), "final", "--no-progress", "--config", str(cfg)], cwd=REPO)
+    run_dir = tmp_path / "runs" / "final"
+    last = checkpoint.load(run_dir / "checkpoints" / "last.pt")
+    if killed.returncode != -signal.SIGKILL:  # the last epoch was not a new best: nothing to mend
+        pytest.skip("the last epoch of this run was not its best")
+    assert checkpoint.load(run_dir / "checkpoints" / "best.pt")["epoch"] < last["epoch"]
+    assert train_cli("--resume", str(run_dir)).returncode == 0
+    assert checkpoint.load(run_dir / "checkpoints" / "best.pt")["epoch"] == last["state"]["best"]["epoch"]

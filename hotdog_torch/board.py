@@ -37,7 +37,7 @@ from torch.utils.tensorboard.summary import hparams as hparams_summary
 from . import augment, data, framing, router
 from .config import Config
 from .cost import half_mse, one_hot
-from .loop import Feed
+from .data import Loader
 from .model import linear_layers, neuron_pictures
 
 HISTOGRAM_SAMPLE = 1 << 16  # larger tensors are histogrammed from a fixed random sample of this many entries
@@ -55,15 +55,15 @@ class Board:
         self.seconds, self.norms_step, self.enabled, self.model = 0.0, None, enabled, None
         self.run_dir, self.router_writer = run_dir, None
 
-    def watch(self, model, feed: Feed, cost_fn, network=None) -> Board:
+    def watch(self, model, loader: Loader, cost_fn, network=None) -> Board:
         """model: the classifier the steps train; network: what judges a picture as it is (with a router, the
-        router then the classifier; the feed un-warps the training pictures itself)."""
-        self.model, self.cost_fn, self.feed, split = model, cost_fn, feed, feed.split
+        router then the classifier; the loader un-warps the training pictures itself)."""
+        self.model, self.cost_fn, self.loader, split = model, cost_fn, loader, loader.split
         self.network = model if network is None else network
         self.probe_x = self.probe_t = None  # the processes that write nothing need no probe batch
         if self.enabled:
-            x, y = feed.batch(torch.arange(min(len(split), feed.batch_size, 256), device=split.index.device))
-            self.probe_x, self.probe_t = x, one_hot(y, feed.n_classes)
+            x, y = loader.batch(torch.arange(min(len(split), loader.batch_size, 256), device=split.index.device))
+            self.probe_x, self.probe_t = x, one_hot(y, loader.n_classes)
         return self
 
     def text(self, config_yaml: str, dataset_summary: str) -> None:
@@ -114,7 +114,9 @@ class Board:
         scores, labels = torch.nan_to_num(val["outputs"].float().cpu(), nan=0.0), split.labels.cpu()
         for k, name in enumerate(classes):
             self.writer.add_pr_curve(f"pr_curve/{name}", (labels == k).int(), scores[:, k].clamp(0, 1), step)
-        if self.feed.augment is not None and self.feed.augment.enabled:  # what it is fed, and how it copes with photos
+        if (
+            self.loader.augment is not None and self.loader.augment.enabled
+        ):  # what it is fed, and how it copes with photos
             self.augmented(step, classes)
             self.framings(step, split, classes)
         self.seconds += time.perf_counter() - t
@@ -150,7 +152,7 @@ class Board:
     def framings(self, step: int, split: data.Split, classes) -> None:
         """framing/<kind>: balanced accuracy on the split as it is and framed as people take photos (framing.py);
         framings/val: two pictures of each class under each framing, with the network's verdicts."""
-        mean, std = self.feed.mean, self.feed.std
+        mean, std = self.loader.mean, self.loader.std
         images = split.batch(torch.arange(len(split), device=split.index.device))
         figures = framing.report(self.network, images, split.labels, mean, std, classes)
         self.scalars(step, {f"framing/{k}": f["balanced_accuracy"] for k, f in figures.items()})
@@ -166,22 +168,22 @@ class Board:
     def augmented(self, step: int, classes, n: int = 24) -> None:
         """augment/batch: what the network is fed, n training images framed as this step's epoch frames them (a
         fresh draw at the curriculum's strength then; the run's own generator is left alone)."""
-        feed = self.feed
-        rows, epoch = feed.split.index[:n], -(-step // feed.steps())
-        p = feed.framings(len(rows), torch.Generator().manual_seed(epoch), epoch)
-        images = augment.apply(feed.split.images[rows].to(feed.device), p, feed.augment.border)
-        captions = [classes[k] for k in feed.split.labels[:n].tolist()]
+        loader = self.loader
+        rows, epoch = loader.split.index[:n], -(-step // loader.batches_per_epoch())
+        p = loader.framings(len(rows), torch.Generator().manual_seed(epoch), epoch)
+        images = augment.apply(loader.split.images[rows].to(loader.device), p, loader.augment.border)
+        captions = [classes[k] for k in loader.split.labels[:n].tolist()]
         self.picture("augment/batch", captioned_grid(images.round_().to(torch.uint8), captions, 8), step)
 
-    def watch_router(self, split: data.Split, feed: Feed, every: int, n: int = 16) -> None:
+    def watch_router(self, split: data.Split, loader: Loader, every: int, n: int = 16) -> None:
         """The router's phase: n validation pictures (half of each class, as far as there are) framed by a fixed
         draw of data.augment at full strength, to show where the router looks on them every `every` epochs."""
         per = [torch.nonzero(split.labels == k).flatten()[: n // 2] for k in range(int(split.labels.max()) + 1)]
         rows = split.index[torch.cat(per)[:n].to(split.index.device)]
-        p = augment.draw(feed.augment, len(rows), torch.Generator().manual_seed(0))
-        framed = augment.apply(split.images[rows].to(feed.device), p.to(feed.device), feed.augment.border)
+        p = augment.draw(loader.augment, len(rows), torch.Generator().manual_seed(0))
+        framed = augment.apply(split.images[rows].to(loader.device), p.to(loader.device), loader.augment.border)
         self.router_probe, self.router_every = framed.round_().to(torch.uint8), every
-        self.router_norm = (feed.mean, feed.std)
+        self.router_norm = (loader.mean, loader.std)
 
     def router_epoch(self, net, epoch: int, costs: list[float], first_step: int, last: bool) -> None:
         """cost/router of every router step; every router_every router epochs and at the phase's end router/boxes

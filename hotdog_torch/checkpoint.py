@@ -34,7 +34,7 @@ class RunState:
     """What the loop knows besides the weights and the optimiser: enough to resume a run exactly."""
 
     epoch: int = 0  # the last finished epoch
-    step: int = 0  # the optimiser steps taken
+    global_step: int = 0  # the optimiser steps taken (TensorBoard's x axis)
     best: dict | None = None  # the metrics of the best epoch so far (best.pt)
     history: list = field(default_factory=list)  # every finished epoch's metrics
     stopped_because: str | None = None
@@ -44,7 +44,6 @@ class RunState:
     epoch_progress: dict | None = None  # an epoch stopped part-way: its batch order, next step, costs so far
     rng: dict | None = None  # every random generator's state (rng_state)
     divergence: dict | None = None  # stopping.DivergenceWatch's state
-    search_kept: dict | None = None  # random search: the score of the draw kept so far
     schedule: dict | None = None  # schedule.Schedule's state (plateau's counters and cuts)
     bad_epochs: int = 0  # epochs since train.monitor last improved by more than train.min_delta
     reference: dict | None = None  # the metrics of that last improvement
@@ -115,9 +114,9 @@ def save(path, model, optimizer, meta: dict, metrics: dict, state: RunState, res
     payload = {"format": FORMAT, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     if router is not None:
         payload["router"] = {k: v.detach().cpu() for k, v in router.state_dict().items()}
-    payload["optimizer"] = optimizer.state_dict() if resumable else None
+    payload["optimizer"] = optimizer.state_dict() if resumable and optimizer is not None else None
     payload |= meta
-    payload |= {"epoch": state.epoch, "step": state.step, "metrics": metrics}
+    payload |= {"epoch": state.epoch, "step": state.global_step, "metrics": metrics}
     payload["state"] = state.as_dict() if resumable else None
     buffer = io.BytesIO()
     torch.save(payload, buffer)
@@ -174,6 +173,8 @@ def restore(resumed: dict, model, optimizer, generator, run_dir, train: Train, g
     The optimiser's numbers are then the config's (`given`: the run's config.yaml and the overrides), which the
     log line names when they differ from the checkpoint's."""
     saved = resumed["config"]["optim"]
+    if resumed.get("trained_by") == "random_search":
+        raise UserError(f"{run_dir} is a random search (python -m hotdog_torch.search): it has no descent to go on")
     if saved["name"] != given.name:
         raise UserError(
             f"{run_dir} was trained with optim.name={saved['name']}: its optimiser state cannot go on as "
@@ -186,7 +187,7 @@ def restore(resumed: dict, model, optimizer, generator, run_dir, train: Train, g
     except (RuntimeError, ValueError, KeyError) as e:
         reason = str(e).splitlines()[0][:100]
         raise UserError(f"{run_dir}/checkpoints/last.pt does not fit this config's model ({reason})") from None
-    state = RunState(**resumed["state"])
+    state = RunState(**saved_state(resumed["state"]))
     set_rng_state(generator, state.rng)
     if state.stopped_because is not None and (advice := still_stopped(state, train)):
         print(f"{run_dir} already finished ({state.stopped_because}); nothing to resume. {advice}")
@@ -198,8 +199,17 @@ def restore(resumed: dict, model, optimizer, generator, run_dir, train: Train, g
         print("changed on resume: " + ", ".join(f"optim.{k} {a} -> {b}" for k, (a, b) in changed.items()), flush=True)
     p = state.epoch_progress
     where = f"epoch {state.epoch + 1}, step {p['next'] + 1} of it" if p else f"the end of epoch {state.epoch}"
-    print(f"resuming from {where} (global step {state.step})", flush=True)
+    print(f"resuming from {where} (global step {state.global_step})", flush=True)
     return state
+
+
+def saved_state(saved: dict) -> dict:
+    """A last.pt's RunState fields, as this version names them (before: `step`, and random search's kept score)."""
+    saved = dict(saved)
+    if "step" in saved:
+        saved["global_step"] = saved.pop("step")
+    saved.pop("search_kept", None)
+    return saved
 
 
 def still_stopped(state: RunState, train: Train) -> str | None:
@@ -238,7 +248,7 @@ def mend(run_dir, resumed: dict | None) -> None:
     for name, m in wanted.items():
         path = folder / f"{name}.pt"
         due = m is not None and m["epoch"] == state["epoch"]  # last.pt's epoch: last.pt holds its weights
-        if due and (not path.is_file() or load(path)["step"] != state["step"]):
+        if due and (not path.is_file() or load(path)["step"] != resumed["step"]):
             buffer = io.BytesIO()
             torch.save(resumed | {"optimizer": None, "state": None, "metrics": m}, buffer)
             atomic_write(path, lambda f, b=buffer: f.write(b.getbuffer()))

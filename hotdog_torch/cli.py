@@ -8,12 +8,12 @@ import argparse
 from .config import UserError
 
 
-def command_line(argv: list[str] | None, quiet: bool = False) -> argparse.Namespace:
+def command_line(
+    argv: list[str] | None, quiet: bool = False, prog="python -m hotdog_torch.train"
+) -> argparse.Namespace:
     """The command's --config, --resume, overrides and --no-progress.  quiet, for the prefetch: no -h, and a mistake
     raises UserError instead of printing, left for the command itself to say."""
-    p = argparse.ArgumentParser(
-        "python -m hotdog_torch.train", description="Train the hot-dog MLP from a YAML config.", add_help=not quiet
-    )
+    p = argparse.ArgumentParser(prog, description="Train the hot-dog MLP from a YAML config.", add_help=not quiet)
     p.add_argument("--config", help="YAML config (keys: hotdog_torch/config.py); without it, the schema's defaults")
     resume = "continue runs/<name> from its checkpoints/last.pt, with its config.yaml (overrides still apply)"
     p.add_argument("--resume", metavar="RUN_DIR", help=resume)

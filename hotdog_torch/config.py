@@ -97,9 +97,9 @@ class Model:
 
 @dataclass
 class Optim:
-    # sgd: gradient descent (torch.optim.SGD's update); adamw / adam: torch.optim.AdamW / Adam; random_search: each
-    # pass draws every weight afresh from the init distribution and keeps the best (the seed's "shot in the dark")
-    name: Literal["sgd", "adamw", "adam", "random_search"] = "sgd"
+    # sgd: gradient descent (torch.optim.SGD's update); adamw / adam: torch.optim.AdamW / Adam (the shot in the
+    # dark, random search, is its own command: python -m hotdog_torch.search)
+    name: Literal["sgd", "adamw", "adam"] = "sgd"
     # what gradient descent minimises: the seed's ½·MSE; its first cost, the error rate (slope 0 almost
     # everywhere); or cross-entropy (not the seed's, for comparison)
     cost: Literal["half_mse", "error_rate", "cross_entropy"] = "half_mse"

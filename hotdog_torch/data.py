@@ -8,6 +8,7 @@ index from the tensor held on the training device and normalises them there: no 
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -15,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from . import cache, synth
+from . import augment, cache, dist, synth
 from .cache import image_folder  # noqa: F401 - the scan by ImageFolder's rules, tests/test_data.py checks it
-from .config import Data, UserError
+from .config import Augment, Data, UserError
 from .images import shown
 
 SPLITS = cache.SPLITS
@@ -217,3 +218,59 @@ def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> to
     scale = (1 / (255 * std)).view(1, -1, 1, 1)
     shift = (mean / std).view(1, -1, 1, 1)
     return images.float().mul_(scale).sub_(shift)  # in place on the fresh float copy: no extra temporaries
+
+
+@dataclass
+class Loader:
+    """Where training's batches come from: rows of a split's uint8 pool by index, moved to the device, framed
+    (data.augment), normalised, un-warped by the router (model.router, once trained)."""
+
+    split: Split
+    mean: torch.Tensor
+    std: torch.Tensor
+    batch_size: int
+    n_classes: int
+    device: torch.device
+    world: dist.World = dist.SINGLE  # under torchrun, this process takes its share of every batch
+    class_weights: torch.Tensor | None = None  # each class's weight in the training cost (optim.class_weights)
+    augment: Augment | None = None  # data.augment: each image framed afresh at every step (when enabled)
+    router: torch.nn.Module | None = None  # model.router, once trained: each picture un-warped before the classifier
+
+    def batches_per_epoch(self) -> int:
+        return math.ceil(len(self.split) / self.batch_size)
+
+    def images_in(self, start: int, stop: int) -> int:
+        """The images of an epoch's batches [start, stop), every process's share."""
+        return min(stop * self.batch_size, len(self.split)) - min(start * self.batch_size, len(self.split))
+
+    def images(self, rows: torch.Tensor, framings: torch.Tensor | None = None) -> torch.Tensor:
+        """These rows of the pool, on the device, framed by their rows of augment.draw (if any), normalised."""
+        x = self.split.images[rows].to(self.device, non_blocking=True)
+        if framings is not None:  # framed on the device, from uint8 there: floats 0..255
+            x = augment.apply(x, framings, self.augment.border)
+        x = normalise(x, self.mean, self.std)
+        if self.router is not None:  # found, then judged: the classifier learns from the pictures the router un-warps
+            with torch.no_grad():
+                x = self.router(x)
+        return x
+
+    def framings(self, n: int, generator: torch.Generator, epoch: int) -> torch.Tensor | None:
+        """The framing of each of an epoch's n images, in the epoch's order (None: not augmented).  Drawn for the
+        whole batches in every process, from the batch order's generator, so each process takes its own rows."""
+        a = self.augment
+        return augment.draw(a, n, generator, augment.strength(a, epoch)) if a is not None and a.enabled else None
+
+    def batch(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised images, labels) at these positions of the split, on the device."""
+        x = self.images(self.split.index[positions])
+        return x, self.split.labels[positions].to(self.device, non_blocking=True)
+
+
+def clamp_batch_size(batch_size: int | None, n: int) -> int:
+    """optim.batch_size, or the whole training set for null or anything larger (with a warning)."""
+    if batch_size is not None and batch_size > n:
+        message = (
+            f"optim.batch_size {batch_size} is larger than the {n} training images; using full-batch gradient descent"
+        )
+        warnings.warn(message, stacklevel=4)
+    return min(batch_size or n, n)

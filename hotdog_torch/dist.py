@@ -1,5 +1,5 @@
 """Training in several processes under torchrun: who this process is, its share of each batch, and the
-collectives the loop and the fused step need.
+collectives the loop and the fused step (step.layer_gradient) need.
 
     torchrun --standalone --nproc-per-node 2 -m hotdog_torch.train --config configs/hotdog.yaml
 
@@ -19,6 +19,7 @@ from datetime import timedelta
 from pathlib import Path
 
 import torch
+import torch.distributed as td
 
 from .config import UserError
 
@@ -65,8 +66,6 @@ def start(world: World, device: torch.device) -> torch.device:
     """Join the process group (NCCL on CUDA, gloo on the CPU); on CUDA, this rank's GPU is cuda:LOCAL_RANK."""
     if not world.distributed:
         return device
-    import torch.distributed as td
-
     if device.type == "cuda":
         if world.local_rank >= torch.cuda.device_count():
             raise UserError(
@@ -105,8 +104,6 @@ def note_run(world: World, log_dir: str, run_dir) -> None:
 def store(world: World):
     """torchrun's key-value store, under a prefix of this attempt's own: after a restart, the process group must
     not find the dead attempt's addresses there (gloo would try to connect to them, and fail or hang)."""
-    import torch.distributed as td
-
     env = os.environ
     agent = env.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # torchrun's agent serves it; else rank 0 does
     master = world.main and not agent
@@ -125,24 +122,18 @@ def main_first(world: World, fn):
 
 def finish(world: World) -> None:
     if world.distributed:
-        import torch.distributed as td
-
         if td.is_initialized():
             td.destroy_process_group()
 
 
 def barrier(world: World) -> None:
     if world.distributed:
-        import torch.distributed as td
-
         td.barrier()
 
 
 def all_sum(world: World, t: torch.Tensor) -> torch.Tensor:
     """The sum over ranks, in place (a no-op in one process)."""
     if world.distributed:
-        import torch.distributed as td
-
         td.all_reduce(t)
     return t
 
@@ -151,8 +142,6 @@ def all_rows(world: World, t: torch.Tensor, n: int) -> torch.Tensor:
     """Every rank's rows of a batch of n, stacked in rank order: this rank holds t = rows share(n) of it."""
     if not world.distributed:
         return t
-    import torch.distributed as td
-
     most = -(-n // world.size)  # ranks' shares differ by one at most: pad to the largest, then drop the padding
     padded = t.new_zeros(most, *t.shape[1:])
     padded[: len(t)] = t
@@ -166,41 +155,14 @@ def agree(world: World, flag: bool) -> bool:
     """True on every rank when it is true on any (a stop request must stop them all at the same step)."""
     if not world.distributed:
         return flag
-    import torch.distributed as td
-
     t = torch.tensor([int(flag)], device="cuda" if td.get_backend() == "nccl" else "cpu")
     return bool(all_sum(world, t).item())
-
-
-STOP_EVERY = 16  # under torchrun, steps between the ranks' agreements on a stop request
-
-
-class StopFlag:
-    """Should the run stop: request() (a signal seen by this process), agreed on by every rank at the same call.
-
-    Agreeing costs an all-reduce and a host sync, so under torchrun the ranks agree every `every` calls (steps)
-    and whenever a caller asks for it now (an epoch's end), and otherwise go on: a request is acted on within
-    `every` steps, by all the ranks at the same step, since they all call this as often.  Once true, it stays.
-    """
-
-    def __init__(self, world: World, request, every: int = STOP_EVERY):
-        self.world, self.request, self.every, self.calls, self.stopped = world, request, every, 0, False
-
-    def __call__(self, now: bool = False) -> bool:
-        if not self.world.distributed:
-            return bool(self.request())
-        self.calls += 1
-        if not self.stopped and (now or self.calls % self.every == 0):
-            self.stopped = agree(self.world, bool(self.request()))
-        return self.stopped
 
 
 def broadcast_weights(world: World, model: torch.nn.Module) -> None:
     """Rank 0's parameters and buffers on every rank, once, as DistributedDataParallel does when it wraps a model:
     the fused steps apply one update on every rank, so the weights stay equal only if they start equal."""
     if world.distributed:
-        import torch.distributed as td
-
         for t in [*model.parameters(), *model.buffers()]:
             td.broadcast(t.data, src=0)
 
@@ -209,8 +171,6 @@ def all_objects(world: World, value) -> list:
     """Every rank's value, in rank order, on every rank ([value] in one process)."""
     if not world.distributed:
         return [value]
-    import torch.distributed as td
-
     out = [None] * world.size
     td.all_gather_object(out, value)
     return out
@@ -220,86 +180,6 @@ def broadcast(world: World, value):
     """rank 0's value, on every rank."""
     if not world.distributed:
         return value
-    import torch.distributed as td
-
     box = [value]
     td.broadcast_object_list(box, src=0)
     return box[0]
-
-
-class Product:
-    """A layer's gradient δᵀa (and Σδ for its bias) kept as its two factors: added into a tensor by one GEMM."""
-
-    def __init__(self, delta: torch.Tensor, a: torch.Tensor, n: int | None = None):
-        self.delta, self.a = delta, a  # n, the batch's rows, is for the signature dist.gradient shares
-
-    def into(self, t: torch.Tensor, alpha: float) -> None:
-        t.addmm_(self.delta.t(), self.a, alpha=alpha)  # t <- t + alpha · δᵀa
-
-    def bias_into(self, t: torch.Tensor, alpha: float) -> None:
-        t.add_(self.delta.sum(0), alpha=alpha)
-
-    def scale_(self, c: torch.Tensor) -> None:
-        self.delta = self.delta * c  # δ scaled scales both δᵀa and Σδ
-
-    def sq_norm(self) -> torch.Tensor:
-        """‖δᵀa‖² + ‖Σδ‖²: through the Gram matrices, Σ (δδᵀ ⊙ aaᵀ), when they are the smaller products."""
-        d, a = self.delta, self.a
-        if len(d) * (d.shape[1] + a.shape[1]) < d.shape[1] * a.shape[1]:
-            w = ((d @ d.t()) * (a @ a.t())).sum()
-        else:
-            w = (d.t() @ a).square().sum()
-        return w + d.sum(0).square().sum()
-
-
-class Summed:
-    """A layer's gradient materialised on each rank and summed over the ranks (all-reduce)."""
-
-    def __init__(self, world: World, delta: torch.Tensor, a: torch.Tensor):
-        self.gradient = all_sum(world, delta.t() @ a)
-        self.bias = all_sum(world, delta.sum(0))
-
-    def into(self, t: torch.Tensor, alpha: float) -> None:
-        t.add_(self.gradient, alpha=alpha)
-
-    def bias_into(self, t: torch.Tensor, alpha: float) -> None:
-        t.add_(self.bias, alpha=alpha)
-
-    def scale_(self, c: torch.Tensor) -> None:
-        self.gradient, self.bias = self.gradient * c, self.bias * c
-
-    def sq_norm(self) -> torch.Tensor:
-        return self.gradient.square().sum() + self.bias.square().sum()
-
-
-def sync_bytes(world: World, n: int, n_out: int, n_in: int, itemsize: int = 4) -> dict[str, int]:
-    """The bytes each rank receives per step to share an n_in -> n_out layer's gradient of a batch of n rows.
-
-    factors: every other rank's δ and input rows (all_rows pads each share to the largest); gradients: a ring
-    all-reduce of the weight and bias gradients, which moves each number twice (reduce-scatter, all-gather).
-    """
-    most = -(-n // world.size)
-    factors = (world.size - 1) * most * (n_out + n_in) * itemsize
-    gradients = 2 * (world.size - 1) * (n_out * n_in + n_out) * itemsize // world.size
-    return {"factors": factors, "gradients": gradients}
-
-
-def shares_factors(world: World, sync: str, n: int, n_out: int, n_in: int) -> bool:
-    """train.ddp_sync: "factors", "gradients", or "auto", whichever makes each rank receive fewer bytes."""
-    if sync == "auto":
-        sent = sync_bytes(world, n, n_out, n_in)
-        return sent["factors"] < sent["gradients"]
-    return sync == "factors"
-
-
-def gradient(world: World, sync: str, delta: torch.Tensor, a: torch.Tensor, n: int):
-    """The whole batch's gradient of a layer, from this rank's rows of it (delta and a; the batch has n rows).
-
-    One process: its own factors.  Under torchrun, either every rank's factors, all-gathered, or the gradients,
-    all-reduced (shares_factors chooses).  Either way every rank applies the same update to the same weights.
-    """
-    if not world.distributed:
-        return Product(delta, a)
-    if shares_factors(world, sync, n, delta.shape[1], a.shape[1]):
-        return Product(all_rows(world, delta, n), all_rows(world, a, n))
-    return Summed(world, delta, a)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import checkpoint, config, data, evaluate, framing, router, two_weights
+from . import checkpoint, config, data, evaluate, framing, router, search, train, two_weights
 from .config import UserError
 from .model import build_model, input_side, linear_layers, neuron_pictures
 
@@ -50,7 +50,8 @@ def arms_of(lesson: dict) -> dict[str, list[str]]:
 def run_arm(lesson: dict, arm: str, overrides: list[str], parent: Path, quick: bool) -> dict:
     extra = list(lesson.get("overrides", [])) + (list(lesson.get("quick", [])) if quick else []) + overrides
     cfg = config.load(lesson["base"], extra + [f"log.dir={parent}", f"log.run_name={arm}"])
-    run_dir = two_weights.quiet_run(cfg, arm)  # the arm's epoch lines go to its train.log, not the console
+    runner = search.run if arm in lesson.get("search_arms", ()) else train.run  # the shot in the dark, or descent
+    run_dir = two_weights.quiet_run(cfg, arm, runner)  # the arm's epoch lines go to its train.log, not the console
     metrics = json.loads((run_dir / "metrics.json").read_text())
     last = checkpoint.load(run_dir / "checkpoints" / "last.pt")
     history = last["state"]["history"]
@@ -66,7 +67,7 @@ def run_arm(lesson: dict, arm: str, overrides: list[str], parent: Path, quick: b
     moved = math.sqrt(sum(float(((last["model"][k].float() - start[k]) ** 2).sum()) for k in start))
     return {
         "arm": arm,
-        "optimiser": cfg.optim.name,
+        "optimiser": "random_search" if runner is search.run else cfg.optim.name,
         "cost": cfg.optim.cost,
         "lr": cfg.optim.lr,
         "passes": len(history),

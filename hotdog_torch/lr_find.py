@@ -31,6 +31,7 @@ import argparse
 import contextlib
 import copy
 import io
+import itertools
 import math
 import random
 import sys
@@ -44,14 +45,12 @@ import torch
 import yaml
 from PIL import Image
 
-from . import checkpoint, config, data, dist, files, router_training, runtime
+from . import checkpoint, config, dist, files, loop, router_training, runtime, setup
 from .board import Board
 from .config import Config, UserError
-from .cost import class_weights, one_hot
-from .loop import Feed, clamp_batch_size
+from .data import Loader
 from .model import build_model, input_side, linear_layers
-from .optim import make_optimizer
-from .step import fuses, make_step
+from .step import Step, make_step
 
 BETA = 0.98  # fastai's smoothing of the cost
 BLOW_UP = 4.0  # stop once the smoothed cost passes this many times its lowest
@@ -135,74 +134,58 @@ def random_state_kept(device: torch.device):
 
 def find(cfg: Config, min_lr=1e-7, max_lr=10.0, steps=100, model=None, progress=False) -> Finding:
     """The range test on a copy of `model` (None: a fresh network, initialised as train.py does) with cfg's data,
-    optimiser and cost; cfg, the model and every random state are left as they were."""
+    optimiser and cost, set up by train.py's own functions; cfg, the model and every random state are left as
+    they were."""
     check(min_lr, max_lr, steps)
-    if cfg.optim.name == "random_search":
-        raise UserError("lr_find needs gradient descent: optim.name random_search draws weights, it has no lr")
     cfg = copy.deepcopy(cfg)
     cfg.optim.fused_window = 1  # a window of steps shares one lr; here every step has its own
-    cfg.train.cuda_graphs = False  # a graph replays the lr it captured
     device = runtime.resolve_device(cfg.device)
     runtime.use_tf32(device)  # the arithmetic train.py's run would do
-    runtime.flush_denormal(cfg.train.flush_denormal, device)
     router = getattr(model, "router", None)  # a routed checkpoint: its router un-warps, its classifier is trained
     model = getattr(model, "classifier", model)
     if model is not None:
-        with random_state_kept(device):
-            network(cfg, model)  # before anything is decoded or written
-    budget = cfg.data.memory_budget if cfg.data.memory_budget is not None else data.default_memory_budget(device)
-    ds = data.prepare(cfg.data, cfg.seed, progress, budget).to(device)
+        check_network(cfg, model, linear_layers(model)[-1].out_features)  # before anything is decoded or written
+    ds = setup.load_data(cfg, device, dist.SINGLE, progress)
     with random_state_kept(device):
-        net = network(cfg, model, len(ds.classes)).to(device)
-        optimizer = make_optimizer(net, cfg, fuses(cfg, device))
-        step = make_step(net, optimizer, cfg, device)
-        generator = torch.Generator(device=ds.train.index.device).manual_seed(cfg.seed)
-        feed = feed_of(cfg, ds, device)
+        loader = setup.make_loader(cfg, ds, device)
+        net = setup.network(cfg, loader, device)  # seeded as train.py seeds it, the CPU's threads set for it
+        if model is not None:
+            check_network(cfg, model, len(ds.classes))
+            net = copy.deepcopy(model).train().to(device)
+        step = make_step(net, cfg, device)
         if cfg.model.router is not None:
-            feed.router = (router or router_training.build(cfg, device)).to(device).eval()
-        lrs, costs, blew_up = descend(step, feed, optimizer, generator, rates(min_lr, max_lr, steps))
+            loader.router = (router or router_training.build(cfg, device)).to(device).eval()
+        lrs, costs, blew_up = descend(
+            step, loader, torch.Generator().manual_seed(cfg.seed), rates(min_lr, max_lr, steps)
+        )
     smooth = smoothed([c for c in costs if math.isfinite(c)])
     doc = config.to_dict(cfg)
     return Finding(lrs, costs, smooth, steps, valley(smooth), blew_up, step.name, cfg.optim.cost, doc, ds.summary())
 
 
-def feed_of(cfg: Config, ds: data.Dataset, device: torch.device) -> Feed:
-    """The training split's batches, as train.py feeds them (its batch size, normalisation, class weights and
-    data.augment)."""
-    weights = class_weights(cfg.optim.class_weights, ds.train.labels, ds.classes)
-    mean, std = (t.to(device) for t in data.normalisation(ds.train))
-    batch_size = clamp_batch_size(cfg.optim.batch_size, len(ds.train))
-    weights = None if weights is None else weights.to(device)
-    return Feed(ds.train, mean, std, batch_size, len(ds.classes), device, dist.SINGLE, weights, cfg.data.augment)
-
-
-def network(cfg: Config, model, n_classes: int | None = None) -> torch.nn.Sequential:
-    """A copy of model in training mode, or a fresh network seeded as train.py seeds it (on the CPU generator);
-    n_classes None: the model's own, only to check that it is the config's network before the data is read."""
+def check_network(cfg: Config, model, n_classes: int) -> None:
+    """Refuse, in one sentence, a network that is not the config's for data of n_classes."""
     width = cfg.data.channels * input_side(cfg.data.image_size, cfg.model.router and cfg.model.router.size) ** 2
-    n = n_classes or linear_layers(model)[-1].out_features
-    torch.default_generator.manual_seed(cfg.seed)  # not torch.manual_seed: that queues a seed for CUDA too
-    fresh = build_model(width, cfg.model.hidden, n, cfg.model.activation, cfg.model.dropout)
-    if model is None:
-        return fresh
-    if str(model) != str(fresh):
-        raise UserError(f"the network given ({_layers(model)}) is not the config's ({_layers(fresh)}) for this data")
-    return copy.deepcopy(model).train()
+    with torch.device("meta"):  # the shape alone: no weights drawn, no random state used
+        config_net = build_model(width, cfg.model.hidden, n_classes, cfg.model.activation, cfg.model.dropout)
+    if str(model) != str(config_net):
+        raise UserError(
+            f"the network given ({_layers(model)}) is not the config's ({_layers(config_net)}) for this data"
+        )
 
 
 def _layers(model) -> str:
     return " -> ".join(type(m).__name__ + (f"({m.out_features})" if hasattr(m, "out_features") else "") for m in model)
 
 
-def descend(step, feed: Feed, optimizer, generator, lrs: list[float]) -> tuple[list, list, str | None]:
+def descend(step: Step, loader: Loader, generator, lrs: list[float]) -> tuple[list, list, str | None]:
     """One step at each lr, written into every param group first; stops when the smoothed cost blows up.
     Returns the lrs used, each step's cost (its batch's, before the update) and why it stopped early."""
     used, costs, avg, best = [], [], 0.0, math.inf
-    for i, (lr, (x, labels)) in enumerate(zip(lrs, batches(feed, generator), strict=False)):
-        for group in optimizer.param_groups:
+    for i, (lr, batch) in enumerate(zip(lrs, batches(loader, generator), strict=False)):
+        for group in step.optimizer.param_groups:
             group["lr"] = lr
-        n, weights = len(labels), None if feed.class_weights is None else feed.class_weights[labels]
-        cost = float(step(x, one_hot(labels, feed.n_classes), [n], [n], weights)[0][0])
+        cost = float(step(batch)[0][0])
         used.append(lr)
         costs.append(cost)
         if not math.isfinite(cost):
@@ -215,18 +198,10 @@ def descend(step, feed: Feed, optimizer, generator, lrs: list[float]) -> tuple[l
     return used, costs, None
 
 
-def batches(feed: Feed, generator):
-    """(normalised images, labels) of shuffled batches of the training split, epoch after epoch, without end; with
-    data.augment, each image framed as train.py frames it (the epoch's draw after its order, at its strength)."""
-    epoch, split = 0, feed.split
-    while True:
-        epoch += 1
-        order = torch.randperm(len(split), generator=generator, device=split.index.device)
-        framings = feed.framings(len(order), generator, epoch)
-        for lo in range(0, len(order), feed.batch_size):
-            positions = order[lo : lo + feed.batch_size]
-            framed = None if framings is None else framings[lo : lo + feed.batch_size].to(feed.device)
-            yield feed.images(split.index[positions], framed), split.labels[positions].to(feed.device)
+def batches(loader: Loader, generator):
+    """The training run's batches (loop.py: shuffled, framed as data.augment frames them), epoch after epoch."""
+    for epoch in itertools.count(1):
+        yield from loop.batches(loader, loop.epoch_order(loader, generator, epoch))
 
 
 def plot(f: Finding) -> Image.Image:

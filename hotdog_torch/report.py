@@ -25,7 +25,12 @@ def metrics(state: RunState, **extra) -> dict:
     """The best epoch's figures, the run's counters and speed, and whatever else the caller knows."""
     best = state.best
     out = {k: best[k] for k in ("val_accuracy", "val_error_rate", "val_cost", "train_cost")}
-    out |= {"best_epoch": best["epoch"], "epochs": len(state.history), "steps": state.step, "seconds": state.seconds}
+    out |= {
+        "best_epoch": best["epoch"],
+        "epochs": len(state.history),
+        "steps": state.global_step,
+        "seconds": state.seconds,
+    }
     out["train_images_per_second"] = state.train_images / state.train_seconds if state.train_seconds else None
     if state.router:  # model.router: its phase, before the epochs
         r = state.router

@@ -3,7 +3,7 @@
 Each router epoch frames every training picture afresh (augment.draw at full strength, from the phase's own
 generator) and the router learns, by gradient descent on the mean squared error, the numbers that framed it
 (shift, zoom, angle: a regression whose labels cost nothing).  AdamW, with a one-cycle lr over the phase's steps.
-Then the router is frozen, and the classifier's epochs learn from the pictures it un-warps (loop.Feed).
+Then the router is frozen, and the classifier's epochs learn from the pictures it un-warps (data.Loader).
 
 The phase is saved at the end of every router epoch (checkpoint.RunState.router: its epoch, optimiser, schedule,
 generator and costs), so a run killed in it resumes from the last one bit for bit; a stop request finishes the
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import augment, router
+from . import augment, data, router
 from .config import Config, UserError
-from .loop import Feed
+from .data import Loader
 
 SEED = 1  # the phase's generator and the router's first weights: cfg.seed + SEED, apart from the batch order's
 
@@ -74,34 +74,35 @@ def start(net: router.Router, cfg: Config, steps: int, saved: dict | None) -> Ph
     return phase
 
 
-def train(phase: Phase, feed: Feed, board, should_stop, save) -> bool:
+def train(phase: Phase, loader: Loader, board, should_stop, save) -> bool:
     """Router epochs until the phase is done (True) or a stop is asked for (False, after the epoch under way).
     save() after every router epoch; board.router_epoch logs its costs and, when due, where it looks."""
-    steps = feed.steps()
+    steps = loader.batches_per_epoch()
     while not phase.done:
         t0 = time.perf_counter()
-        costs = one_epoch(phase, feed)
+        costs = one_epoch(phase, loader)
         phase.epoch += 1
         phase.costs.append(sum(costs) / len(costs))
         phase.seconds.append(time.perf_counter() - t0)
         board.router_epoch(phase.net, phase.epoch, costs, (phase.epoch - 1) * steps + 1, phase.done)
         save()
-        speed = f"{len(feed.split) / phase.seconds[-1]:,.0f} images/s"
+        speed = f"{len(loader.split) / phase.seconds[-1]:,.0f} images/s"
         print(f"router epoch {phase.epoch:3d}/{phase.epochs}  cost {phase.costs[-1]:.4f}  {speed}", flush=True)
         if should_stop() and not phase.done:
             return False
     return True
 
 
-def one_epoch(phase: Phase, feed: Feed) -> list[float]:
+def one_epoch(phase: Phase, loader: Loader) -> list[float]:
     """One pass over the training pictures, each framed afresh; the router learns the framings.  The costs."""
-    a, split, n = feed.augment, feed.split, len(feed.split)
+    a, split, n = loader.augment, loader.split, len(loader.split)
     order = torch.randperm(n, generator=phase.generator).to(split.index.device)
-    framings = augment.draw(a, n, phase.generator, 1.0).to(feed.device)
+    framings = augment.draw(a, n, phase.generator, 1.0).to(loader.device)
     rows, costs = split.index[order], []
-    for lo in range(0, n, feed.batch_size):
-        p = framings[lo : lo + feed.batch_size]
-        x = feed.normalised(augment.apply(split.images[rows[lo : lo + feed.batch_size]].to(feed.device), p, a.border))
+    for lo in range(0, n, loader.batch_size):
+        p = framings[lo : lo + loader.batch_size]
+        framed = augment.apply(split.images[rows[lo : lo + loader.batch_size]].to(loader.device), p, a.border)
+        x = data.normalise(framed, loader.mean, loader.std)
         cost = ((phase.net.net(phase.net.glimpse(x)) - router.targets(p, phase.net)) ** 2).mean()
         phase.optimizer.zero_grad(set_to_none=True)
         cost.backward()
@@ -146,12 +147,12 @@ def check_resume(cfg: Config, resumed: dict, state) -> None:
 def run_phase(r, state, board, should_stop) -> bool:
     """A run's router phase, unless done (True); False when stopped in it, saved.  Then the router is frozen and
     un-warps every picture the classifier learns from."""
-    board.watch_router(r.ds.val, r.feed, r.cfg.log.images_every_epochs)
+    board.watch_router(r.ds.val, r.loader, r.cfg.log.images_every_epochs)
     if r.phase.epoch == 0:  # a run killed in its first router epoch resumes from its start
         r.save("last", state, {})
-    if not train(r.phase, r.feed, board, should_stop, lambda: r.save("last", state, {})):
+    if not train(r.phase, r.loader, board, should_stop, lambda: r.save("last", state, {})):
         return False
-    r.feed.router = r.phase.net.eval().requires_grad_(False)
+    r.loader.router = r.phase.net.eval().requires_grad_(False)
     return True
 
 

@@ -120,3 +120,14 @@ def _on_every_omp_thread(fn) -> None:
     callback = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda _: fn())
     gomp.GOMP_parallel.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_uint, ctypes.c_uint]
     gomp.GOMP_parallel(ctypes.cast(callback, ctypes.c_void_p), None, torch.get_num_threads(), 0)
+
+
+def precision(setting: str, device: torch.device) -> str:
+    """train.precision, auto resolved: bf16 autocast on CUDA, fp32 elsewhere."""
+    return setting if setting != "auto" else "bf16" if device.type == "cuda" else "fp32"
+
+
+def matmuls(setting: str, device: torch.device) -> str:
+    """What the matmuls run in, for the step line: bf16, TF32 (fp32 on a CUDA GPU that allows it), or fp32."""
+    p = precision(setting, device)
+    return "tf32" if p == "fp32" and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else p

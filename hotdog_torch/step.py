@@ -1,33 +1,26 @@
-"""Every way of taking a gradient-descent step, behind one interface.
+"""One step of gradient descent, every way this project takes it: forward, cost, backward, the optimiser's update.
 
-A Step is called as step(x, targets, sizes, totals, weights) with `step.window` consecutive batches stacked in x
-(their lengths in sizes) and returns one (cost, outputs) pair per batch, left on the device.  make_step picks the
-way for a config:
-
-- autograd: the network forward, C = ½·MSE (or the configured cost), C.backward(), optimizer.step();
-- fused: `backward` below, the backpropagation written out once, gives each layer's gradient as its two factors
-  (δ, a); the optimiser applies them: FusedSGD as one GEMM into the weights (or the velocity), torch's AdamW/Adam
-  after one GEMM into .grad;
-- windowed fused: plain SGD, the first layer's updates of `window` steps in one GEMM, the rest through `backward`.
-
-Every step reads its numbers (lr, momentum, weight decay, betas) from the optimiser's param_groups when it runs,
-so a schedule or a resumed run's override drives every path alike.
-A new way to step is a new function here and a branch in make_step, never a branch in the loop.
+`step(batch)` gives one (cost, outputs) pair per batch, on the device.  make_step picks the way for a config:
+fused (fp32, ½·MSE: `backward` written out once gives each layer's gradient as its factors (δ, a), FusedSGD adds
+−lr·δᵀa in one GEMM, AdamW/Adam step from .grad); windowed (plain SGD, constant lr: the first layer's updates of
+`window` batches in one GEMM); autograd (C.backward(), optimizer.step(); DDP under torchrun).  Every step reads
+lr, momentum, weight decay and betas from the optimiser's param_groups when it runs.  A new way to step is a new
+function here and a branch in make_step, never a branch in the loop.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 
-from . import dist
-from .config import Config, UserError
+from . import dist, runtime
+from .config import Config
 from .cost import COSTS
 from .model import FUNCTIONS, linear_layers
-from .optim import NAMES, FusedSGD, clip_scale, describe, materialise
+from .optim import describe, make_optimizer
 
 DERIVATIVE = {  # the activation's slope, written in terms of its output h
     "sigmoid": lambda h: h * (1 - h),
@@ -36,65 +29,130 @@ DERIVATIVE = {  # the activation's slope, written in terms of its output h
 }
 
 
-class Step(Protocol):
-    """step(x, targets, sizes, totals, weights) -> [(cost, outputs), ...]: `window` batches a call, one pair each.
+@dataclass
+class Batch:
+    """What a step takes: this process's rows of one batch, or of `len(rows)` consecutive batches stacked (the
+    windowed step's), with their one-hot targets and class weights."""
 
-    sizes are this process's rows of each batch, totals the whole batches' (they differ under torchrun, where each
-    rank holds its share); weights, when not None, each row's weight in the cost (optim.class_weights).  A batch's
-    cost is this process's part of the whole batch's mean cost."""
+    x: torch.Tensor  # normalised images
+    targets: torch.Tensor
+    weights: torch.Tensor | None = None  # each row's weight in the cost (optim.class_weights); None: 1 each
+    rows: list[int] | None = None  # this process's rows of each batch (None: one batch, all of x)
+    sizes: list[int] | None = None  # each whole batch's size, every process's rows (they differ under torchrun)
 
-    window: int
-    name: str
-
-    def __call__(self, x, targets, sizes, totals=None, weights=None) -> list[tuple[torch.Tensor, torch.Tensor]]: ...
+    def __post_init__(self):
+        self.rows = self.rows or [len(self.x)]
+        self.sizes = self.sizes or self.rows
 
 
 @dataclass
-class Stepper:
-    """A Step made of a function take(x, targets, sizes, totals, weights)."""
+class Step:
+    """step(batch) -> [(cost, outputs), ...], one pair per batch; a batch's cost is this process's part of the
+    whole batch's mean cost.  window: the batches one call takes (the windowed step's; 1 otherwise)."""
 
-    take: Callable
+    take: Callable[[Batch], list]
     window: int
     name: str
+    optimizer: torch.optim.Optimizer
 
-    def __call__(self, x, targets, sizes, totals=None, weights=None):
-        return self.take(x, targets, sizes, totals or sizes, weights)
+    def __call__(self, batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return self.take(batch)
+
+
+# ---------------------------------------------------------------- a layer's gradient, kept as its factors
+
+
+class Product:
+    """A layer's gradient δᵀa (and Σδ for its bias) kept as its two factors: added into a tensor by one GEMM."""
+
+    def __init__(self, delta: torch.Tensor, a: torch.Tensor, n: int | None = None):  # n: layer_gradient's form
+        self.delta, self.a = delta, a
+
+    def into(self, t: torch.Tensor, alpha: float) -> None:
+        t.addmm_(self.delta.t(), self.a, alpha=alpha)  # t <- t + alpha · δᵀa
+
+    def bias_into(self, t: torch.Tensor, alpha: float) -> None:
+        t.add_(self.delta.sum(0), alpha=alpha)
+
+    def scale_(self, c: torch.Tensor) -> None:
+        self.delta = self.delta * c  # δ scaled scales both δᵀa and Σδ
+
+    def sq_norm(self) -> torch.Tensor:
+        """‖δᵀa‖² + ‖Σδ‖²: through the Gram matrices, Σ (δδᵀ ⊙ aaᵀ), when they are the smaller products."""
+        d, a = self.delta, self.a
+        if len(d) * (d.shape[1] + a.shape[1]) < d.shape[1] * a.shape[1]:
+            w = ((d @ d.t()) * (a @ a.t())).sum()
+        else:
+            w = (d.t() @ a).square().sum()
+        return w + d.sum(0).square().sum()
+
+
+class Summed:
+    """A layer's gradient materialised on each rank and summed over the ranks (all-reduce)."""
+
+    def __init__(self, world: dist.World, delta: torch.Tensor, a: torch.Tensor):
+        self.gradient, self.bias = dist.all_sum(world, delta.t() @ a), dist.all_sum(world, delta.sum(0))
+
+    def into(self, t: torch.Tensor, alpha: float) -> None:
+        t.add_(self.gradient, alpha=alpha)
+
+    def bias_into(self, t: torch.Tensor, alpha: float) -> None:
+        t.add_(self.bias, alpha=alpha)
+
+    def scale_(self, c: torch.Tensor) -> None:
+        self.gradient, self.bias = self.gradient * c, self.bias * c
+
+    def sq_norm(self) -> torch.Tensor:
+        return self.gradient.square().sum() + self.bias.square().sum()
+
+
+def sync_bytes(world: dist.World, n: int, n_out: int, n_in: int, itemsize: int = 4) -> dict[str, int]:
+    """The bytes each rank receives a step to share an n_in -> n_out layer's gradient of n rows: every other rank's
+    δ and input rows (padded to the largest share), or a ring all-reduce's, which moves each number twice."""
+    factors = (world.size - 1) * -(-n // world.size) * (n_out + n_in) * itemsize
+    gradients = 2 * (world.size - 1) * (n_out * n_in + n_out) * itemsize // world.size
+    return {"factors": factors, "gradients": gradients}
+
+
+def shares_factors(world: dist.World, sync: str, n: int, n_out: int, n_in: int) -> bool:
+    """train.ddp_sync: "factors", "gradients", or "auto", whichever makes each rank receive fewer bytes."""
+    sent = sync_bytes(world, n, n_out, n_in)
+    return sync == "factors" or (sync == "auto" and sent["factors"] < sent["gradients"])
+
+
+def layer_gradient(world: dist.World, sync: str, delta: torch.Tensor, a: torch.Tensor, n: int) -> Product | Summed:
+    """The whole batch's gradient of a layer (n rows) from this process's rows: its factors in one process; under
+    torchrun every rank's factors, all-gathered, or the gradients, all-reduced: the same update on every rank."""
+    if not world.distributed:
+        return Product(delta, a)
+    if shares_factors(world, sync, n, delta.shape[1], a.shape[1]):
+        return Product(dist.all_rows(world, delta, n), dist.all_rows(world, a, n))
+    return Summed(world, delta, a)
+
+
+# ---------------------------------------------------------------- backpropagation, written out once
 
 
 @dataclass
 class Backward:
-    """What one forward and backward pass gives: the cost, the outputs, and each layer's gradient of the whole batch
-    (first layer first) as dist.Product (δᵀa kept as its factors) or dist.Summed."""
+    """What one forward and backward pass gives: the cost, the outputs, each layer's gradient (first layer first)."""
 
     cost: torch.Tensor
     outputs: torch.Tensor
-    grads: list
-
-
-def _output_delta(out, targets, total, weights=None):
-    """C = ½ · mean_batch Σ_outputs w·(a − y)², and ∂C/∂z of the sigmoid output layer: w·(a − y)·a·(1 − a) / batch.
-
-    The batch has `total` rows, of which out holds this process's (all of them, outside torchrun); w, each row's
-    class weight, is 1 without optim.class_weights."""
-    diff = out - targets
-    if weights is None:
-        return (diff * diff).sum() * (0.5 / total), diff * out * (1 - out) / total
-    w = weights.view(-1, 1)
-    return (diff * diff * w).sum() * (0.5 / total), diff * out * (1 - out) * (w / total)
+    grads: list  # Product or Summed
 
 
 @torch.no_grad()
-def backward(layers, x, targets, activation, total, gradient=dist.Product, weights=None, keep=None, z1=None):
+def backward(layers, x, targets, activation, total, gradient=Product, weights=None, keep=None, z1=None) -> Backward:
     """Forward, C = ½·MSE, and backpropagation from the top: for each layer l, δ_l = ∂C/∂z_l and its input a_l.
 
+        C       = ½ · Σ_rows Σ_outputs w·(a_L − y)² / batch       (w: the row's class weight, or 1)
         δ_L     = w·(a_L − y)·σ'(z_L) / batch
         δ_(l−1) = (δ_l W_l) ⊙ f'(z_(l−1)) ⊙ m_(l−1)     (m: dropout's kept units ÷ (1 − p), or 1)
         ∂C/∂W_l = δ_lᵀ a_l,  ∂C/∂b_l = Σ δ_l
 
-    Nothing moves: every δ is computed from the weights as they are, and the optimiser applies the result.
-    gradient(δ, a, total) is the layer's gradient of the whole batch (dist.Product in one process); keep(h) draws
-    dropout's mask for a hidden layer's output h; z1, when given, is the first layer's pre-activation, already
-    computed (the windowed step)."""
+    The batch has `total` rows, x this process's.  gradient(δ, a, total): the layer's gradient of the whole batch;
+    keep(h): dropout's mask for a hidden output h; z1: the first layer's pre-activation, when already computed."""
     act, slope = FUNCTIONS[activation], DERIVATIVE[activation]
     a, hs, masks, inputs = x, [], [], [x]
     for i, layer in enumerate(layers[:-1]):
@@ -104,88 +162,194 @@ def backward(layers, x, targets, activation, total, gradient=dist.Product, weigh
         hs.append(h)
         masks.append(m)
         inputs.append(a)
-    last = layers[-1]
-    z = z1 if len(layers) == 1 and z1 is not None else torch.addmm(last.bias, a, last.weight.t())
+    z = z1 if len(layers) == 1 and z1 is not None else torch.addmm(layers[-1].bias, a, layers[-1].weight.t())
     out = torch.sigmoid(z)
-    cost, delta = _output_delta(out, targets, total, weights)
+    diff = out - targets
+    if weights is None:
+        cost, delta = (diff * diff).sum() * (0.5 / total), diff * out * (1 - out) / total
+    else:
+        w = weights.view(-1, 1)
+        cost, delta = (diff * diff * w).sum() * (0.5 / total), diff * out * (1 - out) * (w / total)
     grads = [None] * len(layers)
     for i in range(len(layers) - 1, -1, -1):
         below = None
         if i > 0:
             below = (delta @ layers[i].weight) * slope(hs[i - 1])
             below = below if masks[i - 1] is None else below * masks[i - 1]
-        grads[i] = gradient(delta, inputs[i], total)
-        delta = below
+        grads[i], delta = gradient(delta, inputs[i], total), below
     return Backward(cost, out, grads)
 
 
-@torch.no_grad()
-def apply(optimizer, layers, grads, clip: float | None) -> None:
-    """The optimiser's update from a backward's gradients, clipped to a global norm of `clip` when set."""
-    scale = clip_scale(grads, clip) if clip else None
-    if isinstance(optimizer, FusedSGD):
-        optimizer.step(layers, grads, scale)
-        return
-    if scale is not None:
-        for g in grads:
-            g.scale_(scale)
-    materialise(layers, grads)
-    optimizer.step()
+# ---------------------------------------------------------------- the update
+
+
+class FusedSGD(torch.optim.Optimizer):
+    """torch.optim.SGD's update (dampening 0) from each layer's gradient factors: the first layer's 16384-wide
+    gradient is never made.  An Optimizer that lr_scheduler drives, with SGD's state_dict (a checkpoint resumes on
+    either path), built without Optimizer.__init__, which imports torch._dynamo (2 s of start-up) on first use."""
+
+    def __init__(self, params, lr: float, momentum: float = 0.0, nesterov: bool = False, weight_decay: float = 0.0):
+        hyper = {"lr": lr, "momentum": momentum, "dampening": 0, "weight_decay": weight_decay, "nesterov": nesterov}
+        self.defaults = {**hyper, "maximize": False}
+        self.param_groups = [{**self.defaults, "params": list(params)}]
+        self.state: dict = {p: {} for p in self.params}
+        for hooks in ("step_pre", "step_post", "state_dict_pre", "state_dict_post"):  # what Optimizer's methods read
+            setattr(self, f"_optimizer_{hooks}_hooks", OrderedDict())
+        self._optimizer_load_state_dict_pre_hooks, self._optimizer_load_state_dict_post_hooks = {}, {}
+
+    @property
+    def params(self) -> list:
+        return self.param_groups[0]["params"]
+
+    @torch.no_grad()
+    def step(self, layers, grads: list[Product]) -> None:
+        """For every weight and bias p, g = ∂C/∂p (+ wd·p), the numbers read now: plain p <- p − lr·g; momentum
+        v <- μ·v + g, p <- p − lr·v (Nesterov: p <- p − lr·(g + μ·v))."""
+        group = self.param_groups[0]
+        lr, mu, wd, nesterov = group["lr"], group["momentum"], group["weight_decay"], group["nesterov"]
+        for layer, g in zip(layers, grads, strict=True):
+            for p, add in ((layer.weight, g.into), (layer.bias, g.bias_into)):  # add(t, α): t <- t + α·∂C/∂p
+                if mu:
+                    v = self.velocity(p)
+                    v.mul_(mu)
+                    if wd:
+                        v.add_(p, alpha=wd)
+                    add(v, 1.0)  # v <- μ·v + ∂C/∂p + wd·p
+                    if not nesterov:
+                        p.add_(v, alpha=-lr)
+                        continue
+                if wd:
+                    p.mul_(1 - lr * wd)  # p − lr·wd·p, read before the gradient moves p
+                add(p, -lr)  # p <- p − lr·(∂C/∂p + wd·p)
+                if mu:
+                    p.add_(v, alpha=-lr * mu)  # Nesterov: ... − lr·μ·v
+
+    def velocity(self, p) -> torch.Tensor:
+        """torch.optim.SGD's momentum_buffer; zeros before the first step give its first step exactly."""
+        if self.state[p].get("momentum_buffer") is None:
+            self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return self.state[p]["momentum_buffer"]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:  # nothing to zero: no .grad is ever made
+        pass
+
+    def state_dict(self) -> dict:
+        buffers = [self.state[p].get("momentum_buffer") for p in self.params]
+        state = {i: {"momentum_buffer": b} for i, b in enumerate(buffers) if b is not None}
+        group = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        return {"state": state, "param_groups": [{**group, "params": list(range(len(self.params)))}]}
+
+    def load_state_dict(self, saved: dict) -> None:
+        groups = saved["param_groups"]
+        if len(groups) != 1 or len(groups[0]["params"]) != len(self.params):
+            raise ValueError("the saved optimiser has other parameters")
+        self.param_groups[0].update({k: v for k, v in groups[0].items() if k != "params"})
+        for i, p in enumerate(self.params):
+            buffer = saved["state"].get(i, {}).get("momentum_buffer")
+            if buffer is not None:
+                if buffer.shape != p.shape:
+                    raise ValueError(f"a saved momentum buffer has shape {tuple(buffer.shape)}, not {tuple(p.shape)}")
+                self.state[p]["momentum_buffer"] = buffer.to(p.device, p.dtype).clone()
+
+
+def clip_scale(grads: list[Product], max_norm: float) -> torch.Tensor:
+    """clip_grad_norm_'s factor min(1, max_norm / (‖g‖ + 1e-6)), ‖g‖ every layer's, from the factors; no host sync."""
+    total = torch.stack([g.sq_norm() for g in grads]).sum().sqrt()
+    return (max_norm / (total + 1e-6)).clamp(max=1.0)
+
+
+def materialise(layers, grads: list[Product]) -> None:
+    """Each layer's gradient of the whole batch into .grad (for an optimiser that needs the whole gradient)."""
+    for layer, g in zip(layers, grads, strict=True):
+        for p, into in ((layer.weight, g.into), (layer.bias, g.bias_into)):
+            p.grad = torch.zeros_like(p) if p.grad is None else p.grad.zero_()
+            into(p.grad, 1.0)
+
+
+# ---------------------------------------------------------------- the steps
+
+
+def fused_step(model, optimizer, cfg: Config, world: dist.World) -> Callable:
+    """Backpropagation written out, the gradient clipped (optim.clip_grad_norm), the update: FusedSGD's from the
+    factors, AdamW/Adam's from .grad."""
+    layers, activation, p, clip = (
+        linear_layers(model),
+        cfg.model.activation,
+        cfg.model.dropout,
+        cfg.optim.clip_grad_norm,
+    )
+    dist.broadcast_weights(world, model)  # every rank from rank 0's start, as DistributedDataParallel does
+
+    def gradient(delta, a, total):
+        return layer_gradient(world, cfg.train.ddp_sync, delta, a, total)
+
+    def keep(h):  # dropout: each hidden unit kept with probability 1 − p, scaled by 1/(1 − p) as nn.Dropout does
+        return torch.empty_like(h).bernoulli_(1 - p).div_(1 - p)
+
+    def take(b: Batch):
+        out = backward(
+            layers, b.x.flatten(1), b.targets, activation, b.sizes[0], gradient, b.weights, keep if p else None
+        )
+        if clip:
+            scale = clip_scale(out.grads, clip)
+            for g in out.grads:
+                g.scale_(scale)
+        if isinstance(optimizer, FusedSGD):
+            optimizer.step(layers, out.grads)  # w <- w − lr · δᵀa, one GEMM a layer
+        else:
+            materialise(layers, out.grads)
+            optimizer.step()
+        return [(out.cost, out.outputs)]
+
+    return take
 
 
 @torch.no_grad()
-def fused_sgd_window(layers, X, T, sizes, optimizer: FusedSGD, activation, weights=None):
-    """Plain gradient descent over k consecutive batches, with the first layer's k updates deferred to one GEMM.
-
-    X and T hold the k batches one after another, sizes their lengths.
-    The math is the same k steps of SGD.  Let W be the first layer's weights at the
-    window's start and δ_s the gradient of step s's cost with respect to its
-    pre-activations.  Step j's first-layer input is then
+def sgd_window(layers, optimizer: FusedSGD, activation: str, b: Batch) -> list:
+    """Plain SGD over k consecutive batches, the first layer's k updates deferred to one GEMM: the same k steps.
+    With W the first layer's weights at the window's start and δ_s step s's ∂C/∂z, step j's first-layer input is
         z_j = x_j W_jᵀ + b_j = x_j Wᵀ − lr Σ_{s<j} (x_j x_sᵀ) δ_s + b_j,
-    so every batch's x_j Wᵀ is one (k·B)-row GEMM, the pending updates enter through
-    small Gram blocks x_j x_sᵀ, and after the window W ← W − lr Dᵀ X is one GEMM with
-    an inner dimension of k·B.  Those tall products run nearer the CPU's peak than k
-    separate 64-row ones (docs/BENCHMARKS.md).  The upper layers and every bias update every step.
-    """
-    lr, first = optimizer.param_groups[0]["lr"], layers[0]
-    X = X.flatten(1)
+    so every x_j Wᵀ is one (k·B)-row GEMM, and after the window W <- W − lr Dᵀ X is one GEMM of inner size k·B,
+    nearer the CPU's peak than k 64-row ones (docs/BENCHMARKS.md).  Upper layers and biases update every step."""
+    lr, first, X = optimizer.param_groups[0]["lr"], layers[0], b.x.flatten(1)
     Z0 = X @ first.weight.t()  # every batch of the window against the window's starting weights
     D = torch.empty(len(X), first.out_features, dtype=X.dtype, device=X.device)  # the δ_s, row-aligned with X
     results, o = [], 0
-    for n in sizes:
+    for n in b.rows:
         z = Z0[o : o + n] + first.bias
         if o:  # the updates of this window's earlier steps, not yet applied to W
             z.addmm_(X[o : o + n] @ X[:o].t(), D[:o], alpha=-lr)
-        w = None if weights is None else weights[o : o + n]
-        b = backward(layers, X[o : o + n], T[o : o + n], activation, n, weights=w, z1=z)
-        optimizer.step(layers[1:], b.grads[1:])
-        b.grads[0].bias_into(first.bias, -lr)
-        D[o : o + n] = b.grads[0].delta
-        results.append((b.cost, b.outputs))
+        w = None if b.weights is None else b.weights[o : o + n]
+        out = backward(layers, X[o : o + n], b.targets[o : o + n], activation, n, weights=w, z1=z)
+        optimizer.step(layers[1:], out.grads[1:])
+        out.grads[0].bias_into(first.bias, -lr)
+        D[o : o + n] = out.grads[0].delta
+        results.append((out.cost, out.outputs))
         o += n
     first.weight.addmm_(D.t(), X, alpha=-lr)  # the window's first-layer updates in one GEMM: W <- W − lr Σ_s δ_sᵀ x_s
     return results
 
 
-def autograd_step(model, optimizer, cfg: Config, precision: str, device: torch.device, world: dist.World) -> Callable:
-    """The textbook step: forward, cost, backward, the optimiser's step; under torchrun, DistributedDataParallel.
-
-    DDP averages the ranks' gradients; each rank's cost is weighted by its share of the batch (world size ×
-    its rows ÷ the batch's rows), so that the average is the gradient of the whole batch's mean cost.
-    """
+def autograd_step(model, optimizer, cfg: Config, device: torch.device, world: dist.World) -> Callable:
+    """The textbook step: forward, cost, backward, the optimiser's step.  Under torchrun DistributedDataParallel
+    averages the ranks' gradients: each rank's cost weighed by world size × its rows ÷ the batch's rows."""
     forward = torch.compile(model) if cfg.train.compile else model
     if world.distributed:
         from torch.nn.parallel import DistributedDataParallel
 
         forward = DistributedDataParallel(forward, device_ids=[device] if device.type == "cuda" else None)
-    cost_fn, clip = COSTS[cfg.optim.cost], cfg.optim.clip_grad_norm
+    cost_fn, clip, bf16 = (
+        COSTS[cfg.optim.cost],
+        cfg.optim.clip_grad_norm,
+        runtime.precision(cfg.train.precision, device) == "bf16",
+    )
 
-    def take(x, targets, sizes, totals, weights):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            outputs = forward(x)
-        cost = cost_fn(outputs.to(targets.dtype), targets, weights)  # C = ½ · mean_batch Σ_outputs (a − y)², in fp32
-        share = sizes[0] / totals[0]  # 1 in one process
-        if not sizes[0]:  # a torchrun share of no rows (a batch smaller than the ranks): its mean is NaN, its part 0
+    def take(b: Batch):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            outputs = forward(b.x)
+        cost = cost_fn(outputs.to(b.targets.dtype), b.targets, b.weights)  # C = ½ · mean Σ (a − y)², in fp32
+        share = b.rows[0] / b.sizes[0]  # 1 in one process
+        if not b.rows[0]:  # a torchrun share of no rows (a batch smaller than the ranks): its mean is NaN, its part 0
             cost = outputs.sum() * 0.0
         optimizer.zero_grad()  # set_to_none: measured faster here than zeroing and accumulating into old buffers
         (cost * (share * world.size) if world.distributed else cost).backward()
@@ -197,172 +361,30 @@ def autograd_step(model, optimizer, cfg: Config, precision: str, device: torch.d
     return take
 
 
-def matmuls(precision: str, device: torch.device) -> str:
-    """What the matmuls really run in, for the step line: bf16 under autocast; TF32 for fp32 on a CUDA GPU that
-    allows it (runtime.use_tf32 does); fp32 otherwise."""
-    if precision == "fp32" and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return precision
-
-
-def resolve_precision(cfg: Config, device: torch.device) -> str:
-    if cfg.train.precision != "auto":
-        return cfg.train.precision
-    return "bf16" if device.type == "cuda" else "fp32"
-
-
 def fuses(cfg: Config, device: torch.device, world: dist.World = dist.SINGLE) -> bool:
-    """Does this config take the fused path (fp32 on ½·MSE, not compiled; dropout in one process only)?"""
+    """The fused path: fp32 on ½·MSE, not compiled; dropout in one process only."""
     o = cfg.optim
-    plain = resolve_precision(cfg, device) == "fp32" and not cfg.train.compile and o.cost == "half_mse"
-    return o.fused and plain and o.name != "random_search" and not (cfg.model.dropout and world.distributed)
+    plain = runtime.precision(cfg.train.precision, device) == "fp32" and not cfg.train.compile and o.cost == "half_mse"
+    return o.fused and plain and not (cfg.model.dropout and world.distributed)
 
 
 def windowed(cfg: Config, world: dist.World = dist.SINGLE) -> bool:
-    """Plain SGD at a constant lr in one process, no decay, clipping or dropout: the first layer may go in windows."""
+    """Plain SGD at a constant lr in one process, no decay, clipping or dropout: windows for the first layer."""
     o = cfg.optim
     plain = o.name == "sgd" and not (o.momentum or o.weight_decay or o.clip_grad_norm or cfg.model.dropout)
     constant = o.schedule == "constant" and not o.warmup_steps
     return plain and constant and o.fused_window > 1 and not world.distributed
 
 
-def check_step(cfg: Config, device: torch.device, world: dist.World = dist.SINGLE) -> None:
-    """Refuse, in one sentence, a config no step can take here (train.py asks before anything is written):
-    random search under torchrun, and train.cuda_graphs wherever the graph could not be what runs."""
-    if world.distributed and cfg.optim.name == "random_search":
-        raise UserError("random search runs in one process: start it without torchrun")
-    o, why = cfg.optim, "train.cuda_graphs replays the fused fp32 SGD step"
-    refusals = [
-        (device.type != "cuda", f"train.cuda_graphs needs a CUDA device, but this run trains on {device}"),
-        (o.name == "random_search", "train.cuda_graphs has no step to replay in a random search"),
-        # a graph would capture the collectives of one step and replay them blindly
-        (world.distributed, "train.cuda_graphs runs in one process: start it without torchrun"),
-        (resolve_precision(cfg, device) != "fp32", f"{why}: it needs train.precision=fp32 (auto is bf16 on CUDA)"),
-        (not o.fused, f"{why}: it needs optim.fused=true"),
-        (o.cost != "half_mse", f"{why}: it needs optim.cost=half_mse"),
-        (cfg.train.compile, f"{why}: it needs train.compile=false"),
-        (o.name != "sgd", "train.cuda_graphs replays the lr it captured: it needs optim.name=sgd, a constant lr"),
-        (
-            o.schedule != "constant" or o.warmup_steps,
-            "train.cuda_graphs replays the lr it captured: it needs a constant lr",
-        ),
-        # the warm-up before capture draws masks no step uses, so a resumed run (captured again) would draw others
-        (cfg.model.dropout > 0, "train.cuda_graphs resumes exactly only without dropout: it needs model.dropout=0"),
-    ]
-    refused = next((why for wrong, why in refusals if wrong), None) if cfg.train.cuda_graphs else None
-    if refused:
-        raise UserError(f"{refused}; or set train.cuda_graphs=false")
-
-
-def make_step(model, optimizer, cfg: Config, device: torch.device, world: dist.World = dist.SINGLE) -> Step:
-    """The training step for this config (and this process's place among torchrun's)."""
-    check_step(cfg, device, world)
-    if fuses(cfg, device, world):
-        step = fused_step(model, optimizer, cfg, world, matmuls("fp32", device))
-        return cuda_graphed(step, model, optimizer) if cfg.train.cuda_graphs else step
-    precision = resolve_precision(cfg, device)
-    take = autograd_step(model, optimizer, cfg, precision, device, world)
-    o = cfg.optim
-    details = [matmuls(precision, device)] + (["compiled"] if cfg.train.compile else []) + _extras(cfg)
-    details += [f"cost {o.cost}"] if o.cost != "half_mse" else []
-    details += [f"DistributedDataParallel over {world.size} processes"] if world.distributed else []
-    return Stepper(take, 1, f"autograd + torch.optim.{NAMES[o.name]} ({', '.join(details)})")
-
-
-def _extras(cfg: Config) -> list[str]:
-    o, extras = cfg.optim, []
-    extras += [f"{o.schedule} schedule"] if o.schedule != "constant" else []
-    extras += [f"{o.warmup_steps} warm-up steps"] if o.warmup_steps else []
-    extras += [f"clip {o.clip_grad_norm:g}"] if o.clip_grad_norm else []
-    extras += [f"dropout {cfg.model.dropout:g}"] if cfg.model.dropout else []
-    extras += [f"class weights {o.class_weights}"] if o.class_weights is not None else []
-    return extras
-
-
-def fused_step(model, optimizer, cfg: Config, world: dist.World = dist.SINGLE, precision: str = "fp32") -> Step:
-    """Backpropagation written out (`backward`) and the optimiser's update from its factors; plain SGD at a
-    constant lr takes the first layer's updates in windows of optim.fused_window steps.
-
-    Under torchrun each layer's gradient of the whole batch comes from every rank's rows (dist.gradient), and
-    the step goes one batch at a time: a window would need every rank's inputs for its Gram blocks.
-    """
-    o, activation, layers, p = cfg.optim, cfg.model.activation, linear_layers(model), cfg.model.dropout
-    dist.broadcast_weights(world, model)  # every rank from rank 0's start, as DistributedDataParallel does
-
-    def gradient(delta, a, total):
-        return dist.gradient(world, cfg.train.ddp_sync, delta, a, total)
-
-    def keep(h):  # dropout: each hidden unit kept with probability 1 − p, scaled by 1/(1 − p) as nn.Dropout does
-        return torch.empty_like(h).bernoulli_(1 - p).div_(1 - p)
-
-    def take(x, targets, sizes, totals, weights):
-        b = backward(layers, x.flatten(1), targets, activation, totals[0], gradient, weights, keep if p else None)
-        apply(optimizer, layers, b.grads, o.clip_grad_norm)
-        return [(b.cost, b.outputs)]
-
-    def window_step(x, targets, sizes, totals, weights):
-        return fused_sgd_window(layers, x, targets, sizes, optimizer, activation, weights)
-
-    window = o.fused_window if windowed(cfg, world) else 1
-    details = [f"first-layer updates in windows of {window} steps"] if window > 1 else []
-    details += _extras(cfg) + ([f"{world.size} processes"] if world.distributed else [])
-    details, how = ", ".join([precision, *details]), describe(optimizer)  # precision: what make_step's matmuls says
-    if isinstance(optimizer, FusedSGD):
-        name = f"fused SGD{' with ' + how if how else ''} ({details})"
-    else:
-        name = f"fused backward + torch.optim.{NAMES[o.name]}{', ' + how if how else ''} ({details})"
-    return Stepper(take, 1, name) if window == 1 else Stepper(window_step, window, name)
-
-
-def cuda_graphed(step: Step, model, optimizer) -> Step:
-    """The step captured as a CUDA graph once for each sizes of window it meets (the whole batches, the epoch's
-    last, short one), then replayed for every window of those sizes: one launch instead of one per operation.
-    Every window replays a graph, whichever size a run (or a resumed run) meets first.  The graph holds the lr it
-    was captured with: check_step lets it run only at a constant lr, for FusedSGD, without dropout.
-
-    Capture needs warm-up runs of the step first; they move the weights, so the weights and momentum buffers
-    are put back before capture, and the run goes on as if they had never happened.  The results are the
-    graph's own tensors, overwritten by the next replay: the loop copies them at once, on the same stream.
-    """
-    graphs = {}  # the sizes of a window -> (its graph, the graph's inputs and results)
-
-    def take(x, targets, sizes, totals, weights):
-        key = tuple(sizes)
-        if key not in graphs:
-            static = {}
-            graphs[key] = _capture(step, static, (x, targets, sizes, totals, weights), model, optimizer), static
-        graph, static = graphs[key]
-        static["x"].copy_(x)
-        static["t"].copy_(targets)
-        if weights is not None:
-            static["w"].copy_(weights)
-        graph.replay()
-        return static["results"]
-
-    return Stepper(take, step.window, step.name + ", replayed as a CUDA graph")
-
-
-def _capture(step: Step, static: dict, args, model, optimizer):
-    x, targets, sizes, totals, weights = args
-    saved = [(p, p.detach().clone()) for p in model.parameters()]
-    buffers = lambda: [s["momentum_buffer"] for s in optimizer.state.values() if "momentum_buffer" in s]  # noqa: E731
-    saved += [(b, b.clone()) for b in buffers()]
-    static["x"], static["t"] = x.clone(), targets.clone()
-    static["w"] = None if weights is None else weights.clone()
-    call = lambda: step(static["x"], static["t"], sizes, totals, static["w"])  # noqa: E731
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):  # cuBLAS and the caching allocator settle before capture
-            call()
-    torch.cuda.current_stream().wait_stream(side)
-    with torch.no_grad():
-        for tensor, before in saved:
-            tensor.copy_(before)
-        for b in buffers():  # buffers the warm-up created start from zero, as they would have
-            if all(b is not t for t, _ in saved):
-                b.zero_()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static["results"] = call()
-    return graph
+def make_step(model, cfg: Config, device: torch.device, world: dist.World = dist.SINGLE, optimizer=None) -> Step:
+    """The training step for this config, with its optimiser (cfg.optim's unless given: FusedSGD when fused)."""
+    fused = fuses(cfg, device, world)
+    optimizer = optimizer or make_optimizer(model, cfg, FusedSGD if fused else None)
+    window = cfg.optim.fused_window if fused and windowed(cfg, world) else 1
+    name = describe(cfg, optimizer, fused, window, runtime.matmuls(cfg.train.precision, device), world.size)
+    if window > 1:
+        layers, activation = linear_layers(model), cfg.model.activation
+        return Step(lambda b: sgd_window(layers, optimizer, activation, b), window, name, optimizer)
+    if fused:
+        return Step(fused_step(model, optimizer, cfg, world), 1, name, optimizer)
+    return Step(autograd_step(model, optimizer, cfg, device, world), 1, name, optimizer)

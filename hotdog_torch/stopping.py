@@ -6,6 +6,7 @@ import math
 import signal
 import sys
 
+from . import dist
 from .config import Config, Train
 
 
@@ -124,12 +125,12 @@ class Interrupted(Exception):
         self.code = code
 
 
-def interrupt(r, state, done, first: int, epoch: int, signum: int):
+def interrupt(r, state, result, before: int, epoch: int, signum: int):
     """Save where the epoch stopped (the resumed run continues from that very step), say how to resume, and exit.
-    r: train.Run; done: loop.EpochResult."""
-    state.step = first + (done.next if done.order is not None else 0)  # a random-search pass is drawn again whole
-    r.save("last", state, state.history[-1] if state.history else {}, done.progress())
-    saved_and_stopped(r.dir, f"epoch {epoch}, step {done.next} of {r.feed.steps()}", signum)
+    r: train.Run; result: loop.EpochResult; before: the steps taken before the epoch."""
+    state.global_step = before + result.next
+    r.save("last", state, state.history[-1] if state.history else {}, result.progress())
+    saved_and_stopped(r.dir, f"epoch {epoch}, step {result.next} of {r.loader.batches_per_epoch()}", signum)
 
 
 def saved_and_stopped(run_dir, where: str, signum: int):
@@ -140,3 +141,57 @@ def saved_and_stopped(run_dir, where: str, signum: int):
         f"\n{name}: saved {run_dir}/checkpoints/last.pt at {where}. Resume with: {resume}", file=sys.stderr, flush=True
     )
     raise Interrupted(128 + signum)
+
+
+STOP_EVERY = 16  # under torchrun, steps between the ranks' agreements on a stop request
+
+
+class StopFlag:
+    """Should the run stop: request() (a signal seen by this process), agreed on by every rank at the same call.
+
+    Agreeing costs an all-reduce and a host sync, so under torchrun the ranks agree every `every` calls (steps)
+    and whenever a caller asks for it now (an epoch's end), and otherwise go on: a request is acted on within
+    `every` steps, by all the ranks at the same step, since they all call this as often.  Once true, it stays.
+    """
+
+    def __init__(self, world: dist.World, request, every: int = STOP_EVERY):
+        self.world, self.request, self.every, self.calls, self.stopped = world, request, every, 0, False
+
+    def __call__(self, now: bool = False) -> bool:
+        if not self.world.distributed:
+            return bool(self.request())
+        self.calls += 1
+        if not self.stopped and (now or self.calls % self.every == 0):
+            self.stopped = dist.agree(self.world, bool(self.request()))
+        return self.stopped
+
+
+def judge(cfg: Config, state, m: dict, costs: list[float], world: dist.World = dist.SINGLE) -> None:
+    """An epoch's divergence, improvement and verdict, into the run's state (rank 0's verdict, so that every rank
+    stops with it).  state: checkpoint.RunState; costs: the epoch's step costs."""
+    watch = DivergenceWatch(cfg.train.diverge_factor, cfg.train.diverge_steps, state.divergence)
+    diverged = watch.update(costs)
+    state.divergence = watch.state()
+    better = improved(m, state.reference, cfg.train)  # by more than min_delta on the last improvement
+    state.reference, state.bad_epochs = (m, 0) if better else (state.reference, state.bad_epochs + 1)
+    state.stopped_because = dist.broadcast(
+        world, verdict(cfg, m["epoch"], m["val_accuracy"], diverged, state.bad_epochs)
+    )
+    if diverged:
+        print(divergence_advice(cfg, m["epoch"]), flush=True)
+
+
+def keep(state, m: dict, train: Train, save, drop) -> None:
+    """The epoch into the history; save("last") when due, and before it save("best") / save("best-<epoch>") when it
+    is the best / among train.keep_top_k; drop(epoch) for a k-best file it pushed out."""
+    state.history.append(m)
+    best = state.best is None or (math.isfinite(m["train_cost"]) and better(m, state.best, train))
+    state.best, entered, out = m if best else state.best, False, []
+    if train.keep_top_k and math.isfinite(m["train_cost"]) and math.isfinite(m["val_cost"]):
+        state.top_k, entered, out = top_k(state.top_k, m, train)
+    if best or entered or m["epoch"] % train.checkpoint_every_epochs == 0 or state.stopped_because:
+        save("last")
+    for name in ["best"] * best + [f"best-{m['epoch']}"] * entered:
+        save(name)
+    for gone in out:
+        drop(gone["epoch"])

@@ -31,10 +31,10 @@ from .cost import half_mse, one_hot
 from .model import linear_layers
 
 
-def quiet_run(cfg: config.Config, name: str) -> Path:
-    """An ordinary training run whose epoch lines go to its train.log, not the console."""
+def quiet_run(cfg: config.Config, name: str, runner=train.run) -> Path:
+    """An ordinary training run (or runner's: search.run) whose epoch lines go to its train.log, not the console."""
     with contextlib.redirect_stdout(io.StringIO()) as out:
-        run_dir = train.run(cfg, name, progress=False)
+        run_dir = runner(cfg, name, progress=False)
     (run_dir / "train.log").write_text(out.getvalue())
     return run_dir
 

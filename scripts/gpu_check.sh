@@ -45,8 +45,7 @@ $PY -c "import torch; print('torch', torch.__version__, torch.cuda.get_device_na
 part "tests marked cuda" 210 $PY -m pytest -q -m cuda tests -p no:cacheprovider --junitxml="$OUT/junit.xml"
 part "default job, CUDA's default step (bf16 autocast + autograd)" 45 "${JOB[@]}" log.run_name=bf16
 part "default job, fused step in fp32 with TF32 matmuls" 45 "${JOB[@]}" log.run_name=tf32 train.precision=fp32
-part "default job, fused fp32 step replayed as a CUDA graph" 45 "${JOB[@]}" log.run_name=graphs \
-  train.precision=fp32 train.cuda_graphs=true
+part "default job, autograd step under torch.compile (bf16)" 90 "${JOB[@]}" log.run_name=compiled train.compile=true
 part "photos recipe with its router (model.router), 3 + 3 epochs" 60 $PY -m hotdog_torch.train --no-progress \
   --config configs/photos.yaml device=cuda log.dir="$OUT/runs" log.run_name=router model.router.epochs=3 train.epochs=3
 part "bench, batch 64: momentum and plain throughput" 60 $PY scripts/bench.py --parts momentum,plain --repeats 1 \

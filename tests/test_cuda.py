@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from hotdog_torch import checkpoint, data, loop, optim, schedule, step, train
+from hotdog_torch import checkpoint, data, loop, schedule, step, train
 from hotdog_torch.model import build_model
 
 pytestmark = pytest.mark.cuda
@@ -25,7 +25,6 @@ def test_data_lives_on_the_gpu_as_uint8(small_tree, make_config):
     [
         ([], "bf16"),
         (["train.precision=fp32"], "fused"),
-        (["train.precision=fp32", "train.cuda_graphs=true"], "CUDA graph"),
         (["data.augment.enabled=true"], "bf16"),  # each image framed on the GPU: drawn and warped there
         (["data.augment.enabled=true", "train.precision=fp32"], "fused"),
     ],
@@ -35,38 +34,20 @@ def test_an_epoch_never_waits_for_the_host(small_tree, make_config, extra, name)
     device = torch.device("cuda")
     ds = data.load_dataset(cfg.data, cfg.seed, progress=False).to(device)
     model = build_model(32 * 32, [16], 2).to(device)
-    optimizer = optim.make_optimizer(model, cfg, step.fuses(cfg, device))
-    take = step.make_step(model, optimizer, cfg, device)
-    constant = schedule.Schedule(optimizer, cfg.optim, 100)
-    assert name in take.name  # auto precision on CUDA is bf16; the fused fp32 step; the CUDA graph
+    take = step.make_step(model, cfg, device)
+    constant = schedule.Schedule(take.optimizer, cfg.optim, 100)
+    assert name in take.name  # auto precision on CUDA is bf16; the fused fp32 step
     mean, std = (t.to(device) for t in data.normalisation(ds.train))
-    feed = loop.Feed(ds.train, mean, std, 16, 2, device, augment=cfg.data.augment)
+    loader = data.Loader(ds.train, mean, std, 16, 2, device, augment=cfg.data.augment)
     generator = torch.Generator().manual_seed(0)  # the batch order is drawn on the CPU whatever the device
-    loop.train_one_epoch(take, feed, generator, constant)  # warm-up
+    loop.train_one_epoch(take, loader, loop.epoch_order(loader, generator, 1), constant)  # warm-up
+    order = loop.epoch_order(loader, generator, 2)
     torch.cuda.set_sync_debug_mode("error")  # any host synchronisation inside the epoch raises
     try:
-        done = loop.train_one_epoch(take, feed, generator, constant)
+        done = loop.train_one_epoch(take, loader, order, constant)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(done.costs).all()
-
-
-def test_the_cuda_graph_replays_the_same_steps(small_tree, make_config):
-    weights = {}
-    for graphs in ("false", "true"):
-        cfg = make_config(
-            small_tree,
-            "device=cuda",
-            "train.precision=fp32",
-            f"train.cuda_graphs={graphs}",
-            f"log.run_name=graphs-{graphs}",
-            "train.epochs=3",
-        )
-        run_dir = train.run(cfg, progress=False)
-        assert ("CUDA graph" in json.loads((run_dir / "metrics.json").read_text())["step"]) == (graphs == "true")
-        weights[graphs] = checkpoint.load(run_dir / "checkpoints/last.pt")["model"]
-    for k in weights["true"]:
-        assert torch.allclose(weights["true"][k], weights["false"][k], atol=1e-5), k
 
 
 @pytest.mark.parametrize(

@@ -279,7 +279,7 @@ def test_an_epoch_makes_no_copy_of_its_images(tiny_tree, make_config, monkeypatc
         with LargestImages():
             return real(*a, **k)
 
-    monkeypatch.setattr(train, "train_one_epoch", watched)
+    monkeypatch.setattr(loop, "train_one_epoch", watched)
     cfg = make_config(tiny_tree, "train.epochs=2", "optim.batch_size=16")
     train.run(cfg, progress=False)
     image = cfg.data.channels * cfg.data.image_size**2

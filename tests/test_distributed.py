@@ -15,7 +15,7 @@ import pytest
 import torch
 from conftest import config_file
 
-from hotdog_torch import checkpoint, dist, loop
+from hotdog_torch import checkpoint, dist, loop, step
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +47,8 @@ def close(a: dict, b: dict, atol: float) -> bool:
 def test_every_image_is_taken_once_an_epoch_by_one_rank(n, batch, world):
     taken = []
     for rank in range(world):
-        positions, bounds, totals = loop.epoch_plan(n, batch, dist.World(rank, world))
+        totals = [min(batch, n - s) for s in range(0, n, batch)]
+        positions, bounds = loop.shares(totals, dist.World(rank, world))
         assert len(totals) == -(-n // batch) and sum(totals) == n and bounds[-1] == len(positions)
         for s, total in enumerate(totals):  # this rank's rows of step s lie inside step s's batch
             mine = positions[bounds[s] : bounds[s + 1]]
@@ -133,9 +134,9 @@ def test_ddp_sync_auto_picks_the_fewer_bytes_each_process_receives():
     two = dist.World(0, 2)
     # a 1024 -> 16 layer at 24 rows: the factors are more numbers than the gradient (24·1040 > 16·1024) but fewer
     # bytes, since a ring all-reduce moves each number twice (reduce-scatter, then all-gather), an all-gather once
-    assert dist.sync_bytes(two, 24, 16, 1024) == {"factors": 12 * 1040 * 4, "gradients": 16 * 1025 * 4}
-    assert dist.shares_factors(two, "auto", 24, 16, 1024) and not dist.shares_factors(two, "auto", 64, 16, 1024)
-    assert dist.shares_factors(two, "factors", 64, 16, 1024) and not dist.shares_factors(two, "gradients", 8, 16, 1024)
+    assert step.sync_bytes(two, 24, 16, 1024) == {"factors": 12 * 1040 * 4, "gradients": 16 * 1025 * 4}
+    assert step.shares_factors(two, "auto", 24, 16, 1024) and not step.shares_factors(two, "auto", 64, 16, 1024)
+    assert step.shares_factors(two, "factors", 64, 16, 1024) and not step.shares_factors(two, "gradients", 8, 16, 1024)
 
 
 def test_a_batch_of_one_image_leaves_one_rank_an_empty_share_and_trains_on(small_tree, tmp_path):

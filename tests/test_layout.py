@@ -30,8 +30,9 @@ LAYERS = [
     ["synth", "step", "stopping", "checkpoint", "cache"],
     ["data", "report"],
     ["loop", "framing"],
-    ["search", "board", "router_training"],
-    ["train"],
+    ["board", "router_training"],
+    ["setup"],
+    ["train", "search"],
     ["evaluate", "predict", "baselines", "two_weights", "export", "lr_find"],
     ["lessons", "serve"],
 ]

@@ -10,7 +10,7 @@ import yaml
 from conftest import tiny_doc
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from hotdog_torch import checkpoint, cost, lessons, stopping, train
+from hotdog_torch import checkpoint, cost, lessons, search, stopping, train
 from hotdog_torch.config import UserError
 from hotdog_torch.model import build_model
 
@@ -27,7 +27,7 @@ def test_random_search_never_calls_backward_and_keeps_the_best(small_tree, make_
 
     monkeypatch.setattr(torch.Tensor, "backward", forbidden)
     monkeypatch.setattr(torch.autograd, "grad", forbidden)
-    run_dir = train.run(make_config(small_tree, "optim.name=random_search", "train.epochs=8"), progress=False)
+    run_dir = search.run(make_config(small_tree, "train.epochs=8"), progress=False)
     candidates = [e.value for e in scalars(run_dir, "random_search/candidate_error_rate")]
     kept = [e.value for e in scalars(run_dir, "error_rate/train")]
     assert len(candidates) == len(kept) == 8
@@ -93,7 +93,8 @@ def test_the_runner_writes_a_summary_with_every_arm(small_tree, reduced_tree, tm
                 "base": "../base.yaml",
                 "overrides": ["train.epochs=3"],
                 "quick": ["train.epochs=2"],
-                "arms": {"gd": ["optim.name=sgd"], "search": ["optim.name=random_search"]},
+                "arms": {"gd": ["optim.name=sgd"], "search": []},
+                "search_arms": ["search"],
             }
         )
     )
@@ -192,9 +193,7 @@ def test_random_search_reports_the_configured_cost(small_tree, make_config):
     reports is the configured one, as the validation cost is."""
     costs = {}
     for name in ("half_mse", "cross_entropy"):
-        cfg = make_config(
-            small_tree, "optim.name=random_search", f"optim.cost={name}", "train.epochs=1", f"log.run_name={name}"
-        )
-        history = checkpoint.load(train.run(cfg, progress=False) / "checkpoints" / "last.pt")["state"]["history"]
+        cfg = make_config(small_tree, f"optim.cost={name}", "train.epochs=1", f"log.run_name={name}")
+        history = checkpoint.load(search.run(cfg, progress=False) / "checkpoints" / "last.pt")["state"]["history"]
         costs[name] = history[0]["train_cost"]
     assert costs["cross_entropy"] > 2 * costs["half_mse"]  # -log of a sigmoid against ½(1 - sigmoid)²

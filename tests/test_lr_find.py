@@ -190,7 +190,7 @@ def test_the_checkpoint_is_only_read_and_must_be_the_configs_network(small_tree,
         (["--min-lr", "1", "--max-lr", "1"], "--max-lr must be above --min-lr"),
         (["--steps", "1"], "--steps must be at least 2"),
         (["optim.name=adamx"], "adamw"),  # the config's did-you-mean
-        (["optim.name=random_search"], "lr_find needs gradient descent"),
+        (["optim.name=random_search"], "must be one of 'sgd', 'adamw', 'adam'"),  # the shot in the dark: search.py
     ],
     ids=["min-not-below-max", "one-step", "unknown-optimiser", "random-search"],
 )

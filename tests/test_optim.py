@@ -4,7 +4,6 @@ backward, checked step by step against autograd + torch.optim in float64; schedu
 from __future__ import annotations
 
 import copy
-import inspect
 import math
 
 import pytest
@@ -24,8 +23,8 @@ def pair(name, *overrides, hidden=(7, 5), dropout=0.0):
     cpu = torch.device("cpu")
     steps = []
     for model, cfg in zip((a, b), cfgs, strict=True):
-        opt = optim.make_optimizer(model, cfg, step.fuses(cfg, cpu))
-        steps.append((model, opt, step.make_step(model, opt, cfg, cpu)))
+        take = step.make_step(model, cfg, cpu)
+        steps.append((model, take.optimizer, take))
     assert steps[0][2].name.startswith("fused") and steps[1][2].name.startswith("autograd")
     return steps
 
@@ -43,10 +42,10 @@ def run_both(steps, sizes=(8, 8, 8, 5), weights=None, reseed=False):
         w = None if weights is None else weights[torch.arange(n) % 3]
         if reseed:
             torch.manual_seed(100 + i)  # dropout: the same masks on both paths
-        ((c1, o1),) = fused(x, t, [n], None, w)
+        ((c1, o1),) = fused(step.Batch(x, t, w))
         if reseed:
             torch.manual_seed(100 + i)
-        ((c2, o2),) = autograd(x, t, [n], None, w)
+        ((c2, o2),) = autograd(step.Batch(x, t, w))
         assert torch.allclose(c1, c2, rtol=0, atol=1e-10) and torch.allclose(o1, o2, rtol=0, atol=1e-10)
         for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
             assert torch.allclose(pa, pb, rtol=0, atol=1e-10)
@@ -71,10 +70,8 @@ def test_clipping_to_a_global_norm_equals_torchs_clip_grad_norm(name, extra):
 
 
 def test_the_gram_form_of_a_layers_gradient_norm_is_the_norm():
-    from hotdog_torch import dist
-
     d, a = torch.randn(6, 40, dtype=torch.float64), torch.randn(6, 300, dtype=torch.float64)
-    g = dist.Product(d, a)
+    g = step.Product(d, a)
     assert math.isclose(
         g.sq_norm().item(), ((d.t() @ a).square().sum() + d.sum(0).square().sum()).item(), rel_tol=1e-12
     )
@@ -93,18 +90,9 @@ def test_fused_dropout_equals_nn_dropout_given_the_same_random_state(hidden):
     assert "dropout 0.3" in steps[0][2].name
 
 
-def test_every_step_has_one_signature_the_cuda_graph_wrapper_included():
-    model = build_model(4, [3], 2)
-    cfg = config.load(None, ["optim.momentum=0.9"])
-    fused = step.make_step(model, optim.make_optimizer(model, cfg, True), cfg, torch.device("cpu"))
-    graphed = step.cuda_graphed(fused, model, None)  # built on the CPU; capture would need a GPU
-    assert list(inspect.signature(graphed.take).parameters) == list(inspect.signature(fused.take).parameters)
-    assert list(inspect.signature(fused.take).parameters) == ["x", "targets", "sizes", "totals", "weights"]
-
-
 def lrs_of(o: config.Optim, total: int, epochs_costs=None) -> list[float]:
     model = build_model(3, [], 2)
-    opt = optim.FusedSGD(model.parameters(), o.lr)
+    opt = step.FusedSGD(model.parameters(), o.lr)
     s, out = schedule.Schedule(opt, o, total), []
     for i in range(total):
         out.append(s.lr)
@@ -162,7 +150,7 @@ def test_plateau_cuts_the_lr_after_patience_epochs_as_torch_does():
 
 def plateau_run(o: config.Optim, costs, saved=None, steps=0):
     model = build_model(3, [], 2)
-    opt = optim.FusedSGD(model.parameters(), o.lr)
+    opt = step.FusedSGD(model.parameters(), o.lr)
     s = schedule.Schedule(opt, o, 100, saved, steps)
     for c in costs:
         opt.step([], [])
@@ -188,7 +176,7 @@ def test_a_resumed_plateau_makes_its_cuts_again_then_follows_the_config_given():
 def test_a_schedule_refuses_a_run_longer_than_it_spans():
     o = config.Optim(lr=0.1, schedule="one_cycle")
     with pytest.raises(config.UserError, match="more than train.epochs gives"):
-        schedule.Schedule(optim.FusedSGD(build_model(3, [], 2).parameters(), 0.1), o, 50, {"total": 100}, 60)
+        schedule.Schedule(step.FusedSGD(build_model(3, [], 2).parameters(), 0.1), o, 50, {"total": 100}, 60)
 
 
 def test_early_stopping_measures_min_delta_from_the_last_improvement_as_keras_does():
@@ -214,83 +202,3 @@ def test_an_epoch_with_a_nan_validation_cost_is_never_among_the_best():
             kept, _, _ = stopping.top_k(kept, m, train)
         assert [e["epoch"] for e in kept] == [3, 1]
         assert not stopping.better(epochs[1], epochs[0], train)
-
-
-def test_cuda_graphs_are_refused_under_torchrun_in_one_sentence():
-    from hotdog_torch import dist
-
-    model = build_model(4, [3], 2)
-    cfg = config.load(None, ["train.cuda_graphs=true", "train.precision=fp32"])
-    fused = optim.make_optimizer(model, cfg, True)
-    with pytest.raises(config.UserError, match="train.cuda_graphs runs in one process"):
-        step.make_step(model, fused, cfg, torch.device("cuda"), dist.World(0, 2))  # built, never run: no GPU needed
-
-
-GRAPHS = [  # train.cuda_graphs=true with each of these on one CUDA process: replayed as a graph, or refused
-    ([], "train.precision=fp32"),  # CUDA's default precision is bf16 autocast: the autograd step
-    (["train.precision=bf16"], "train.precision=fp32"),
-    (["train.precision=bf16", "optim.name=adamw"], "train.precision=fp32"),
-    (["train.precision=fp32", "optim.name=adamw"], "optim.name=sgd"),
-    (["train.precision=fp32", "optim.fused=false"], "optim.fused=true"),
-    (["train.precision=fp32", "optim.cost=cross_entropy"], "optim.cost=half_mse"),
-    (["train.precision=fp32", "train.compile=true"], "train.compile=false"),
-    (["train.precision=fp32", "optim.schedule=cosine"], "constant lr"),
-    (["train.precision=fp32", "optim.warmup_steps=3"], "constant lr"),
-    (["train.precision=fp32", "model.dropout=0.2"], "model.dropout=0"),
-    (["optim.name=random_search"], "random search"),
-    (["train.precision=fp32"], None),
-    (["train.precision=fp32", "optim.momentum=0", "optim.fused_window=4"], None),
-]
-
-
-@pytest.mark.parametrize("extra, says", GRAPHS)
-def test_cuda_graphs_are_replayed_or_refused_in_one_sentence_never_ignored(extra, says):
-    model = build_model(4, [3], 2)
-    cfg = config.load(None, ["train.cuda_graphs=true", *extra])
-    cuda = torch.device("cuda")
-    built = lambda: step.make_step(model, optim.make_optimizer(model, cfg, step.fuses(cfg, cuda)), cfg, cuda)  # noqa: E731
-    if says is None:  # built, never run: no GPU needed
-        assert "replayed as a CUDA graph" in built().name
-        return
-    with pytest.raises(config.UserError, match="train.cuda_graphs") as refused:
-        step.check_step(cfg, cuda)  # what train.py asks before anything is written
-    assert says in str(refused.value) and str(refused.value).count(". ") == 0, refused.value
-    with pytest.raises(config.UserError):
-        built()
-
-
-def test_cuda_graphs_on_the_cpu_is_one_sentence_before_anything_is_written(tiny_tree, tmp_path, capsys):
-    from conftest import config_file
-
-    from hotdog_torch import train
-
-    path = config_file(tiny_tree, tmp_path, "graphs", train__cuda_graphs=True)
-    assert train.main(["--config", str(path), "--no-progress"]) == 2
-    assert "error: train.cuda_graphs needs a CUDA device" in capsys.readouterr().err
-    assert not (tmp_path / "runs" / "graphs").exists()
-
-
-def test_every_window_size_replays_its_own_graph_wherever_the_run_started(monkeypatch):
-    """A run resumed at an epoch's last, short batch meets that size first: its full batches must still replay a
-    graph, as the straight run's do (the graph's kernels, not the eager ones).  The capture is faked: no GPU."""
-    captured, replays, eager = [], [], []
-
-    def capture(take, static, args, model, optimizer):
-        x, targets, sizes, totals, weights = args
-        static.update(x=x.clone(), t=targets.clone(), w=None)
-        captured.append(list(sizes))
-
-        class Graph:
-            def replay(self):
-                replays.append(list(sizes))
-                static["results"] = take(static["x"], static["t"], sizes, totals, None)
-
-        return Graph()
-
-    monkeypatch.setattr(step, "_capture", capture)
-    inner = step.Stepper(lambda x, t, sizes, totals, w: eager.append(sizes) or [(x.sum(), x)], 1, "fake")
-    graphed = step.cuda_graphed(inner, None, None)
-    for n in (5, 16, 16, 5, 16):  # resumed at the short batch, then the next epoch
-        graphed(torch.ones(n, 4), torch.zeros(n, 2), [n])
-    assert sorted(captured) == [[5], [16]] and replays == [[5], [16], [16], [5], [16]], (captured, replays)
-    assert eager == replays  # every step went through a replay, none around the graph

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from hotdog_torch import checkpoint, config, cost, optim, step, train
+from hotdog_torch import checkpoint, config, cost, step, train
 from hotdog_torch.model import build_model, linear_layers
 
 
@@ -24,11 +24,12 @@ def twins(hidden, activation, lr, seed, momentum=0.0, nesterov=False, weight_dec
         f"optim.weight_decay={weight_decay}",
     ]
     common = [f"optim.lr={lr}", *options, f"model.activation={activation}"]
-    autograd_step = step.make_step(b, optimizer, config.load(None, [*common, "optim.fused=false"]), torch.device("cpu"))
+    cpu = torch.device("cpu")
+    autograd_step = step.make_step(b, config.load(None, [*common, "optim.fused=false"]), cpu, optimizer=optimizer)
     assert autograd_step.name.startswith("autograd")
     cfg = config.load(None, [*common, "optim.fused_window=1"])
-    fused = optim.FusedSGD(a.parameters(), lr, momentum, nesterov, weight_decay)
-    fused_step = step.make_step(a, fused, cfg, torch.device("cpu"))
+    fused = step.FusedSGD(a.parameters(), lr, momentum, nesterov, weight_decay)
+    fused_step = step.make_step(a, cfg, cpu, optimizer=fused)
     assert fused_step.name.startswith("fused SGD") and fused_step.window == 1
     return a, b, fused_step, autograd_step, fused, optimizer
 
@@ -51,8 +52,8 @@ def test_fused_sgd_step_equals_autograd_and_torch_optim(activation, hidden):
     a, b, fused_step, autograd_step, _, _ = twins(hidden, activation, 0.3, seed=0)
     for _ in range(5):
         x, t = batch(8)
-        ((c1, out1),) = fused_step(x, t, [len(x)])
-        ((c2, out2),) = autograd_step(x, t, [len(x)])
+        ((c1, out1),) = fused_step(step.Batch(x, t))
+        ((c2, out2),) = autograd_step(step.Batch(x, t))
         assert_same(a, b, (c1, c2), (out1, out2))
 
 
@@ -64,9 +65,9 @@ def test_windowed_first_layer_updates_are_the_same_sgd(activation, hidden, windo
     sizes = [8] * (window - 1) + [5]  # the last batch of an epoch may be short
     xs, ts = zip(*(batch(n) for n in sizes), strict=True)
     layers = linear_layers(a)
-    windowed = step.fused_sgd_window(layers, torch.cat(xs), torch.cat(ts), sizes, fused, activation)
+    windowed = step.sgd_window(layers, fused, activation, step.Batch(torch.cat(xs), torch.cat(ts), rows=sizes))
     for (c1, out1), x, t in zip(windowed, xs, ts, strict=True):
-        ((c2, out2),) = autograd_step(x, t, [len(x)])  # one ordinary step after another
+        ((c2, out2),) = autograd_step(step.Batch(x, t))  # one ordinary step after another
         assert torch.allclose(c1, c2, atol=1e-12) and torch.allclose(out1, out2, atol=1e-12)
     assert_same(a, b, atol=1e-12)
 
@@ -81,8 +82,8 @@ def test_fused_momentum_equals_autograd_and_torch_optim_step_by_step(activation,
     )
     for n in (8, 8, 8, 8, 5):  # the last batch of an epoch may be short
         x, t = batch(n)
-        ((c1, out1),) = fused_step(x, t, [n])
-        ((c2, out2),) = autograd_step(x, t, [n])
+        ((c1, out1),) = fused_step(step.Batch(x, t))
+        ((c2, out2),) = autograd_step(step.Batch(x, t))
         assert_same(a, b, (c1, c2), (out1, out2))
         for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
             assert torch.allclose(
@@ -95,19 +96,19 @@ def test_plain_sgd_with_weight_decay_equals_torch_optim(hidden):
     a, b, fused_step, autograd_step, _, _ = twins(hidden, "sigmoid", 0.3, seed=4, weight_decay=0.1)
     for n in (8, 8, 5):
         x, t = batch(n)
-        ((c1, out1),) = fused_step(x, t, [n])
-        ((c2, out2),) = autograd_step(x, t, [n])
+        ((c1, out1),) = fused_step(step.Batch(x, t))
+        ((c2, out2),) = autograd_step(step.Batch(x, t))
         assert_same(a, b, (c1, c2), (out1, out2))
 
 
 def test_the_fused_momentum_velocity_is_torch_optims_buffer():
     model = build_model(6, [4], 2).double()
     cfg = config.load(None, ["optim.momentum=0.9", "optim.lr=0.1"])
-    optimizer = optim.make_optimizer(model, cfg, fused=True)
-    take = step.make_step(model, optimizer, cfg, torch.device("cpu"))
+    take = step.make_step(model, cfg, torch.device("cpu"))
+    optimizer = take.optimizer
     assert take.name == "fused SGD with momentum 0.9 (fp32)" and take.window == 1
     x, t = torch.randn(5, 6, dtype=torch.float64), cost.one_hot(torch.tensor([0, 1, 1, 0, 1]), 2, torch.float64)
-    take(x, t, [5])
+    take(step.Batch(x, t))
     saved = optimizer.state_dict()["state"]
     assert len(saved) == 4 and all(saved[i]["momentum_buffer"].abs().sum() > 0 for i in saved)
     sgd = torch.optim.SGD(copy.deepcopy(model).parameters(), lr=0.1, momentum=0.9)
@@ -139,7 +140,7 @@ def test_bf16_or_fused_false_use_autograd_and_momentum_runs_fused():
 
     def name(*overrides):
         cfg, model = config.load(None, list(overrides)), build_model(4, [3], 2)
-        return step.make_step(model, optim.make_optimizer(model, cfg, step.fuses(cfg, cpu)), cfg, cpu).name
+        return step.make_step(model, cfg, cpu).name
 
     assert name("optim.momentum=0.9").startswith("fused SGD with momentum 0.9")
     assert name("optim.momentum=0.9", "optim.fused=false").startswith("autograd + torch.optim.SGD")

@@ -154,14 +154,23 @@ def test_a_batch_of_one_image_leaves_one_rank_an_empty_share_and_trains_on(small
 INSTRUMENTED = """
 import os, sys, torch
 import torch.distributed as td
-from hotdog_torch import board, data, stopping, train
+from hotdog_torch import board, data, loop, stopping, train
 rank = int(os.environ["RANK"])
 log = open(f"{sys.argv[1]}.{rank}", "w", buffering=1)
-seed, normalise, reduce, watch = torch.manual_seed, data.normalise, td.all_reduce, board.Board.watch
+seed, normalise, evaluate, reduce, watch = torch.manual_seed, data.normalise, loop.evaluate, td.all_reduce, board.Board.watch
+counting = []
 
-def normalised(images, *a, **k):
-    log.write(f"evaluated {len(images)}\\n")
+def normalised(images, *a, **k):  # the images an evaluation normalises (training's batches are not counted)
+    if counting:
+        log.write(f"evaluated {len(images)}\\n")
     return normalise(images, *a, **k)
+
+def evaluating(*a, **k):
+    counting.append(1)
+    try:
+        return evaluate(*a, **k)
+    finally:
+        counting.pop()
 
 def reduced(t, *a, **k):
     log.write(f"all_reduce {t.numel()}\\n")
@@ -173,7 +182,7 @@ def probed(self, *a, **k):
     return self
 
 torch.manual_seed = lambda s: seed(s + rank)
-data.normalise, td.all_reduce, board.Board.watch = normalised, reduced, probed
+data.normalise, loop.evaluate, td.all_reduce, board.Board.watch = normalised, evaluating, reduced, probed
 if rank == 1:
     stopping.verdict = lambda *a, **k: "target_accuracy"
 sys.exit(train.main(sys.argv[2:]))

@@ -80,3 +80,18 @@ def test_the_checker_sees_a_violation(tmp_path):
     bad = tmp_path / "model.py"
     bad.write_text("from . import train\nfrom .data import Split\n")
     assert package_imports(bad) == {"train", "data"}
+
+
+TRAINER = ["train", "loop", "step", "optim", "dist"]  # what a reader follows from run() to the weight update
+
+
+def test_the_trainer_reads_in_one_sitting():
+    """Issue 23: the five modules of the training path at most 950 lines together, no function in them over 40."""
+    sizes = {m: len((PACKAGE / f"{m}.py").read_text().splitlines()) for m in TRAINER}
+    assert sum(sizes.values()) <= 950, sizes
+    for m in TRAINER:
+        for node in ast.walk(ast.parse((PACKAGE / f"{m}.py").read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert node.end_lineno - node.lineno < 40, (
+                    f"{m}.{node.name} is {node.end_lineno - node.lineno + 1} lines"
+                )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hotdog_torch import checkpoint, runtime, train
+from hotdog_torch import checkpoint, loop, runtime, train
 from hotdog_torch.evaluate import evaluate_folder
 from hotdog_torch.predict import Classifier
 
@@ -46,9 +46,9 @@ def test_flush_holds_in_every_intra_op_thread(flush_off):
 
 
 def test_training_evaluate_and_predict_flush_on_the_cpu(tiny_tree, make_config, flush_off, monkeypatch):
-    seen, epoch = [], train.train_one_epoch  # what an epoch's arithmetic does with subnormals, as it starts
+    seen, epoch = [], loop.train_one_epoch  # what an epoch's arithmetic does with subnormals, as it starts
 
-    monkeypatch.setattr(train, "train_one_epoch", lambda *a, **k: seen.append(subnormal_products()) or epoch(*a, **k))
+    monkeypatch.setattr(loop, "train_one_epoch", lambda *a, **k: seen.append(subnormal_products()) or epoch(*a, **k))
     train.run(
         make_config(tiny_tree, "train.epochs=1", "train.flush_denormal=false", "log.run_name=unflushed"), progress=False
     )
@@ -65,10 +65,8 @@ def test_training_evaluate_and_predict_flush_on_the_cpu(tiny_tree, make_config, 
 
 def test_a_small_network_trains_on_one_intra_op_thread(tiny_tree, make_config, flush_off, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    seen, epoch, before = [], train.train_one_epoch, torch.get_num_threads()
-    monkeypatch.setattr(
-        train, "train_one_epoch", lambda *a, **k: seen.append(torch.get_num_threads()) or epoch(*a, **k)
-    )
+    seen, epoch, before = [], loop.train_one_epoch, torch.get_num_threads()
+    monkeypatch.setattr(loop, "train_one_epoch", lambda *a, **k: seen.append(torch.get_num_threads()) or epoch(*a, **k))
     train.run(make_config(tiny_tree, "train.epochs=1", "log.run_name=small"), progress=False)  # 16 x 1024 x 16
     assert seen == [1] and torch.get_num_threads() == before  # one thread while it trains; the caller's after
     assert runtime.intra_op_threads(CPU, [49152, 512, 2], 64) == runtime.DEFAULT_THREADS  # the bench's network

@@ -157,8 +157,8 @@ import torch.distributed as td
 from hotdog_torch import board, data, loop, stopping, train
 rank = int(os.environ["RANK"])
 log = open(f"{sys.argv[1]}.{rank}", "w", buffering=1)
-seed, normalise, evaluate, reduce, watch = torch.manual_seed, data.normalise, loop.evaluate, td.all_reduce, board.Board.watch
-counting = []
+seed, normalise, evaluate = torch.manual_seed, data.normalise, loop.evaluate
+reduce, watch, counting = td.all_reduce, board.Board.watch, []
 
 def normalised(images, *a, **k):  # the images an evaluation normalises (training's batches are not counted)
     if counting:

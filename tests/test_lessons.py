@@ -197,3 +197,17 @@ def test_random_search_reports_the_configured_cost(small_tree, make_config):
         history = checkpoint.load(search.run(cfg, progress=False) / "checkpoints" / "last.pt")["state"]["history"]
         costs[name] = history[0]["train_cost"]
     assert costs["cross_entropy"] > 2 * costs["half_mse"]  # -log of a sigmoid against ½(1 - sigmoid)²
+
+
+def test_the_search_command_runs_and_its_run_is_never_resumed_as_gradient_descent(small_tree, tmp_path, capsys):
+    from conftest import config_file
+
+    path = config_file(small_tree, tmp_path, "dark", train__epochs=2)
+    assert search.main(["--config", str(path), "--no-progress"]) == 0
+    run_dir = tmp_path / "runs" / "dark"
+    assert "random search" in json.loads((run_dir / "metrics.json").read_text())["step"]
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert train.main(["--resume", str(run_dir), "train.epochs=3", "--no-progress"]) == 2
+    assert "is a random search (python -m hotdog_torch.search)" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # nothing changed on disk
+    assert search.main(["--resume", str(run_dir)]) == 2

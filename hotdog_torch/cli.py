@@ -8,12 +8,12 @@ import argparse
 from .config import UserError
 
 
-def command_line(
-    argv: list[str] | None, quiet: bool = False, prog="python -m hotdog_torch.train"
-) -> argparse.Namespace:
+def command_line(argv: list[str] | None, quiet: bool = False, prog: str = "") -> argparse.Namespace:
     """The command's --config, --resume, overrides and --no-progress.  quiet, for the prefetch: no -h, and a mistake
     raises UserError instead of printing, left for the command itself to say."""
-    p = argparse.ArgumentParser(prog, description="Train the hot-dog MLP from a YAML config.", add_help=not quiet)
+    what = "Random search over the MLP's weights" if prog else "Train the hot-dog MLP"  # search.py's, or train.py's
+    name, about = prog or "python -m hotdog_torch.train", f"{what} from a YAML config."
+    p = argparse.ArgumentParser(name, description=about, add_help=not quiet)
     p.add_argument("--config", help="YAML config (keys: hotdog_torch/config.py); without it, the schema's defaults")
     resume = "continue runs/<name> from its checkpoints/last.pt, with its config.yaml (overrides still apply)"
     p.add_argument("--resume", metavar="RUN_DIR", help=resume)

@@ -2,8 +2,8 @@
 # Every CUDA check in one call of at most 8 minutes, for a lent GPU machine, ending in one summary table.
 #   bash scripts/gpu_check.sh            # logs on stdout; runs, junit.xml and JSON under $OUT (or /tmp/gpu_check)
 # Every test marked `cuda` under tests/ runs (tests/test_cuda.py and the others), then the default job both ways
-# CUDA can take it (bf16 autocast + autograd, the default; the fused step in fp32 with TF32 matmuls, and replayed as
-# a CUDA graph), so the default can be chosen on measured figures, then the bench.  Each part has its own time
+# CUDA can take it (bf16 autocast + autograd, the default, also under torch.compile; the fused step in fp32 with TF32
+# matmuls), so the default can be chosen on measured figures, then the bench.  Each part has its own time
 # limit, cut to what is left of the 8 minutes.  It uses the machine's own python3 (its image carries torch,
 # tensorboard, pyyaml, tqdm, matplotlib, pytest); nothing is installed there (the machine reaches no network).
 set -uo pipefail

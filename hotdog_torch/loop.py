@@ -33,7 +33,7 @@ class Order:
     start: int = 0
     costs: torch.Tensor | None = None  # the batches' before start, and their wrong counts and lrs
     wrongs: torch.Tensor | None = None
-    lrs: list[float] = field(default_factory=list)
+    lrs: list[float] | None = None  # None: a last.pt from before lrs were saved
     mine: torch.Tensor | None = None  # this process's positions of the order (None: all, in one process)
     bounds: list[int] = field(default_factory=list)  # batch s is rows bounds[s]:bounds[s + 1] of this process's
     sizes: list[int] = field(default_factory=list)  # each whole batch's size
@@ -50,7 +50,7 @@ def epoch_order(loader: Loader, generator: torch.Generator, epoch: int, saved: d
     else:
         framings = saved.get("framings")
         o = Order(saved["order"].to(device), None if framings is None else framings.to(loader.device), saved["next"])
-        o.costs, o.wrongs, o.lrs = saved["costs"], saved["wrongs"], list(saved["lrs"])
+        o.costs, o.wrongs, o.lrs = saved["costs"], saved["wrongs"], saved.get("lrs")
     o.sizes = [min(loader.batch_size, n - s) for s in range(0, n, loader.batch_size)]
     o.mine, o.bounds = shares(o.sizes, loader.world)
     return o
@@ -105,7 +105,8 @@ class EpochResult:
 def train_one_epoch(step: Step, loader: Loader, order: Order, schedule, should_stop=None, after=None) -> EpochResult:
     """The epoch's batches from order.start on, a step each (`step.window` batches a call); schedule.step() after
     every optimiser step, after(lo, hi) once batches [lo, hi) are taken.  Stops early when should_stop() says so."""
-    costs, outputs, lrs, i = torch.zeros(len(order.sizes), device=loader.device), [], list(order.lrs), order.start
+    costs, outputs, i = torch.zeros(len(order.sizes), device=loader.device), [], order.start
+    lrs = [schedule.lr] * i if order.lrs is None else list(order.lrs)  # a resumed epoch's batches before it
     for batch in batches(loader, order, step.window):
         if should_stop is not None and should_stop():
             break

@@ -132,6 +132,7 @@ def random_state_kept(device: torch.device):
             random.setstate(py_state)
 
 
+@runtime.keeps_float_mode  # the caller's threads and subnormal mode, as they were
 def find(cfg: Config, min_lr=1e-7, max_lr=10.0, steps=100, model=None, progress=False) -> Finding:
     """The range test on a copy of `model` (None: a fresh network, initialised as train.py does) with cfg's data,
     optimiser and cost, set up by train.py's own functions; cfg, the model and every random state are left as
@@ -148,7 +149,7 @@ def find(cfg: Config, min_lr=1e-7, max_lr=10.0, steps=100, model=None, progress=
     ds = setup.load_data(cfg, device, dist.SINGLE, progress)
     with random_state_kept(device):
         loader = setup.make_loader(cfg, ds, device)
-        net = setup.network(cfg, loader, device)  # seeded as train.py seeds it, the CPU's threads set for it
+        net = setup.network(cfg, loader, device, seed=torch.default_generator.manual_seed)  # as train.py draws it
         if model is not None:
             check_network(cfg, model, len(ds.classes))
             net = copy.deepcopy(model).train().to(device)

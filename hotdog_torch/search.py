@@ -49,7 +49,10 @@ def run(cfg: Config, config_name: str = "search", progress: bool = True) -> Path
     """Random search for train.epochs passes (or until train.target_accuracy); returns the run folder."""
     if cfg.model.router is not None:
         raise UserError("random search draws the classifier's weights alone: set model.router=null")
+    if dist.from_env().distributed:
+        raise UserError("random search runs in one process: start it without torchrun")
     device = runtime.resolve_device(cfg.device)
+    runtime.use_tf32(device)  # the arithmetic a training run does
     ds = setup.load_data(cfg, device, dist.SINGLE, progress)
     loader = setup.make_loader(cfg, ds, device)
     run_dir = files.open_run_dir(cfg, config_name, None, None, ds, device)
@@ -69,8 +72,11 @@ def run(cfg: Config, config_name: str = "search", progress: bool = True) -> Path
         m = log_pass(cfg, ds, loader, model, tb, state, kept, score)
         m["seconds"] = time.perf_counter() - t0
         state.seconds += m["seconds"]
+        if epoch > 1 or cfg.train.epochs == 1:  # steady state, as a training run counts it
+            state.count(m["seconds"], len(ds.train))
         report.print_epoch(epoch, cfg.train.epochs, m, len(ds.train) / m["seconds"])
-        stopping.keep(state, m, cfg.train, saver(run_dir, model, meta, m, state), lambda e: None)  # no top-k here
+        drop = lambda e: (run_dir / "checkpoints" / f"best-{e}.pt").unlink(missing_ok=True)  # noqa: E731
+        stopping.keep(state, m, cfg.train, saver(run_dir, model, meta, m, state), drop)
         if state.stopped_because:
             break
     finish(cfg, ds, loader, run_dir, tb, state)
@@ -106,7 +112,9 @@ def log_pass(cfg: Config, ds, loader: Loader, model, tb: board.Board, state: Run
 
 def finish(cfg: Config, ds, loader: Loader, run_dir: Path, tb: board.Board, state: RunState) -> None:
     """metrics.json (the best pass, and the test split scored with its draw), HParams, and the last line."""
-    m = report.metrics(state, step=NAME, stopped_because=state.stopped_because, device=str(loader.device))
+    memory = runtime.peak_memory_bytes(loader.device)
+    m = report.metrics(state, peak_memory_bytes=memory, step=NAME, stopped_because=state.stopped_because)
+    m["device"] = str(loader.device)
     m |= {"classes": ds.classes, "skipped_files": len(ds.skipped)}
     if ds.test is not None:
         best = checkpoint.model_from(checkpoint.load(run_dir / "checkpoints/best.pt")).to(loader.device)

@@ -105,10 +105,10 @@ def make_loader(cfg: Config, ds: data.Dataset, device: torch.device, world: dist
     return Loader(ds.train, mean, std, batch_size, len(ds.classes), device, world, weights, cfg.data.augment)
 
 
-def network(cfg: Config, loader: Loader, device, world: dist.World = dist.SINGLE) -> torch.nn.Sequential:
+def network(cfg: Config, loader: Loader, device, world=dist.SINGLE, seed=None) -> torch.nn.Sequential:
     """The classifier, its weights drawn from cfg.seed (every run's start), and the CPU's threads set for it."""
     width = cfg.data.channels * input_side(cfg.data.image_size, cfg.model.router and cfg.model.router.size) ** 2
-    torch.manual_seed(cfg.seed)
+    (seed or torch.manual_seed)(cfg.seed)  # lr_find: torch.default_generator's alone (manual_seed queues CUDA's)
     model = build_model(width, cfg.model.hidden, loader.n_classes, cfg.model.activation, cfg.model.dropout).to(device)
     runtime.set_up_cpu(
         device, cfg.train.flush_denormal, [width, *cfg.model.hidden, loader.n_classes], loader.batch_size

@@ -211,3 +211,12 @@ def test_the_search_command_runs_and_its_run_is_never_resumed_as_gradient_descen
     assert "is a random search (python -m hotdog_torch.search)" in capsys.readouterr().err
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before  # nothing changed on disk
     assert search.main(["--resume", str(run_dir)]) == 2
+
+
+def test_the_search_keeps_k_best_files_and_refuses_torchrun(small_tree, make_config, monkeypatch):
+    run_dir = search.run(make_config(small_tree, "train.epochs=6", "train.keep_top_k=2"), progress=False)
+    assert len(list((run_dir / "checkpoints").glob("best-*.pt"))) == 2  # the k best passes' draws, no more
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(UserError, match="random search runs in one process"):
+        search.run(make_config(small_tree, "log.run_name=ranks"), progress=False)

@@ -1,7 +1,7 @@
 """The one typed schema of a training run, read from YAML plus dotted overrides.
 
-Every key, its type, its default and what it does is written here, in the
-dataclasses below; configs/hotdog.yaml is the default run and sets each of them.
+Every key, its type, its default and what it does is written here, in the dataclasses below: the
+defaults are the default run, which configs/hotdog.yaml lists key by key.
 
     python -m hotdog_torch.train --config configs/hotdog.yaml optim.lr=0.5 model.hidden=[256,64]
 
@@ -74,7 +74,7 @@ class Data:
     root: str = "data/hotdog-synth"  # an ImageFolder tree: root/{class}/... or root/{train,val,test}/{class}/...
     # draw the synthetic set (hotdog_torch.synth, the seed's numbers) into root when root is missing; from a config
     # file only into the default folder data/hotdog-synth, from the command line (data.generate=true) anywhere
-    generate: bool = False
+    generate: bool = True
     image_size: int = 128  # images are resized to image_size x image_size
     channels: int = 1  # 1 = grayscale (128*128 = 16384 inputs), 3 = RGB
     val_fraction: float = 0.2  # stratified share of train held out for validation when there is no val/ folder
@@ -88,7 +88,7 @@ class Data:
 
 @dataclass
 class Model:
-    hidden: list[int] = field(default_factory=lambda: [256])  # widths of the hidden layers; [] = one layer
+    hidden: list[int] = field(default_factory=lambda: [128])  # widths of the hidden layers; [] = one layer
     activation: Literal["sigmoid", "relu", "tanh"] = "sigmoid"  # of the hidden layers; the output is always a sigmoid
     dropout: float = 0.0  # probability of dropping each hidden unit in training (after each hidden layer); 0 = off
     # null: the classifier alone; a mapping (model.router.*, or {} for its defaults): find the hot dog, then judge it
@@ -103,9 +103,9 @@ class Optim:
     # what gradient descent minimises: the seed's ½·MSE; its first cost, the error rate (slope 0 almost
     # everywhere); or cross-entropy (not the seed's, for comparison)
     cost: Literal["half_mse", "error_rate", "cross_entropy"] = "half_mse"
-    lr: float = 0.05  # the learning rate of gradient descent
+    lr: float = 0.2  # the learning rate of gradient descent
     batch_size: int | None = 64  # images per step; null = full-batch gradient descent; clamped to the training set
-    momentum: float = 0.0  # sgd: 0 = plain gradient descent; else torch.optim.SGD's heavy ball (dampening 0)
+    momentum: float = 0.9  # sgd: 0 = plain gradient descent; else torch.optim.SGD's heavy ball (dampening 0)
     nesterov: bool = False  # with momentum: Nesterov's form of it (torch.optim.SGD(nesterov=True))
     # fp32 with ½·MSE: backprop written out, the SGD update folded into the weight-gradient matmul (into the
     # velocity with momentum; for adamw / adam into .grad); false = autograd + the torch.optim optimiser
@@ -139,7 +139,7 @@ class Optim:
 
 @dataclass
 class Train:
-    epochs: int = 30  # at most this many passes over the training set
+    epochs: int = 40  # at most this many passes over the training set
     target_accuracy: float | None = 0.99  # stop once validation accuracy reaches it; null = run every epoch
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the network (autograd path)

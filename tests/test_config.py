@@ -46,6 +46,13 @@ def test_default_config_sets_every_schema_key():
     assert cfg.train.target_accuracy == 0.99
 
 
+def test_the_schema_defaults_are_the_default_run():
+    """One source for every default: configs/hotdog.yaml lists the schema's defaults, it changes none of them."""
+    listed = config.load(REPO / "configs/hotdog.yaml")
+    assert config.to_dict(listed) == config.to_dict(config.Config())
+    assert listed == config.Config() == config.load(None)
+
+
 def test_overrides_are_parsed_as_yaml_and_win():
     cfg = config.load(
         REPO / "configs/hotdog.yaml", ["optim.lr=0.5", "model.hidden=[256,64]", "optim.batch_size=null", "seed=7"]

@@ -1,7 +1,7 @@
 """The one typed schema of a training run, read from YAML plus dotted overrides.
 
-Every key, its type, its default and what it does is written here, in the
-dataclasses below; configs/hotdog.yaml is the default run and sets each of them.
+Every key, its type, its default, its range (`rng`) and what it does is written here, in the dataclasses
+below: the defaults are the default run, which configs/hotdog.yaml lists key by key.
 
     python -m hotdog_torch.train --config configs/hotdog.yaml optim.lr=0.5 model.hidden=[256,64]
 
@@ -26,6 +26,7 @@ from typing import Literal
 import yaml
 
 from . import checks
+from .checks import rng
 
 
 class UserError(Exception):
@@ -40,15 +41,16 @@ class Augment:
     """Each training image framed afresh at every step, on the device (hotdog_torch/augment.py)."""
 
     enabled: bool = False  # false: the images as drawn, bit for bit the run without augmentation
-    shift: float = 0.1  # moved by up to ± this fraction of the side, each way
-    zoom: float = 1.15  # scaled by a factor within [1/zoom, zoom] (log-uniform): zoomed in and out
-    rotate: float = 8.0  # turned by up to ± this many degrees
+    shift: float = rng(0.1, "[0, 0.5)", "of the side")  # moved by up to ± this fraction of the side, each way
+    # scaled by a factor within [1/zoom, zoom] (log-uniform): zoomed in and out
+    zoom: float = rng(1.15, ">= 1", "must be a factor of at least 1 (1 = no zoom)")
+    rotate: float = rng(8.0, "[0, 180]", "degrees")  # turned by up to ± this many degrees
     flip: bool = True  # mirrored left to right with probability 1/2
-    light: float = 0.2  # brightness and contrast within ± this fraction; for RGB a colour cast of ± half of it
+    light: float = rng(0.2, "[0, 1)")  # brightness and contrast ± this fraction; RGB: a colour cast of ± half of it
     border: Literal["reflect", "replicate"] = "reflect"  # what fills the border a shift or zoom out uncovers
     # the curriculum: magnitudes rise linearly over this many epochs (epoch e at e/(warmup_epochs+1)), then stay
     # at the full values above; 0 = full from the first step
-    warmup_epochs: int = 0
+    warmup_epochs: int = rng(0, ">= 0")
 
 
 @dataclass
@@ -57,13 +59,13 @@ class Router:
     centred (hotdog_torch/router.py): Rowley, Baluja and Kanade's router network, trained on the framing numbers
     data.augment drew for each training picture."""
 
-    hidden: list[int] = field(default_factory=lambda: [512, 128])  # its hidden layers (ReLU)
-    size: int = 32  # the side of its glimpse of the picture, at most data.image_size
-    passes: int = 2  # it looks again at its own un-warped picture this many times in all, the framings composed
+    hidden: list[int] = rng([512, 128], ">= 1", "widths must be at least 1")  # its hidden layers (ReLU)
+    size: int = rng(32, ">= 8", "pixels")  # the side of its glimpse of the picture, at most data.image_size
+    passes: int = rng(2, "[1, 5]")  # looks again at its un-warped picture this many times in all, the framings composed
     # what it estimates: shift (x and y), zoom, angle; what it does not estimate it leaves as it is
     estimates: list[Literal["shift", "zoom", "angle"]] = field(default_factory=lambda: ["shift", "zoom", "angle"])
-    epochs: int = 30  # its own phase, before the classifier's epochs: AdamW and a one-cycle lr over these epochs
-    lr: float = 0.001  # its peak lr
+    epochs: int = rng(30, ">= 1")  # its own phase, before the classifier's: AdamW and a one-cycle lr over these epochs
+    lr: float = rng(0.001, "> 0")  # its peak lr
 
 
 # ---------------------------------------------------------------- the sections
@@ -74,23 +76,23 @@ class Data:
     root: str = "data/hotdog-synth"  # an ImageFolder tree: root/{class}/... or root/{train,val,test}/{class}/...
     # draw the synthetic set (hotdog_torch.synth, the seed's numbers) into root when root is missing; from a config
     # file only into the default folder data/hotdog-synth, from the command line (data.generate=true) anywhere
-    generate: bool = False
-    image_size: int = 128  # images are resized to image_size x image_size
+    generate: bool = True
+    image_size: int = rng(128, "[8, 1024]", "pixels")  # images are resized to image_size x image_size
     channels: int = 1  # 1 = grayscale (128*128 = 16384 inputs), 3 = RGB
-    val_fraction: float = 0.2  # stratified share of train held out for validation when there is no val/ folder
+    val_fraction: float = rng(0.2, "(0, 1)")  # stratified share of train held out for validation without a val/ folder
     cache_dir: str | None = None  # decoded-tensor cache; null = $XDG_CACHE_HOME/hotdog_torch (~/.cache/hotdog_torch)
-    workers: int | None = None  # decoding processes; null = every core
+    workers: int | None = rng(None, ">= 1")  # decoding processes; null = every core
     # bytes of decoded images held in (device) memory; null = half the free RAM (CPU) or GPU memory (CUDA);
     # a larger set is memory-mapped from the cache and streamed in batches
-    memory_budget: int | None = None
+    memory_budget: int | None = rng(None, ">= 0", "must be a number of bytes >= 0")
     augment: Augment = field(default_factory=Augment)  # data.augment.*: random framing of the training images
 
 
 @dataclass
 class Model:
-    hidden: list[int] = field(default_factory=lambda: [256])  # widths of the hidden layers; [] = one layer
+    hidden: list[int] = rng([128], ">= 1", "widths must be at least 1")  # widths of the hidden layers; [] = one layer
     activation: Literal["sigmoid", "relu", "tanh"] = "sigmoid"  # of the hidden layers; the output is always a sigmoid
-    dropout: float = 0.0  # probability of dropping each hidden unit in training (after each hidden layer); 0 = off
+    dropout: float = rng(0.0, "[0, 1)")  # dropping each hidden unit with this probability in training; 0 = off
     # null: the classifier alone; a mapping (model.router.*, or {} for its defaults): find the hot dog, then judge it
     router: Router | None = None
 
@@ -103,44 +105,45 @@ class Optim:
     # what gradient descent minimises: the seed's ½·MSE; its first cost, the error rate (slope 0 almost
     # everywhere); or cross-entropy (not the seed's, for comparison)
     cost: Literal["half_mse", "error_rate", "cross_entropy"] = "half_mse"
-    lr: float = 0.05  # the learning rate of gradient descent
-    batch_size: int | None = 64  # images per step; null = full-batch gradient descent; clamped to the training set
-    momentum: float = 0.0  # sgd: 0 = plain gradient descent; else torch.optim.SGD's heavy ball (dampening 0)
+    lr: float = rng(0.2, "> 0")  # the learning rate of gradient descent
+    batch_size: int | None = rng(64, ">= 1")  # images per step; null = full-batch descent; clamped to the training set
+    momentum: float = rng(0.9, "[0, 1)")  # sgd: 0 = plain SGD; else torch.optim.SGD's heavy ball (dampening 0)
     nesterov: bool = False  # with momentum: Nesterov's form of it (torch.optim.SGD(nesterov=True))
     # fp32 with ½·MSE: backprop written out, the SGD update folded into the weight-gradient matmul (into the
     # velocity with momentum; for adamw / adam into .grad); false = autograd + the torch.optim optimiser
     fused: bool = True
     # with fused plain SGD (momentum 0): apply the first layer's updates every this many steps in one GEMM (the same
     # SGD; faster on the CPU); 1 = every step. Momentum steps one batch at a time: its window would need a GEMM more
-    fused_window: int = 2
+    fused_window: int = rng(2, ">= 1")
     # decoupled for adamw (p <- p − lr·wd·p); for sgd and adam added to the gradient (wd·p), as torch.optim defines it
-    weight_decay: float = 0.0
+    weight_decay: float = rng(0.0, ">= 0")
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # adamw / adam: the moving averages' decay rates
-    eps: float = 1e-8  # adamw / adam: added to the denominator
+    eps: float = rng(1e-8, "> 0", "must be above 0")  # adamw / adam: added to the denominator
     # the learning rate along the run, stepped every optimiser step and logged as `lr` (torch.optim.lr_scheduler):
     # constant; step (× gamma every step_every steps); cosine (down to min_lr at the last step); one_cycle (fastai's
     # fit_one_cycle: from lr/div_factor up to lr over pct_start of the run, then to lr/div_factor/final_div_factor);
     # plateau (× factor when the validation cost has not improved for `patience` epochs, not below min_lr)
     schedule: Literal["constant", "step", "cosine", "one_cycle", "plateau"] = "constant"
-    warmup_steps: int = 0  # linear warm-up from lr/warmup_steps to lr over the first steps (not with one_cycle)
+    warmup_steps: int = rng(0, ">= 0")  # linear warm-up from lr/warmup_steps to lr over the first steps (not one_cycle)
     min_lr: float = 0.0  # cosine's floor, plateau's floor
-    step_every: int = 1000  # step schedule: optimiser steps between decays
-    gamma: float = 0.1  # step schedule: the decay
-    pct_start: float = 0.25  # one_cycle: the share of the run spent rising
+    step_every: int = rng(1000, ">= 1")  # step schedule: optimiser steps between decays
+    gamma: float = rng(0.1, "(0, 1]")  # step schedule: the decay
+    pct_start: float = rng(0.25, "(0, 1)")  # one_cycle: the share of the run spent rising
     div_factor: float = 25.0  # one_cycle: the first lr is lr / div_factor
     final_div_factor: float = 1e5  # one_cycle: the last lr is lr / div_factor / final_div_factor
-    patience: int = 10  # plateau: epochs without a lower validation cost before the lr is cut
-    factor: float = 0.1  # plateau: the cut
-    clip_grad_norm: float | None = None  # clip the gradient to this global 2-norm before each step; null = off
+    patience: int = rng(10, ">= 0")  # plateau: epochs without a lower validation cost before the lr is cut
+    factor: float = rng(0.1, "(0, 1)")  # plateau: the cut
+    # clip the gradient to this global 2-norm before each step; null = off
+    clip_grad_norm: float | None = rng(None, "> 0", "must be above 0")
     # weight each image's cost by its class: null = 1 each; balanced = n / (classes · n_class), as scikit-learn's;
     # or a list, one weight per class in the classes' (sorted folder) order
-    class_weights: Literal["balanced"] | list[float] | None = None
+    class_weights: Literal["balanced"] | list[float] | None = rng(None, "> 0", "must be above 0")
 
 
 @dataclass
 class Train:
-    epochs: int = 30  # at most this many passes over the training set
-    target_accuracy: float | None = 0.99  # stop once validation accuracy reaches it; null = run every epoch
+    epochs: int = rng(40, ">= 1")  # at most this many passes over the training set
+    target_accuracy: float | None = rng(0.99, "(0, 1]")  # stop once validation accuracy reaches it; null = every epoch
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the network (autograd path)
     # CUDA only, off until scripts/gpu_check.sh has run it on a GPU: capture the fused fp32 step (train.precision=fp32)
@@ -152,20 +155,21 @@ class Train:
     ddp_sync: Literal["auto", "factors", "gradients"] = "auto"
     # stop with stopped_because "diverged" when the cost is NaN/inf, or when its mean over the last diverge_steps
     # steps stays above diverge_factor x the lowest such mean, and above the first such mean, for diverge_steps steps
-    diverge_factor: float = 3.0
-    diverge_steps: int = 20
+    diverge_factor: float = rng(3.0, "> 1")
+    diverge_steps: int = rng(20, ">= 1")
     # write checkpoints/last.pt every this many epochs (and at the end; Ctrl-C/SIGTERM always saves)
-    checkpoint_every_epochs: int = 1
+    checkpoint_every_epochs: int = rng(1, ">= 1")
     # flush subnormal floats (|x| < 1.2e-38 in fp32) to zero in every CPU thread: x86 arithmetic on them is many
     # times slower, and ½·MSE on saturated sigmoids makes them; auto = on for CPU runs (runtime.flush_denormal)
     flush_denormal: Literal["auto"] | bool = "auto"
     # early stopping: end the run (stopped_because no_improvement) after this many epochs without an improvement of
     # `monitor` by more than min_delta; best.pt (the network to use), metrics.json and the test figures are the best
     # epoch's
-    patience: int | None = None
+    patience: int | None = rng(None, ">= 1")
     monitor: Literal["val_accuracy", "val_cost"] = "val_accuracy"  # what "best" means: best.pt, patience, keep_top_k
-    min_delta: float = 0.0
-    keep_top_k: int | None = None  # keep checkpoints/best-<epoch>.pt of the k best epochs (best.pt: always the best)
+    min_delta: float = rng(0.0, ">= 0")
+    # keep checkpoints/best-<epoch>.pt of the k best epochs (best.pt: always the best)
+    keep_top_k: int | None = rng(None, ">= 1")
 
 
 @dataclass
@@ -174,10 +178,10 @@ class Log:
     run_name: str | None = None  # null = <config file stem>-<timestamp>; an existing run gets a -2, -3, ... suffix
     # weight and gradient norms per layer every this many steps and at the end of every epoch; 0 = only at the
     # end of every epoch (cost/train and lr are logged every step)
-    every_steps: int = 50
+    every_steps: int = rng(50, ">= 0", "must be 0 (once an epoch) or more")
     # neuron images, misclassified images, confusion matrix, PR curves, histograms: every this many epochs and at
     # the end; 0 = only at the end
-    images_every_epochs: int = 10
+    images_every_epochs: int = rng(10, ">= 0", "must be 0 (only at the end) or more")
 
 
 @dataclass
@@ -368,9 +372,9 @@ def from_dict(doc: dict, overrides: list[str] = ()) -> Config:
         generate_asked |= key == "data.generate" or (key == "data" and "generate" in (value or {}))
     if not generate_asked and os.path.abspath(cfg.data.root) != os.path.abspath(Data.root):
         cfg.data.generate = False
-    for ok, message in checks.ranges(cfg):
-        if not ok:
-            raise UserError(message)
+    said = checks.out_of_range(cfg) or checks.beyond_ranges(cfg)
+    if said:
+        raise UserError(said)
     return cfg
 
 

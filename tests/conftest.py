@@ -59,6 +59,7 @@ def tiny_doc(root, tmp_path) -> dict:
     return {
         "data": {
             "root": str(root),
+            "generate": False,
             "image_size": 32,
             "channels": 1,
             "cache_dir": str(tmp_path / "cache"),

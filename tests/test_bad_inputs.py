@@ -84,6 +84,8 @@ def test_a_messy_tree_trains_and_says_what_it_skipped(messy_tree, tmp_path):
             f"log.dir={tmp_path}/runs",
             "train.epochs=1",
             "model.hidden=[4]",
+            "optim.lr=0.05",
+            "optim.momentum=0",
             "device=cpu",
         ],
         cwd=REPO,
@@ -143,6 +145,7 @@ def good_checkpoint(tmp_path_factory, small_tree):
         {
             "data": {"root": str(small_tree), "image_size": 32, "cache_dir": str(tmp / "c"), "workers": 1},
             "model": {"hidden": [8]},
+            "optim": {"lr": 0.05, "momentum": 0.0},
             "train": {"epochs": 1},
             "log": {"dir": str(tmp / "runs"), "run_name": "r"},
             "device": "cpu",

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from hotdog_torch import config, runtime
+from hotdog_torch import checks, config, runtime
 from hotdog_torch.config import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,6 +47,13 @@ def test_default_config_sets_every_schema_key():
     cfg = config.load(REPO / "configs/hotdog.yaml")
     assert cfg.data.image_size == 128 and cfg.data.channels == 1  # the seed's 16384 input neurons
     assert cfg.train.target_accuracy == 0.99
+
+
+def test_the_schema_defaults_are_the_default_run():
+    """One source for every default: configs/hotdog.yaml lists the schema's defaults, it changes none of them."""
+    listed = config.load(REPO / "configs/hotdog.yaml")
+    assert config.to_dict(listed) == config.to_dict(config.Config())
+    assert listed == config.Config() == config.load(None)
 
 
 def test_overrides_are_parsed_as_yaml_and_win():
@@ -104,6 +114,31 @@ def test_bad_values_name_the_key(override, words):
         config.load(REPO / "configs/hotdog.yaml", [override])
     for w in words:
         assert w in str(e.value)
+
+
+def ranged_fields(schema=config.Config, prefix=""):
+    """(dotted key, field) of every field declared with its range (checks.rng), model.router's too."""
+    for f in dataclasses.fields(schema):
+        section = config._section(typing.get_type_hints(schema)[f.name])
+        if section:
+            yield from ranged_fields(section, f"{prefix}{f.name}.")
+        elif "interval" in f.metadata:
+            yield prefix + f.name, f
+
+
+def test_every_range_is_declared_with_its_field_and_checked_by_one_loop():
+    ranged = list(ranged_fields())
+    assert len(ranged) >= 35  # every simple range; what no interval says (and keys together) is in checks.py
+    for key, f in ranged:
+        interval = f.metadata["interval"]
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        assert checks.holds(default, interval), key
+        low, _, low_in, _ = checks.bounds(interval)
+        bad = int(low - low_in) if float(low).is_integer() else low  # just below the range (every range has a floor)
+        router = ["data.augment.enabled=true"] if key.startswith("model.router.") else []
+        with pytest.raises(UserError, match=f"^{re.escape(key)} .*, got ") as e:
+            config.load(None, [*router, f"{key}={[bad] if 'list[' in str(f.type) else bad}"])
+        assert "\n" not in str(e.value)
 
 
 def test_unknown_key_in_the_file_is_named(tmp_path):

@@ -15,7 +15,8 @@ from hotdog_torch.model import build_model
 
 def pair(name, *overrides, hidden=(7, 5), dropout=0.0):
     """The same float64 network twice: one on the fused path, one on autograd, each with its own optimiser."""
-    common = [f"optim.name={name}", "optim.lr=0.05", "optim.fused_window=1", f"model.dropout={dropout}", *overrides]
+    plain = [f"optim.name={name}", "optim.lr=0.05", "optim.momentum=0", "optim.fused_window=1"]  # unless overridden
+    common = [*plain, f"model.dropout={dropout}", *overrides]
     cfgs = [config.load(None, common), config.load(None, [*common, "optim.fused=false"])]
     torch.manual_seed(0)
     a = build_model(12, list(hidden), 3, "sigmoid", dropout).double()

@@ -92,6 +92,25 @@ def reduced_tree(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def drawn_set(tmp_path_factory):
+    """The seed's synthetic set (7200 images of 128x128: ~14 s), drawn once for the tests of drawing a missing set:
+    asked for on the command line (data.generate=true) in a folder where it is missing, for a run at 16x16.
+    Returns (the folder the run named, its folder's parent, the prepared dataset, what was printed)."""
+    import contextlib
+    import io
+
+    from hotdog_torch import data
+
+    tmp = tmp_path_factory.mktemp("drawn")
+    root = tmp / "hotdog-synth"
+    overrides = [f"data.root={root}", "data.generate=true", "data.image_size=16", f"data.cache_dir={tmp}/c"]
+    cfg = config.load(None, overrides)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        ds = data.prepare(cfg.data, cfg.seed, progress=False)
+    return root, tmp, ds, printed.getvalue()
+
+
+@pytest.fixture(scope="session")
 def trained(small_tree, tmp_path_factory):
     """(run folder, metrics) of a run on small_tree that learnt (90% validation accuracy), shared by the tests of
     what uses a trained network: evaluate, predict, serve, export."""

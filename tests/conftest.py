@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,6 +93,25 @@ def reduced_tree(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def drawn_set(tmp_path_factory):
+    """The seed's synthetic set (7200 images of 128x128: ~14 s), drawn once for the tests of drawing a missing set:
+    asked for on the command line (data.generate=true) in a folder where it is missing, for a run at 16x16.
+    Returns (the folder the run named, its folder's parent, the prepared dataset, what was printed)."""
+    import contextlib
+    import io
+
+    from hotdog_torch import data
+
+    tmp = tmp_path_factory.mktemp("drawn")
+    root = tmp / "hotdog-synth"
+    overrides = [f"data.root={root}", "data.generate=true", "data.image_size=16", f"data.cache_dir={tmp}/c"]
+    cfg = config.load(None, overrides)
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        ds = data.prepare(cfg.data, cfg.seed, progress=False)
+    return root, tmp, ds, printed.getvalue()
+
+
+@pytest.fixture(scope="session")
 def trained(small_tree, tmp_path_factory):
     """(run folder, metrics) of a run on small_tree that learnt (90% validation accuracy), shared by the tests of
     what uses a trained network: evaluate, predict, serve, export."""
@@ -106,3 +126,97 @@ def trained(small_tree, tmp_path_factory):
     doc["optim"]["lr"] = 0.2
     run_dir = train.run(config.from_dict(doc), progress=False)
     return run_dir, json.loads((run_dir / "metrics.json").read_text())
+
+
+# ---------------------------------------------------------------- torchrun runs, trained in one launch a session
+
+# A launch of torchrun costs ~8 s before its first step (the launcher and each worker import torch), a run on
+# small_tree about one: so the runs that tests compare or read are trained in the session's one launch, by a worker
+# that runs the training command's main() once a job, in both processes.  Each job joins and leaves a process group
+# of its own: its stdout is kept per rank, with its exit code and whether it left the group (it must).
+JOBS = """
+import contextlib, json, os, sys
+import torch.distributed as td
+from hotdog_torch import train
+jobs, out, rank, prefix = json.loads(open(sys.argv[1]).read()), sys.argv[2], os.environ["RANK"], td.PrefixStore
+for i, (name, args) in enumerate(jobs):
+    # a store prefix a job: the addresses of the job before are still in torchrun's store, under the same keys
+    td.PrefixStore = lambda p, store, i=i: prefix(f"job{i}/{p}", store)
+    with open(f"{out}/{name}.{rank}", "w") as f, contextlib.redirect_stdout(f):
+        code = train.main(["--no-progress", *args])
+    with open(f"{out}/{name}.{rank}.exit", "w") as f:
+        f.write(f"{code} {td.is_initialized()}")
+"""
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "torchrun(name, *overrides, one=True, then=None, **settings): a run of config_file(small_tree, ..., "
+        "**settings) trained in the session's one torchrun launch (fixture torchrun_runs); one: by one process "
+        "as well; then: the arguments of a --resume of it, in the same launch, after every run",
+    )
+
+
+class Launched:
+    """The runs of one torchrun mark: two (torchrun's two processes), one (a process alone, or None), out (what
+    both ranks printed), resumed (what the --resume of `then` printed)."""
+
+    def __init__(self, folder, name, one):
+        self.folder, self.name = folder, name
+        self.two = folder / name / "runs" / "two"
+        self.one = folder / name / "runs" / "one" if one else None
+
+    def printed(self, job):
+        """What both ranks of a job printed, once each says it ended with exit code 0 and left its process group."""
+        stderr = (self.folder / "stderr").read_text()[-3000:]
+        assert [(self.folder / "out" / f"{job}.{r}.exit").read_text() for r in (0, 1)] == ["0 False"] * 2, stderr
+        return "".join((self.folder / "out" / f"{job}.{r}").read_text() for r in (0, 1))
+
+    @property
+    def out(self):
+        return self.printed(self.name)
+
+    @property
+    def resumed(self):
+        return self.printed(f"{self.name}.resumed")
+
+
+@pytest.fixture(scope="session")
+def torchrun_runs(request, small_tree, tmp_path_factory) -> dict[str, Launched]:
+    """{name: Launched} of every @pytest.mark.torchrun of the collected tests, trained in one torchrun launch."""
+    from hotdog_torch import train
+
+    marks = {m.args[0]: m for item in request.session.items for m in item.iter_markers("torchrun")}
+    folder = tmp_path_factory.mktemp("torchrun")
+    runs, jobs, then = {}, [], []
+    for name, mark in marks.items():
+        (folder / name).mkdir()
+        settings = {"data__cache_dir": str(folder / "cache")} | mark.kwargs
+        one, resume = settings.pop("one", True), settings.pop("then", None)
+        runs[name] = Launched(folder, name, one)
+        two = config_file(small_tree, folder / name, "two", **settings)
+        jobs.append((name, ["--config", str(two), *mark.args[1:]]))
+        if one:  # in this process: what it takes is the run, not a start-up
+            one = config_file(small_tree, folder / name, "one", **settings)
+            assert train.main(["--no-progress", "--config", str(one)]) == 0
+        if resume is not None:  # after every run: the processes have trained others since this one
+            then.append((f"{name}.resumed", ["--resume", str(runs[name].two), *resume]))
+    launch(folder, jobs + then)
+    return runs
+
+
+def launch(folder: Path, jobs: list) -> None:
+    """The jobs, in turn, in one launch of torchrun with two processes on the CPU."""
+    import json
+    import subprocess
+    import sys
+
+    (folder / "jobs.json").write_text(json.dumps(jobs))
+    (folder / "out").mkdir()
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "--no-python"]
+    command = [*launcher, sys.executable, "-c", JOBS, str(folder / "jobs.json"), str(folder / "out")]
+    with open(folder / "stderr", "w") as err:
+        repo = Path(__file__).resolve().parents[1]
+        done = subprocess.run(command, cwd=repo, stdout=subprocess.DEVNULL, stderr=err, timeout=600)
+    assert done.returncode == 0, (folder / "stderr").read_text()[-4000:]

@@ -11,9 +11,8 @@ import torch
 import yaml
 from conftest import config_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_distributed import close, single, torchrun
-from test_distributed import train as train_command
-from test_resume import assert_same_weights, start, train_cli, wait_for_epoch
+from test_distributed import close
+from test_resume import assert_same_weights, start, wait_for_epoch
 
 from hotdog_torch import augment, checkpoint, config, framing, stopping, train
 from hotdog_torch.config import Augment, Train
@@ -85,16 +84,14 @@ def test_an_augmented_run_stopped_mid_epoch_then_killed_resumes_bit_identical(sm
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert last(run_dir)["epoch"] < EPOCHS
-    resumed = train_cli("--resume", str(run_dir))
-    assert resumed.returncode == 0, resumed.stderr
+    assert train.main(["--no-progress", "--resume", str(run_dir)]) == 0  # the resume, in this process
     assert_same_weights(last(run_dir)["model"], reference)
 
 
-def test_two_processes_frame_their_shares_as_one_process_frames_the_batch(small_tree, tmp_path):
-    options = settings(optim__batch_size=15, train__epochs=2)
-    train_command(single("--config", str(config_file(small_tree, tmp_path, "one", **options))))
-    train_command(torchrun("--config", str(config_file(small_tree, tmp_path, "two", **options))))
-    one, two = (last(tmp_path / "runs" / name)["model"] for name in ("one", "two"))
+@pytest.mark.torchrun("augment", **settings(optim__batch_size=15, train__epochs=2))
+def test_two_processes_frame_their_shares_as_one_process_frames_the_batch(torchrun_runs):
+    run = torchrun_runs["augment"]  # trained in the session's one torchrun launch (tests/conftest.py)
+    one, two = (last(r)["model"] for r in (run.one, run.two))
     assert close(one, two, 3e-5)  # the tolerance of tests/test_distributed.py
 
 

@@ -16,6 +16,7 @@ import torch
 from conftest import config_file
 
 from hotdog_torch import checkpoint, dist, loop, step
+from hotdog_torch.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,14 +59,17 @@ def test_every_image_is_taken_once_an_epoch_by_one_rank(n, batch, world):
     assert sorted(taken) == list(range(n))  # disjoint, and together the whole epoch
 
 
-def test_two_processes_make_one_run_that_trains_as_one_process_does(small_tree, tmp_path):
-    train(single("--config", str(config_file(small_tree, tmp_path, "one", optim__batch_size=15))))
-    two = train(torchrun("--config", str(config_file(small_tree, tmp_path, "two", optim__batch_size=15))))
-    runs = tmp_path / "runs"
+MOMENTUM = dict(optim__batch_size=15)  # SGD with momentum 0.9, 3 epochs
+
+
+@pytest.mark.torchrun("momentum", **MOMENTUM)
+def test_two_processes_make_one_run_that_trains_as_one_process_does(torchrun_runs):
+    run = torchrun_runs["momentum"]
+    runs = run.two.parent
     assert sorted(p.name for p in runs.iterdir() if not p.name.startswith(".")) == ["one", "two"]  # one folder each
     metrics = json.loads((runs / "two" / "metrics.json").read_text())
     assert metrics["step"] == "fused SGD with momentum 0.9 (fp32, 2 processes)" and metrics["epochs"] == 3
-    assert two.stdout.count("epoch   1/3") == 1 and "stopped:" in two.stdout  # one process speaks for the run
+    assert run.out.count("epoch   1/3") == 1 and "stopped:" in run.out  # one process speaks for the run
     assert len(list((runs / "two").glob("events.out.tfevents.*"))) == 1
     # 15 a batch: shares of 7 and 8; the same SGD with momentum, summed in another order (and by other GEMM kernels:
     # 1.1e-5 apart on an AVX2-only EPYC after 48 steps, well under 1e-5 on AVX-512 ones; a wrong share is 1e-2 off)
@@ -75,20 +79,26 @@ def test_two_processes_make_one_run_that_trains_as_one_process_does(small_tree, 
     )
 
 
-@pytest.mark.parametrize("sync", ["factors", "gradients"])
-def test_full_batch_gradient_descent_matches_one_process(small_tree, tmp_path, sync):
-    options = dict(optim__batch_size=None, optim__momentum=0.0, optim__lr=2.0, train__epochs=5, train__ddp_sync=sync)
-    train(single("--config", str(config_file(small_tree, tmp_path, "one", **options))))
-    train(torchrun("--config", str(config_file(small_tree, tmp_path, "two", **options))))
-    assert close(weights(tmp_path / "runs" / "one"), weights(tmp_path / "runs" / "two"), 1e-5)
+FULL_BATCH = dict(optim__batch_size=None, optim__momentum=0.0, optim__lr=2.0, train__epochs=5)
 
 
-def test_the_autograd_step_under_ddp_matches_one_process(small_tree, tmp_path):
-    options = dict(optim__fused=False, optim__batch_size=15, train__epochs=2)
-    train(single("--config", str(config_file(small_tree, tmp_path, "one", **options))))
-    two = train(torchrun("--config", str(config_file(small_tree, tmp_path, "two", **options))))
-    assert "DistributedDataParallel over 2 processes" in two.stdout
-    assert close(weights(tmp_path / "runs" / "one"), weights(tmp_path / "runs" / "two"), 1e-5)
+@pytest.mark.parametrize(
+    "sync",
+    [
+        pytest.param(s, marks=pytest.mark.torchrun(f"full-{s}", **FULL_BATCH, train__ddp_sync=s))
+        for s in ("factors", "gradients")
+    ],
+)
+def test_full_batch_gradient_descent_matches_one_process(torchrun_runs, sync):
+    run = torchrun_runs[f"full-{sync}"]
+    assert close(weights(run.one), weights(run.two), 1e-5)
+
+
+@pytest.mark.torchrun("autograd", optim__fused=False, optim__batch_size=15, train__epochs=2)
+def test_the_autograd_step_under_ddp_matches_one_process(torchrun_runs):
+    run = torchrun_runs["autograd"]
+    assert "DistributedDataParallel over 2 processes" in run.out
+    assert close(weights(run.one), weights(run.two), 1e-5)
 
 
 def workers(launcher: subprocess.Popen) -> dict[int, int]:
@@ -102,10 +112,12 @@ def workers(launcher: subprocess.Popen) -> dict[int, int]:
     return out
 
 
-def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_nothing_happened(small_tree, tmp_path):
-    options = dict(optim__batch_size=4, optim__lr=0.1, train__epochs=8)
-    train(torchrun("--config", str(config_file(small_tree, tmp_path, "straight", **options))))
-    command = torchrun("--config", str(config_file(small_tree, tmp_path, "killed", **options)), restarts=1)
+KILLED = dict(optim__batch_size=4, optim__lr=0.1, train__epochs=8)
+
+
+@pytest.mark.torchrun("killed-straight", one=False, **KILLED)
+def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_nothing_happened(torchrun_runs, small_tree, tmp_path):
+    command = torchrun("--config", str(config_file(small_tree, tmp_path, "killed", **KILLED)), restarts=1)
     launcher = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last, deadline = tmp_path / "runs" / "killed" / "checkpoints" / "last.pt", time.time() + 120
     while not (last.exists() and checkpoint.load(last)["epoch"] >= 2):
@@ -115,19 +127,18 @@ def test_a_killed_worker_is_restarted_and_the_run_ends_as_if_nothing_happened(sm
     out, err = launcher.communicate(timeout=300)
     assert launcher.returncode == 0, err[-3000:]
     assert "resuming from the end of epoch" in out  # the restarted workers went on from last.pt, in the same folder
-    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")) == ["killed", "straight"]
-    a, b = weights(tmp_path / "runs" / "straight"), weights(tmp_path / "runs" / "killed")
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")) == ["killed"]
+    a, b = weights(torchrun_runs["killed-straight"].two), weights(tmp_path / "runs" / "killed")
     assert all(torch.equal(a[k], b[k]) for k in a)  # bit-identical on the CPU
 
 
-def test_one_process_resumes_a_two_process_run(small_tree, tmp_path):
-    options = dict(optim__batch_size=15, train__epochs=4)
-    train(torchrun("--config", str(config_file(small_tree, tmp_path, "straight", **options))))
-    train(torchrun("--config", str(config_file(small_tree, tmp_path, "halfway", **options)), "train.epochs=2"))
-    halfway = tmp_path / "runs" / "halfway"
-    train(single("--resume", str(halfway), "train.epochs=4"))
-    assert checkpoint.load(halfway / "checkpoints" / "last.pt")["epoch"] == 4
-    assert close(weights(tmp_path / "runs" / "straight"), weights(halfway), 1e-5)  # the same batches, summed otherwise
+@pytest.mark.torchrun("momentum", **MOMENTUM)
+@pytest.mark.torchrun("momentum-halfway", "train.epochs=2", one=False, **MOMENTUM)
+def test_one_process_resumes_a_two_process_run(torchrun_runs):
+    halfway = torchrun_runs["momentum-halfway"].two
+    assert train_main(["--no-progress", "--resume", str(halfway), "train.epochs=3"]) == 0  # in this one process
+    assert checkpoint.load(halfway / "checkpoints" / "last.pt")["epoch"] == 3
+    assert close(weights(torchrun_runs["momentum"].two), weights(halfway), 1e-5)  # the same batches, summed otherwise
 
 
 def test_ddp_sync_auto_picks_the_fewer_bytes_each_process_receives():
@@ -139,14 +150,16 @@ def test_ddp_sync_auto_picks_the_fewer_bytes_each_process_receives():
     assert step.shares_factors(two, "factors", 64, 16, 1024) and not step.shares_factors(two, "gradients", 8, 16, 1024)
 
 
-def test_a_batch_of_one_image_leaves_one_rank_an_empty_share_and_trains_on(small_tree, tmp_path):
-    options = dict(optim__batch_size=239, optim__fused=False, optim__lr=0.2, train__epochs=1)  # 240: 239, then 1
-    one = train(single("--config", str(config_file(small_tree, tmp_path, "one", **options))))
-    two = train(torchrun("--config", str(config_file(small_tree, tmp_path, "two", **options))))
-    assert "diverged" not in two.stdout and "nan" not in two.stdout, two.stdout
-    assert close(weights(tmp_path / "runs" / "one"), weights(tmp_path / "runs" / "two"), 1e-5)
-    costs = [json.loads((tmp_path / "runs" / r / "metrics.json").read_text())["train_cost"] for r in ("one", "two")]
-    assert costs[1] == pytest.approx(costs[0], rel=1e-5), (one.stdout, two.stdout)
+EMPTY_SHARE = dict(optim__batch_size=239, optim__fused=False, optim__lr=0.2, train__epochs=1)  # 240: 239, then 1
+
+
+@pytest.mark.torchrun("empty-share", **EMPTY_SHARE)
+def test_a_batch_of_one_image_leaves_one_rank_an_empty_share_and_trains_on(torchrun_runs):
+    run = torchrun_runs["empty-share"]
+    assert "diverged" not in run.out and "nan" not in run.out, run.out
+    assert close(weights(run.one), weights(run.two), 1e-5)
+    costs = [json.loads((r / "metrics.json").read_text())["train_cost"] for r in (run.one, run.two)]
+    assert costs[1] == pytest.approx(costs[0], rel=1e-5), run.out
 
 
 # rank r's process of torchrun, instrumented: it notes what it evaluates, its one-number all-reduces (the stop
@@ -191,7 +204,7 @@ sys.exit(train.main(sys.argv[2:]))
 
 def test_torchrun_shares_evaluation_weights_verdicts_and_the_stop_flag(small_tree, tmp_path):
     options = dict(optim__batch_size=15, optim__momentum=0.0, data__val_fraction=0.1, train__epochs=2)
-    train(single("--config", str(config_file(small_tree, tmp_path, "one", **options))))
+    assert train_main(["--no-progress", "--config", str(config_file(small_tree, tmp_path, "one", **options))]) == 0
     launcher = torchrun("--config", str(config_file(small_tree, tmp_path, "two", **options)))
     i = launcher.index("-m", 3)
     launcher[i : i + 2] = ["--no-python", sys.executable, "-c", INSTRUMENTED, str(tmp_path / "log")]
@@ -244,32 +257,24 @@ def test_after_a_restart_rank_0_tells_every_rank_which_run_to_go_on_with(tmp_pat
     assert [(tmp_path / f"answer.{r}").read_text() for r in (0, 1)] == [str(run_dir)] * 2
 
 
-FINISHED = """
-import sys
-import torch.distributed as td
-from hotdog_torch import train
-code = train.main(sys.argv[1:])
-sys.exit(3 if td.is_initialized() else code)  # 3: the command returned with its process group still up
-"""
+@pytest.mark.torchrun("done", one=False, then=[], optim__batch_size=60, train__epochs=1)
+def test_a_resume_with_nothing_to_resume_leaves_the_process_group(torchrun_runs):
+    """Each job of the session's launch must end with exit code 0 and its process group left (Launched.printed,
+    conftest.py): a first run, then a --resume of it that has nothing to do."""
+    run = torchrun_runs["done"]
+    assert "stopped:" in run.out
+    assert "nothing to resume" in run.resumed
 
 
-def test_a_resume_with_nothing_to_resume_leaves_the_process_group(small_tree, tmp_path):
-    script = tmp_path / "finished.py"
-    script.write_text(FINISHED)
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script)]
-    cfg = config_file(small_tree, tmp_path, "done", optim__batch_size=60, train__epochs=1)
-    train([*launcher, "--no-progress", "--config", str(cfg)])
-    again = train([*launcher, "--no-progress", "--resume", str(tmp_path / "runs" / "done")])
-    assert "nothing to resume" in again.stdout
+DROPOUT = dict(optim__batch_size=15, model__dropout=0.3, train__epochs=3)
 
 
-def test_torchrun_with_dropout_resumes_bit_identical(small_tree, tmp_path):
+@pytest.mark.torchrun("dropout", one=False, **DROPOUT)
+@pytest.mark.torchrun("dropout-halfway", "train.epochs=1", one=False, then=["train.epochs=3"], **DROPOUT)
+def test_torchrun_with_dropout_resumes_bit_identical(torchrun_runs):
     """Each rank draws its own dropout masks (seeded seed + rank): last.pt keeps every rank's generator, and each
-    rank of the resumed run takes its own back, so the resumed run goes on exactly as the straight one."""
-    options = dict(optim__batch_size=15, model__dropout=0.3, train__epochs=3)
-    train(torchrun("--config", str(config_file(small_tree, tmp_path, "straight", **options))))
-    train(torchrun("--config", str(config_file(small_tree, tmp_path, "halfway", **options)), "train.epochs=1"))
-    halfway = tmp_path / "runs" / "halfway"
-    train(torchrun("--resume", str(halfway), "train.epochs=3"))
-    a, b = weights(tmp_path / "runs" / "straight"), weights(halfway)
+    rank of the resumed run takes its own back, so the resumed run goes on exactly as the straight one.  (The resume
+    comes after every other run of the launch: the processes' generators are wherever those left them.)"""
+    assert "resuming from the end of epoch 1" in torchrun_runs["dropout-halfway"].resumed
+    a, b = weights(torchrun_runs["dropout"].two), weights(torchrun_runs["dropout-halfway"].two)
     assert all(torch.equal(a[k], b[k]) for k in a), max((a[k] - b[k]).abs().max().item() for k in a)

@@ -185,20 +185,28 @@ def test_the_checkpoint_is_only_read_and_must_be_the_configs_network(small_tree,
 
 
 @pytest.mark.parametrize(
-    "args, says",
+    "args, says, own_process",
     [
-        (["--min-lr", "1", "--max-lr", "1"], "--max-lr must be above --min-lr"),
-        (["--steps", "1"], "--steps must be at least 2"),
-        (["optim.name=adamx"], "adamw"),  # the config's did-you-mean
-        (["optim.name=random_search"], "must be one of 'sgd', 'adamw', 'adam'"),  # the shot in the dark: search.py
+        (["--min-lr", "1", "--max-lr", "1"], "--max-lr must be above --min-lr", True),  # as a user runs the command
+        (["--steps", "1"], "--steps must be at least 2", False),  # the others call its main() here: a start-up less
+        (["optim.name=adamx"], "adamw", False),  # the config's did-you-mean
+        (
+            ["optim.name=random_search"],
+            "must be one of 'sgd', 'adamw', 'adam'",
+            False,
+        ),  # the shot in the dark: search.py
     ],
     ids=["min-not-below-max", "one-step", "unknown-optimiser", "random-search"],
 )
-def test_bad_input_is_one_sentence_exit_2_and_nothing_written(small_tree, tmp_path, args, says):
+def test_bad_input_is_one_sentence_exit_2_and_nothing_written(small_tree, tmp_path, capsys, args, says, own_process):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(tiny_doc(small_tree, tmp_path)))
-    cmd = [sys.executable, "-m", "hotdog_torch.lr_find", "--config", str(path), *args]
-    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    if own_process:
+        cmd = [sys.executable, "-m", "hotdog_torch.lr_find", "--config", str(path), *args]
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    else:
+        code = lr_find.main(["--config", str(path), *args])
+        r = subprocess.CompletedProcess(args, code, *capsys.readouterr())
     assert r.returncode == 2, r.stderr
     assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1 and says in r.stderr
     assert r.stdout == "" and sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]  # no cache, no run

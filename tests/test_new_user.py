@@ -11,7 +11,7 @@ import yaml
 from conftest import tiny_doc
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from hotdog_torch import config, data, train
+from hotdog_torch import config, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -38,15 +38,11 @@ def test_generate_in_a_config_file_draws_only_into_the_default_folder(tmp_path):
     assert config.load("configs/hotdog.yaml").data.generate is True
 
 
-def test_asked_for_on_the_command_line_the_set_is_drawn_anywhere_and_atomically(tmp_path, capsys):
-    root = tmp_path / "drawn"
-    cfg = config.load(
-        None, [f"data.root={root}", "data.generate=true", "data.image_size=16", f"data.cache_dir={tmp_path}/c"]
-    )
-    ds = data.prepare(cfg.data, cfg.seed, progress=False)
-    assert "is missing: drawing the synthetic hot-dog set" in capsys.readouterr().out
+def test_asked_for_on_the_command_line_the_set_is_drawn_anywhere_and_atomically(drawn_set):
+    root, parent, ds, printed = drawn_set  # drawn once a session (tests/conftest.py)
+    assert "is missing: drawing the synthetic hot-dog set" in printed
     assert len(ds.train) + len(ds.val) == 6000 and (root / "manifest.json").is_file()
-    hidden = [p.name for p in tmp_path.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
+    hidden = [p.name for p in parent.iterdir() if p.name.startswith(".") and not p.name.endswith(".lock")]
     assert hidden == []  # the drawing folder was renamed (the lock file of the draw stays, empty, as lock files do)
 
 

@@ -65,12 +65,12 @@ def assert_same_weights(a, b):
         assert torch.equal(a[k], b[k]), k
 
 
-@pytest.fixture
-def reference(small_tree, tmp_path):
-    cfg = write_config(small_tree, tmp_path, log__run_name="straight")
-    proc = train_cli("--config", str(cfg))
-    assert proc.returncode == 0, proc.stderr
-    return final_weights(tmp_path / "runs" / "straight")
+@pytest.fixture(scope="module")
+def reference(small_tree, tmp_path_factory):
+    """The uninterrupted run, trained once for the tests that kill or stop one (in this process: a start-up less)."""
+    tmp = tmp_path_factory.mktemp("straight")
+    assert train.main(["--no-progress", "--config", str(write_config(small_tree, tmp, log__run_name="straight"))]) == 0
+    return final_weights(tmp / "runs" / "straight")
 
 
 def test_sigkill_mid_epoch_then_resume_is_bit_identical(small_tree, tmp_path, reference):
@@ -84,6 +84,8 @@ def test_sigkill_mid_epoch_then_resume_is_bit_identical(small_tree, tmp_path, re
     killed_at = checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"]
     assert killed_at < EPOCHS
 
+    # a process of its own: TensorBoard reads a run's event files in the order of their names (the second they
+    # were made, then the pid), and drops the steps of a file read after one that resumed before those steps
     resumed = train_cli("--resume", str(run_dir))
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming from the end of epoch {killed_at}" in resumed.stdout
@@ -112,8 +114,7 @@ def test_sigterm_saves_mid_epoch_and_resume_is_bit_identical(small_tree, tmp_pat
     saved = checkpoint.load(run_dir / "checkpoints" / "last.pt")
     assert saved["state"]["epoch_progress"] is not None  # stopped inside an epoch, and saved there
 
-    resumed = train_cli("--resume", str(run_dir))
-    assert resumed.returncode == 0, resumed.stderr
+    assert train.main(["--no-progress", "--resume", str(run_dir)]) == 0  # the resume, in this process
     assert_same_weights(final_weights(run_dir), reference)
 
 
@@ -236,8 +237,8 @@ def test_a_kill_between_best_and_last_leaves_best_pt_and_metrics_agreeing(small_
     assert killed.returncode == -signal.SIGKILL, killed.stderr  # a new best at an odd epoch: SIGKILLed at best.pt
     run_dir = tmp_path / "runs" / "lost"
     epoch = checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"]
-    resumed = train_cli("--resume", str(run_dir), f"train.epochs={epoch}")  # the resumed timeline: no more epochs
-    assert resumed.returncode == 0, resumed.stderr
+    # the resumed timeline, no more epochs, in this process
+    assert train.main(["--no-progress", "--resume", str(run_dir), f"train.epochs={epoch}"]) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     best = checkpoint.load(run_dir / "checkpoints" / "best.pt")
     assert best["epoch"] == metrics["best_epoch"]
@@ -259,5 +260,5 @@ def test_a_kill_on_the_last_epoch_before_best_pt_is_mended_by_a_plain_resume(sma
     if killed.returncode != -signal.SIGKILL:  # the last epoch was not a new best: nothing to mend
         pytest.skip("the last epoch of this run was not its best")
     assert checkpoint.load(run_dir / "checkpoints" / "best.pt")["epoch"] < last["epoch"]
-    assert train_cli("--resume", str(run_dir)).returncode == 0
+    assert train.main(["--no-progress", "--resume", str(run_dir)]) == 0  # in this process
     assert checkpoint.load(run_dir / "checkpoints" / "best.pt")["epoch"] == last["state"]["best"]["epoch"]

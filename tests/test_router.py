@@ -6,8 +6,6 @@ from __future__ import annotations
 import json
 import math
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,11 +17,10 @@ from conftest import config_file
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from test_app import chromium, serving, upload
-from test_distributed import close, single, torchrun
-from test_distributed import train as train_command
-from test_resume import REPO, assert_same_weights, start, train_cli
+from test_distributed import close
+from test_resume import assert_same_weights, start
 
-from hotdog_torch import augment, checkpoint, config, evaluate, lessons, predict, router, search, train
+from hotdog_torch import augment, checkpoint, config, evaluate, export, lessons, predict, router, search, train
 from hotdog_torch.config import Augment, Router, UserError
 from hotdog_torch.model import build_model
 
@@ -103,11 +100,12 @@ def test_the_router_keys_and_their_one_sentence_errors():
             config.from_dict({}, overrides)
 
 
-def test_a_router_without_augmentation_is_refused_before_anything_is_trained(small_tree, tmp_path):
+def test_a_router_without_augmentation_is_refused_before_anything_is_trained(small_tree, tmp_path, capsys):
     path = config_file(small_tree, tmp_path, "refused", model__router=ROUTER)
-    r = subprocess.run(single("--config", str(path)), cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
-    assert "data.augment.enabled" in r.stderr and not (tmp_path / "runs").exists()
+    assert train.main(["--no-progress", "--config", str(path)]) == 2  # the command's main(), in this process
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert "data.augment.enabled" in err and not (tmp_path / "runs").exists()
 
 
 def settings(**changes):
@@ -186,34 +184,32 @@ def test_sigkill_in_either_phase_or_sigterm_then_resume_is_bit_identical(small_t
             out, err = proc.communicate(timeout=60)
             if signum == signal.SIGTERM:
                 assert proc.returncode == 128 + signum and "router epoch" in err and "Traceback" not in err, err
-        done = train_cli("--resume", str(run_dir))
-        assert done.returncode == 0, done.stderr
+        assert train.main(["--no-progress", "--resume", str(run_dir)]) == 0  # the resume, in this process
         final = checkpoint.load(last)
         assert final["state"]["stopped_because"] == "epochs"
         assert_same_weights(final["router"], reference["router"])
         assert_same_weights(final["model"], reference["model"])
 
 
-def test_two_processes_train_the_router_and_the_classifier_as_one_process(small_tree, tmp_path):
-    options = settings(optim__batch_size=15, train__epochs=2, model__router=ROUTER | {"epochs": 2})
-    train_command(single("--config", str(config_file(small_tree, tmp_path, "one", **options))))
-    train_command(torchrun("--config", str(config_file(small_tree, tmp_path, "two", **options))))
-    one, two = (checkpoint.load(tmp_path / "runs" / name / "checkpoints" / "last.pt") for name in ("one", "two"))
+@pytest.mark.torchrun("router", **settings(optim__batch_size=15, train__epochs=2, model__router=ROUTER | {"epochs": 2}))
+def test_two_processes_train_the_router_and_the_classifier_as_one_process(torchrun_runs):
+    run = torchrun_runs["router"]  # trained in the session's one torchrun launch (tests/conftest.py)
+    one, two = (checkpoint.load(r / "checkpoints" / "last.pt") for r in (run.one, run.two))
     assert_same_weights(one["router"], two["router"])  # every process trains the router on every picture
     assert close(one["model"], two["model"], 3e-5)  # the tolerance of tests/test_distributed.py
 
 
-def test_a_resume_that_changes_the_router_is_refused_and_changes_nothing(routed):
+def test_a_resume_that_changes_the_router_is_refused_and_changes_nothing(routed, capsys):
     before = {p: p.read_bytes() for p in routed.rglob("*") if p.is_file() and "events" not in p.name}
     for change in ["model.router=null", "model.router.hidden=[8]", "model.router.estimates=[shift]"]:
-        r = subprocess.run(
-            single("--resume", str(routed), change, "train.epochs=4"), cwd=REPO, capture_output=True, text=True
-        )
-        assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
-        assert ("trained with model.router" if "null" in change else "cannot change on resume") in r.stderr
+        code = train.main(["--no-progress", "--resume", str(routed), change, "train.epochs=4"])  # in this process
+        err = capsys.readouterr().err
+        assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+        assert ("trained with model.router" if "null" in change else "cannot change on resume") in err
         assert {p: p.read_bytes() for p in before} == before  # config.yaml and the checkpoints as they were
-    r = subprocess.run(single("--resume", str(routed), "train.epochs=4"), cwd=REPO, capture_output=True, text=True)
-    assert r.returncode == 0 and "epoch   4/4" in r.stdout, r.stderr  # the plain resume still trains on
+    code = train.main(["--no-progress", "--resume", str(routed), "train.epochs=4"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "epoch   4/4" in out, err  # the plain resume still trains on
 
 
 def test_what_a_router_cannot_do_is_refused_in_one_sentence():
@@ -247,29 +243,16 @@ def photo_of(tree, tmp_path) -> Path:
     return path
 
 
-def test_the_app_answers_with_the_box_and_draws_it(routed, routed_server, small_tree, tmp_path):
+def test_the_app_answers_with_the_box_and_draws_it(routed, routed_server, small_tree, tmp_path, capsys):
     photo = photo_of(small_tree, tmp_path)
     status, answer = upload(routed_server, photo.read_bytes())
     assert status == 200 and len(answer["box"]) == 4 and answer["judged"].startswith("data:image/png")
     net = predict.Classifier(checkpoint.load(routed / "checkpoints" / "best.pt"))
     expected = router.box(net.maps(net.decode(photo)[None])[0], 640, 480)  # in the photo's pixels, not the input's
     assert answer["box"] == expected
-    lines = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hotdog_torch.predict",
-            "--checkpoint",
-            str(routed / "checkpoints" / "best.pt"),
-            str(photo),
-            "--json",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    ).stdout.splitlines()
-    assert json.loads(lines[0])["box"] == expected
+    capsys.readouterr()
+    assert predict.main(["--checkpoint", str(routed / "checkpoints" / "best.pt"), str(photo), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["box"] == expected  # the predict command's line
 
     from playwright.sync_api import sync_playwright
 
@@ -293,9 +276,7 @@ def test_the_onnx_export_finds_unwarps_and_judges_as_predict_does(routed, small_
     import onnxruntime
 
     best, out = routed / "checkpoints" / "best.pt", tmp_path / "routed.onnx"
-    command = [sys.executable, "-m", "hotdog_torch.export", "--checkpoint", str(best), "--format", "onnx"]
-    r = subprocess.run([*command, "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    assert export.main(["--checkpoint", str(best), "--format", "onnx", "--out", str(out)]) == 0  # in this process
     net = predict.Classifier(checkpoint.load(best))
     photos = sorted((small_tree / "test").rglob("*.jpg"))[::3][:20]
     batch = np.stack([net.decode(p) for p in photos])  # uint8 in, as an app has it

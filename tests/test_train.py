@@ -104,18 +104,11 @@ def test_a_batch_larger_than_the_training_set_is_clamped(tiny_tree, make_config)
     assert json.loads((run_dir / "metrics.json").read_text())["steps"] == 2
 
 
-def test_a_missing_synthetic_set_is_drawn_at_128_whatever_the_run_resizes_to(tmp_path, capsys):
+def test_a_missing_synthetic_set_is_drawn_at_128_whatever_the_run_resizes_to(drawn_set):
     from PIL import Image
 
-    from hotdog_torch import config
-
-    root = tmp_path / "hotdog-synth"
-    cfg = config.load(
-        "configs/hotdog.yaml",
-        [f"data.root={root}", "data.generate=true", "data.image_size=16", f"data.cache_dir={tmp_path}/c"],
-    )
-    ds = data.prepare(cfg.data, cfg.seed, progress=False)
-    assert "is missing: drawing the synthetic hot-dog set" in capsys.readouterr().out
+    root, _, ds, printed = drawn_set  # drawn once a session, for a run at 16x16 (tests/conftest.py)
+    assert "is missing: drawing the synthetic hot-dog set" in printed
     assert len(ds.train) + len(ds.val) == 6000 and len(ds.test) == 1200
     assert ds.train.images.shape[-1] == 16
     with Image.open(next((root / "train" / "hot_dog").iterdir())) as im:

@@ -114,8 +114,4 @@ def router(cfg) -> list[tuple[bool, str]]:
             "model.router learns from the framings data.augment draws: set data.augment.enabled=true, with a shift, "
             "zoom or rotate to draw",
         ),
-        (
-            cfg.optim.name != "random_search",
-            "random search draws the classifier's weights without a router: set model.router=null for it",
-        ),
     ]

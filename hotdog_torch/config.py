@@ -33,9 +33,6 @@ class UserError(Exception):
     """A mistake the user can fix: reported as one sentence and exit code 2."""
 
 
-# ---------------------------------------------------------------- data.augment (issue 17)
-
-
 @dataclass
 class Augment:
     """Each training image framed afresh at every step, on the device (hotdog_torch/augment.py)."""
@@ -66,9 +63,6 @@ class Router:
     estimates: list[Literal["shift", "zoom", "angle"]] = field(default_factory=lambda: ["shift", "zoom", "angle"])
     epochs: int = rng(30, ">= 1")  # its own phase, before the classifier's: AdamW and a one-cycle lr over these epochs
     lr: float = rng(0.001, "> 0")  # its peak lr
-
-
-# ---------------------------------------------------------------- the sections
 
 
 @dataclass
@@ -146,10 +140,6 @@ class Train:
     target_accuracy: float | None = rng(0.99, "(0, 1]")  # stop once validation accuracy reaches it; null = every epoch
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 autocast on CUDA, fp32 on the CPU
     compile: bool = False  # torch.compile the network (autograd path)
-    # CUDA only, off until scripts/gpu_check.sh has run it on a GPU: capture the fused fp32 step (train.precision=fp32)
-    # as a CUDA graph and replay it, one launch a step instead of dozens; one process, SGD at a constant lr, no
-    # dropout (step.check_step refuses anything else in one sentence)
-    cuda_graphs: bool = False
     # under torchrun, how the fused step shares a layer's gradient: "factors" (all-gather each rank's δ and input
     # rows), "gradients" (all-reduce the gradient), or "auto" (per layer, the fewer bytes received)
     ddp_sync: Literal["auto", "factors", "gradients"] = "auto"
@@ -291,6 +281,9 @@ def _section(t) -> type | None:
     return inner[0] if len(inner) == 1 and dataclasses.is_dataclass(inner[0]) else None
 
 
+RETIRED = {"train.cuda_graphs": False}  # removed keys an old run's config.yaml holds: accepted at their old default
+
+
 def _set(cfg: Config, key: str, value) -> None:
     """Set one dotted key (any depth: seed, optim.lr, data.augment.shift); a section takes a mapping of its keys.
     An optional section (model.router) is null, or takes its defaults when one of its keys is set."""
@@ -303,6 +296,12 @@ def _set(cfg: Config, key: str, value) -> None:
             setattr(owner, part, _section(hints[part])())
         owner = getattr(owner, part)
     hints = typing.get_type_hints(type(owner))
+    if name not in hints and key in RETIRED:
+        if value != RETIRED[key]:
+            raise UserError(
+                f"{key} was removed (CUDA graphs by hand never ran): use train.compile=true, or leave it out"
+            )
+        return
     if name not in hints:
         raise _unknown(key)
     section = _section(hints[name])

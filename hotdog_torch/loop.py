@@ -122,8 +122,7 @@ def train_one_epoch(step: Step, loader: Loader, order: Order, schedule, should_s
 
 
 def summary(loader: Loader, o: Order, costs: torch.Tensor, outputs: list, lrs: list[float], i: int) -> EpochResult:
-    """Each batch's cost and wrong count of the whole batch (every process's part, summed), with a resumed epoch's
-    earlier batches in front."""
+    """Each batch's cost and wrong count, every process's part summed; a resumed epoch's earlier batches in front."""
     mine = o.positions if o.mine is None else o.positions[o.mine.to(o.positions.device)]
     labels = loader.split.labels[mine[o.bounds[o.start] : o.bounds[i]]].to(loader.device)
     out = torch.cat(outputs) if outputs else torch.empty(0, loader.n_classes, device=loader.device)

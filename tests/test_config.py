@@ -241,3 +241,5 @@ def test_a_retired_key_is_accepted_at_its_old_default_and_refused_otherwise(tmp_
     with pytest.raises(UserError, match="train.cuda_graphs was removed") as e:
         config.from_dict({}, ["train.cuda_graphs=true"])
     assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="its own command: python -m hotdog_torch.search"):  # no longer an optimiser
+        config.from_dict({}, ["optim.name=random_search"])

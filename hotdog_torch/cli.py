@@ -4,6 +4,7 @@ reads them first, the same way, in the package's __init__.py, to start decoding 
 from __future__ import annotations
 
 import argparse
+import sys
 
 from .config import UserError
 
@@ -27,3 +28,19 @@ def command_line(argv: list[str] | None, quiet: bool = False, prog: str = "") ->
 
         p.error = refuse
     return p.parse_intermixed_args(argv)  # overrides after a flag too
+
+
+def exit_code(command, *stopped: type) -> int:
+    """command()'s exit code: 0; 2 for a user's mistake, said in one sentence; a `stopped` exception's own code
+    (stopping.Interrupted: saved, then stopped by a signal); 130 for Ctrl-C."""
+    try:
+        command()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except stopped as e:
+        return e.code
+    except KeyboardInterrupt:
+        print("interrupted; the checkpoints already written are kept", file=sys.stderr)
+        return 130
+    return 0

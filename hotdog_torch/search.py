@@ -129,17 +129,13 @@ def finish(cfg: Config, ds, loader: Loader, run_dir: Path, tb: board.Board, stat
 
 def main(argv=None) -> int:
     args = cli.command_line(argv, prog="python -m hotdog_torch.search")
-    try:
+
+    def command():
         if args.resume:
             raise UserError("a random search runs start to end in seconds: start it again rather than --resume")
         run(config.load(args.config, args.overrides), Path(args.config).stem if args.config else "search")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted; the checkpoints already written are kept", file=sys.stderr)
-        return 130
-    return 0
+
+    return cli.exit_code(command)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import yaml
 
 from . import augment, board, checkpoint, cli, config, dist, loop, report, runtime, stopping
 from .checkpoint import RunState
-from .config import Config, UserError
+from .config import Config
 from .cost import COSTS, confusion_matrix, per_class
 from .router_training import run_phase
 from .setup import Run, set_up
@@ -129,18 +129,12 @@ def finish(r: Run, state: RunState, tb: board.Board, step_name: str | None = Non
 def main(argv=None) -> int:
     args = cli.command_line(argv)  # the prefetch reads them the same way (cache.prefetch)
     warnings.showwarning = lambda message, *a, **k: print(f"warning: {message}", file=sys.stderr)  # not a source line
-    try:
+
+    def command():
         cfg = config.load_run(args.config, args.resume, args.overrides)
         run(cfg, Path(args.config).stem if args.config else "run", not args.no_progress, args.resume)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except stopping.Interrupted as e:
-        return e.code
-    except KeyboardInterrupt:
-        print("interrupted; the checkpoints already written are kept", file=sys.stderr)
-        return 130
-    return 0
+
+    return cli.exit_code(command, stopping.Interrupted)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,7 @@ def rng_states() -> dict:
 def test_it_trains_a_copy_and_leaves_model_config_cache_and_random_state_as_they_were(
     small_tree, make_config, tmp_path, overrides, given
 ):
-    cfg = make_config(small_tree, *overrides)
+    cfg, threads = make_config(small_tree, *overrides), torch.get_num_threads()
     data.prepare(cfg.data, cfg.seed, progress=False)  # the cache as a run before left it
     torch.manual_seed(123)
     model = build_model(32 * 32, cfg.model.hidden, 2, cfg.model.activation, cfg.model.dropout) if given else None
@@ -90,8 +90,12 @@ def test_it_trains_a_copy_and_leaves_model_config_cache_and_random_state_as_they
     random.seed(7)
     np.random.rand(3), random.random(), torch.rand(3)  # somewhere along each generator, not at a seed
     states, doc, cache, tree = rng_states(), config.to_dict(cfg), snapshot(tmp_path / "cache"), snapshot(small_tree)
-
-    f = lr_find.find(cfg, 1e-4, 10.0, 30, model)
+    torch.set_num_threads(2)  # the caller's (a tiny network's run sets one)
+    try:
+        f = lr_find.find(cfg, 1e-4, 10.0, 30, model)
+        assert torch.get_num_threads() == 2  # the caller's threads, as they were
+    finally:
+        torch.set_num_threads(threads)
 
     assert len(f.lrs) >= 10 and max(f.costs) - min(f.costs) > 1e-3  # the copy did train, and moved
     assert rng_states() == states

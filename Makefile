@@ -25,8 +25,9 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/python -m hotdog_torch.train --config $(CONFIG)
 
+# a test process a core (pytest-xdist): the long tests are real processes that wait on each other
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n logical --dist worksteal
 
 $(BIN)/ruff: | $(BIN)/python
 	$(BIN)/pip install -q $(RUFF)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -22,14 +24,30 @@ def no_home_cache(tmp_path_factory):
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
 
 
+def once(tmp_path_factory, name: str, make) -> Path:
+    """The session's folder `name`, filled by make(folder) once.  Under pytest-xdist (make test: a process a core)
+    each process has fixtures of its own: the first to ask makes the folder where they all look, holding a lock
+    the others wait on, and they all read it (a make that failed is made again by the next to ask)."""
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        folder = tmp_path_factory.mktemp(name)
+        make(folder)
+        return folder
+    folder = tmp_path_factory.getbasetemp().parent / name  # the session's folder, above each process's own
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not Path(f"{folder}.made").exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            make(folder)
+            Path(f"{folder}.made").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_tree(tmp_path_factory):
     """train/{hot_dog,not_hot_dog} (30 + 60) and test/ (10 + 20) of 32x32 JPEGs."""
-    root = tmp_path_factory.mktemp("tiny") / "hotdog"
-    synth.generate(
-        root, hot_dogs=30, others=60, test_hot_dogs=10, test_others=20, size=32, seed=1, workers=1, progress=False
-    )
-    return root
+    counts = dict(hot_dogs=30, others=60, test_hot_dogs=10, test_others=20, size=32, seed=1, workers=1)
+    return once(tmp_path_factory, "tiny", lambda f: synth.generate(f / "hotdog", progress=False, **counts)) / "hotdog"
 
 
 @pytest.fixture
@@ -77,19 +95,17 @@ def tiny_doc(root, tmp_path) -> dict:
 @pytest.fixture(scope="session")
 def small_tree(tmp_path_factory):
     """300 training (100 hot dogs) and 60 test 32x32 JPEGs: enough for a tiny run to learn."""
-    root = tmp_path_factory.mktemp("small") / "hotdog"
-    synth.generate(
-        root, hot_dogs=100, others=200, test_hot_dogs=20, test_others=40, size=32, seed=3, workers=1, progress=False
-    )
-    return root
+    counts = dict(hot_dogs=100, others=200, test_hot_dogs=20, test_others=40, size=32, seed=3, workers=1)
+    return once(tmp_path_factory, "small", lambda f: synth.generate(f / "hotdog", progress=False, **counts)) / "hotdog"
 
 
 @pytest.fixture(scope="session")
 def reduced_tree(tmp_path_factory):
     """1800 training images (300 hot dogs) of 64x64: enough for a network that learns the classes well."""
-    root = tmp_path_factory.mktemp("reduced") / "hotdog"
-    synth.generate(root, hot_dogs=300, others=1500, test_hot_dogs=0, test_others=0, size=64, seed=5, progress=False)
-    return root
+    counts = dict(hot_dogs=300, others=1500, test_hot_dogs=0, test_others=0, size=64, seed=5)
+    return (
+        once(tmp_path_factory, "reduced", lambda f: synth.generate(f / "hotdog", progress=False, **counts)) / "hotdog"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -102,13 +118,21 @@ def drawn_set(tmp_path_factory):
 
     from hotdog_torch import data
 
-    tmp = tmp_path_factory.mktemp("drawn")
-    root = tmp / "hotdog-synth"
-    overrides = [f"data.root={root}", "data.generate=true", "data.image_size=16", f"data.cache_dir={tmp}/c"]
-    cfg = config.load(None, overrides)
-    with contextlib.redirect_stdout(io.StringIO()) as printed:
-        ds = data.prepare(cfg.data, cfg.seed, progress=False)
-    return root, tmp, ds, printed.getvalue()
+    def settings(tmp):
+        at = [f"data.root={tmp}/hotdog-synth", "data.generate=true", "data.image_size=16", f"data.cache_dir={tmp}/c"]
+        return config.load(None, at)
+
+    def draw(tmp):
+        cfg = settings(tmp)
+        with contextlib.redirect_stdout(io.StringIO()) as printed:
+            made["ds"] = data.prepare(cfg.data, cfg.seed, progress=False)
+        (tmp / "printed.txt").write_text(printed.getvalue())
+
+    made = {}
+    tmp = once(tmp_path_factory, "drawn", draw)
+    cfg = settings(tmp)  # another process drew it: the set from its folder and cache
+    ds = made.get("ds") or data.prepare(cfg.data, cfg.seed, progress=False)
+    return tmp / "hotdog-synth", tmp, ds, (tmp / "printed.txt").read_text()
 
 
 @pytest.fixture(scope="session")
@@ -185,25 +209,28 @@ class Launched:
 @pytest.fixture(scope="session")
 def torchrun_runs(request, small_tree, tmp_path_factory) -> dict[str, Launched]:
     """{name: Launched} of every @pytest.mark.torchrun of the collected tests, trained in one torchrun launch."""
+    marks = {m.args[0]: m for item in request.session.items for m in item.iter_markers("torchrun")}
+    folder = once(tmp_path_factory, "torchrun", lambda folder: train_all(folder, marks, small_tree))
+    return {name: Launched(folder, name, mark.kwargs.get("one", True)) for name, mark in marks.items()}
+
+
+def train_all(folder: Path, marks: dict, tree: Path) -> None:
+    """Each mark's run by two processes in one torchrun launch (and by one, in this process), then the resumes."""
     from hotdog_torch import train
 
-    marks = {m.args[0]: m for item in request.session.items for m in item.iter_markers("torchrun")}
-    folder = tmp_path_factory.mktemp("torchrun")
-    runs, jobs, then = {}, [], []
+    jobs, then = [], []
     for name, mark in marks.items():
         (folder / name).mkdir()
         settings = {"data__cache_dir": str(folder / "cache")} | mark.kwargs
         one, resume = settings.pop("one", True), settings.pop("then", None)
-        runs[name] = Launched(folder, name, one)
-        two = config_file(small_tree, folder / name, "two", **settings)
+        two = config_file(tree, folder / name, "two", **settings)
         jobs.append((name, ["--config", str(two), *mark.args[1:]]))
         if one:  # in this process: what it takes is the run, not a start-up
-            one = config_file(small_tree, folder / name, "one", **settings)
+            one = config_file(tree, folder / name, "one", **settings)
             assert train.main(["--no-progress", "--config", str(one)]) == 0
         if resume is not None:  # after every run: the processes have trained others since this one
-            then.append((f"{name}.resumed", ["--resume", str(runs[name].two), *resume]))
+            then.append((f"{name}.resumed", ["--resume", str(Launched(folder, name, one).two), *resume]))
     launch(folder, jobs + then)
-    return runs
 
 
 def launch(folder: Path, jobs: list) -> None:

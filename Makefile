@@ -25,9 +25,10 @@ install: $(VENV)/.installed
 run: install
 	$(BIN)/python -m hotdog_torch.train --config $(CONFIG)
 
-# a test process a core (pytest-xdist): the long tests are real processes that wait on each other
+# a test process a core (pytest-xdist); bytecode kept (gitignored) even where PYTHONDONTWRITEBYTECODE is set: else
+# every test process rewrites the asserts of hypothesis' 73 modules again (~4 s each)
 test: install
-	$(BIN)/python -m pytest -q -n logical --dist worksteal
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -n logical --dist worksteal
 
 $(BIN)/ruff: | $(BIN)/python
 	$(BIN)/pip install -q $(RUFF)

@@ -184,17 +184,12 @@ def test_damaged_and_foreign_checkpoints_are_refused_in_one_sentence(good_checkp
         checkpoint.load(tmp_path / "other.pt")
 
 
-def test_resume_from_a_corrupt_checkpoint_exits_2(good_checkpoint, tmp_path):
+def test_resume_from_a_corrupt_checkpoint_exits_2(good_checkpoint, tmp_path, capsys):
     run_dir = tmp_path / "run"
     shutil.copytree(good_checkpoint.parent.parent, run_dir)
     (run_dir / "checkpoints" / "last.pt").write_bytes(b"PK\3\4 not really")
-    r = subprocess.run(
-        [sys.executable, "-m", "hotdog_torch.train", "--resume", str(run_dir)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    code = train.main(["--resume", str(run_dir)])  # in this process: the real command line is test_config's
+    r = subprocess.CompletedProcess([], code, *capsys.readouterr())
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         f"error: checkpoint {run_dir}/checkpoints/last.pt is damaged or not a hotdog_torch checkpoint"

@@ -14,6 +14,7 @@ import torch
 
 from hotdog_torch import checkpoint, framing, synth
 from hotdog_torch.drawings import FRAMINGS
+from hotdog_torch.evaluate import main as evaluate_main
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -60,13 +61,15 @@ def test_evaluate_framings_prints_one_table_and_writes_json(trained, small_tree,
     assert f"{100 * figures['shift']['balanced_accuracy']:.2f}%" in table[2]
 
 
-def test_framings_on_a_one_class_checkpoint_is_one_sentence(trained, small_tree, tmp_path):
+def test_framings_on_a_one_class_checkpoint_is_one_sentence(trained, small_tree, tmp_path, capsys):
     run_dir, _ = trained
     ckpt = checkpoint.load(run_dir / "checkpoints/best.pt")
     ckpt["classes"] = ["hot_dog"]
     one = tmp_path / "one.pt"
     torch.save(ckpt, one)
-    r = evaluate("--checkpoint", str(one), "--data", str(small_tree / "test"), "--framings")
+    code = evaluate_main(["--checkpoint", str(one), "--data", str(small_tree / "test"), "--framings"])
+    r = subprocess.CompletedProcess([], code, *capsys.readouterr())  # in this process (the real command line:
+    # test_evaluate_framings_prints_one_table_and_writes_json, and test_evaluate_predict.py's mistakes)
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert r.returncode == 2 and len(lines) == 1 and "--framings needs" in lines[0], r.stderr
 

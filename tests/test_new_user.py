@@ -21,9 +21,13 @@ def cli(*args, cwd=REPO, env=None):
     return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
-def test_a_mistyped_data_folder_is_an_error_and_nothing_is_created(tmp_path):
+def test_a_mistyped_data_folder_is_an_error_and_nothing_is_created(tmp_path, capsys):
     typo = tmp_path / "nonexistent" / "x"
-    r = cli("--config", "configs/hotdog.yaml", f"data.root={typo}", f"log.dir={tmp_path}/runs")
+    # the command's main() in this process (its real command line: tests/test_config.py's augment range error)
+    code = train.main(
+        ["--no-progress", "--config", f"{REPO}/configs/hotdog.yaml", f"data.root={typo}", f"log.dir={tmp_path}/runs"]
+    )
+    r = subprocess.CompletedProcess([], code, *capsys.readouterr())
     assert r.returncode == 2, r.stdout + r.stderr
     lines = [line for line in r.stderr.splitlines() if line.strip()]
     assert lines == [f"error: data folder {typo} does not exist"]

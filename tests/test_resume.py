@@ -130,13 +130,9 @@ def test_resuming_a_finished_run_does_nothing_unless_extended(small_tree, make_c
     assert checkpoint.load(run_dir / "checkpoints" / "last.pt")["epoch"] == 4
 
 
-def test_resume_errors_are_one_sentence(tmp_path):
-    r = subprocess.run(
-        [sys.executable, "-m", "hotdog_torch.train", "--resume", str(tmp_path / "nope")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-    )
+def test_resume_errors_are_one_sentence(tmp_path, capsys):
+    code = train.main(["--resume", str(tmp_path / "nope")])  # in this process: the real command line is test_config's
+    r = subprocess.CompletedProcess([], code, *capsys.readouterr())
     assert r.returncode == 2 and r.stderr.startswith("error: ") and "Traceback" not in r.stderr
 
 

@@ -21,7 +21,7 @@ import tempfile
 
 import torch
 
-from . import config, data, train
+from . import cli, config, data, train
 from .config import Config, UserError
 from .cost import half_mse, one_hot
 
@@ -120,4 +120,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, framing, runtime
+from . import checkpoint, cli, data, framing, runtime
 from .config import Data, UserError
 from .cost import confusion_matrix, per_class
 from .loop import evaluate as score_split
@@ -111,4 +111,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import checkpoint, config, data, evaluate, framing, router, search, train, two_weights
+from . import checkpoint, cli, config, data, evaluate, framing, router, search, train, two_weights
 from .config import UserError
 from .model import build_model, input_side, linear_layers, neuron_pictures
 
@@ -280,4 +280,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

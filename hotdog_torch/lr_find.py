@@ -45,7 +45,7 @@ import torch
 import yaml
 from PIL import Image
 
-from . import checkpoint, config, dist, files, loop, router_training, runtime, setup
+from . import checkpoint, cli, config, dist, files, loop, router_training, runtime, setup
 from .board import Board
 from .config import Config, UserError
 from .data import Loader
@@ -296,4 +296,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

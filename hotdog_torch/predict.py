@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import checkpoint, data, images, router, runtime
+from . import checkpoint, cli, data, images, router, runtime
 from .config import UserError
 from .images import IMG_EXTENSIONS
 from .model import linear_layers, neuron_pictures
@@ -167,4 +167,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

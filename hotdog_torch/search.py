@@ -11,7 +11,6 @@ TensorBoard, checkpoints/best.pt and last.pt, metrics.json), so evaluate, predic
 from __future__ import annotations
 
 import copy
-import sys
 import time
 from pathlib import Path
 
@@ -139,4 +138,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

@@ -24,7 +24,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
-from . import checkpoint, images
+from . import checkpoint, cli, images
 from .config import UserError
 from .predict import Classifier
 
@@ -151,4 +151,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.run(main)

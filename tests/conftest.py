@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 
 from hotdog_torch import config, synth
+
+
+def pytest_collection_finish(session):
+    gc.freeze()  # what the test modules imported (torch: a million objects) lives to the end: not walked (cli.run)
 
 
 def pytest_runtest_setup(item):
@@ -27,19 +31,25 @@ def no_home_cache(tmp_path_factory):
 def once(tmp_path_factory, name: str, make) -> Path:
     """The session's folder `name`, filled by make(folder) once.  Under pytest-xdist (make test: a process a core)
     each process has fixtures of its own: the first to ask makes the folder where they all look, holding a lock
-    the others wait on, and they all read it (a make that failed is made again by the next to ask)."""
+    the others wait on, and they all read it (a make that failed fails them too, with its error)."""
     if "PYTEST_XDIST_WORKER" not in os.environ:
         folder = tmp_path_factory.mktemp(name)
         make(folder)
         return folder
     folder = tmp_path_factory.getbasetemp().parent / name  # the session's folder, above each process's own
+    made, failed = Path(f"{folder}.made"), Path(f"{folder}.failed")
     with open(f"{folder}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not Path(f"{folder}.made").exists():
-            shutil.rmtree(folder, ignore_errors=True)
+        if failed.exists():  # not twice: a torchrun launch that failed takes minutes
+            raise RuntimeError(f"another test process failed to make {name}: {failed.read_text()}")
+        if not made.exists():
             folder.mkdir()
-            make(folder)
-            Path(f"{folder}.made").touch()
+            try:
+                make(folder)
+            except BaseException as e:
+                failed.write_text(repr(e)[-2000:])
+                raise
+            made.touch()
     return folder
 
 
@@ -159,9 +169,10 @@ def trained(small_tree, tmp_path_factory):
 # that runs the training command's main() once a job, in both processes.  Each job joins and leaves a process group
 # of its own: its stdout is kept per rank, with its exit code and whether it left the group (it must).
 JOBS = """
-import contextlib, json, os, sys
+import contextlib, gc, json, os, sys
 import torch.distributed as td
 from hotdog_torch import train
+gc.freeze()  # as the command does (cli.run)
 jobs, out, rank, prefix = json.loads(open(sys.argv[1]).read()), sys.argv[2], os.environ["RANK"], td.PrefixStore
 for i, (name, args) in enumerate(jobs):
     # a store prefix a job: the addresses of the job before are still in torchrun's store, under the same keys

@@ -222,9 +222,12 @@ def test_concurrent_requests_are_answered_alike(server, hot_dog_photo):
     assert len({(r["class"], round(r["score"], 6)) for _, r in answers}) == 1
 
 
-def test_a_missing_checkpoint_or_a_busy_port_is_one_sentence(best, tmp_path, capsys):
+def test_a_missing_checkpoint_or_a_busy_port_is_one_sentence(best, tmp_path, capsys, monkeypatch):
+    import uvicorn
+
     from hotdog_torch import serve
 
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("a server started on a missing checkpoint"))
     r = subprocess.CompletedProcess([], serve.main(["--checkpoint", str(tmp_path / "no.pt")]), *capsys.readouterr())
     assert r.returncode == 2 and r.stderr.startswith("error: checkpoint") and "Traceback" not in r.stderr
     with socket.socket() as s:

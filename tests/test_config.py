@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 import re
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import torch
 import yaml
 
 from hotdog_torch import checks, config, runtime, train
+from hotdog_torch.cli import run as run_command
 from hotdog_torch.config import UserError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -85,6 +87,13 @@ def test_nested_keys_of_data_augment_from_file_and_command_line(tmp_path):
     assert config.load(None).data.augment.enabled is False
     again = config.from_dict(config.to_dict(cfg))  # a run's config.yaml reads back the same (--resume)
     assert again.data.augment == a
+
+
+def test_a_command_ends_with_the_code_of_its_main_and_its_imports_frozen():
+    gc.unfreeze()  # this process's imports, frozen by conftest.py
+    with pytest.raises(SystemExit) as end:
+        run_command(gc.get_freeze_count)  # the end of every `python -m hotdog_torch.<command>`
+    assert end.value.code > 100_000  # torch's objects, and the tests': the collector no longer walks them
 
 
 def test_an_augment_range_error_is_one_sentence_on_the_command_line():

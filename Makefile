@@ -15,9 +15,9 @@ RUFF    ?= ruff==0.17.6
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
+# one pip command: one resolution (2:06 in a fresh venv here, against 1:39 + 0:46 for torch, then the rest)
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,app,export,heif]'
+	$(BIN)/pip install -q $(TORCH) -e '.[test,app,export,heif]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -15,9 +15,15 @@ RUFF    ?= ruff==0.17.6
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# one pip command: one resolution (2:06 in a fresh venv here, against 1:39 + 0:46 for torch, then the rest)
+# One pip command: one resolution.  --no-compile: pip byte-compiles all 9,500 files it installs; the commands'
+# imports are compiled here instead, and what a test imports later the first time it is (bytecode written even where
+# PYTHONDONTWRITEBYTECODE is set, as on this machine: torch, torchvision and the trainer import in 20 s of CPU
+# without their bytecode, 6 with it).  A fresh venv here: 2:27 before, 1:42 so (docs/BENCHMARKS.md).
+COMMANDS := train evaluate predict serve export lr_find lessons search baselines
+IMPORT  := import importlib; [importlib.import_module(f"hotdog_torch.{c}") for c in "$(COMMANDS)".split()]
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q $(TORCH) -e '.[test,app,export,heif]'
+	$(BIN)/pip install -q --no-compile $(TORCH) -e '.[test,app,export,heif]'
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -c '$(IMPORT)'
 	touch $@
 
 install: $(VENV)/.installed

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gc
 import os
+import subprocess
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
-from hotdog_torch import config, synth
+from hotdog_torch import config, runtime, synth
 
 
 def pytest_collection_finish(session):
@@ -160,6 +163,22 @@ def trained(small_tree, tmp_path_factory):
     doc["optim"]["lr"] = 0.2
     run_dir = train.run(config.from_dict(doc), progress=False)
     return run_dir, json.loads((run_dir / "metrics.json").read_text())
+
+
+def in_process(main, args: list[str], capsys) -> subprocess.CompletedProcess:
+    """`python -m hotdog_torch.<command> ARGS` through the command's main(ARGS) in this process (a start-up of torch
+    less, ~3.5 s of CPU): its exit code, stdout and stderr, as subprocess.run gives them, from the repository's
+    folder.  What a command changes in its process is put back for the tests after it: torch's random state (a run
+    seeds it), the intra-op threads and subnormal flushing (a run; evaluate and predict flush as trained), and
+    warnings.showwarning (train's one-line warnings)."""
+    capsys.readouterr()  # the command's output alone, as its process had it
+    showwarning = warnings.showwarning
+    try:
+        with contextlib.chdir(Path(__file__).resolve().parents[1]), torch.random.fork_rng(devices=[]):
+            code = runtime.keeps_float_mode(main)(args)
+    finally:
+        warnings.showwarning = showwarning
+    return subprocess.CompletedProcess(args, code, *capsys.readouterr())
 
 
 # ---------------------------------------------------------------- torchrun runs, trained in one launch a session

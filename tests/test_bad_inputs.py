@@ -7,19 +7,16 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import in_process
 from PIL import Image
 
 from hotdog_torch import checkpoint, config, data, train
 from hotdog_torch.config import UserError
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def png_claiming(width, height) -> bytes:
@@ -71,28 +68,10 @@ def test_every_kind_of_bad_file_is_used_or_skipped_and_counted(messy_tree, tmp_p
     assert not any("README" in p or "DS_Store" in p for p in split.paths)
 
 
-def test_a_messy_tree_trains_and_says_what_it_skipped(messy_tree, tmp_path):
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "hotdog_torch.train",
-            "--no-progress",
-            f"data.root={messy_tree}",
-            "data.image_size=16",
-            f"data.cache_dir={tmp_path}/c",
-            f"log.dir={tmp_path}/runs",
-            "train.epochs=1",
-            "model.hidden=[4]",
-            "optim.lr=0.05",
-            "optim.momentum=0",
-            "device=cpu",
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+def test_a_messy_tree_trains_and_says_what_it_skipped(messy_tree, tmp_path, capsys):
+    args = ["--no-progress", f"data.root={messy_tree}", "data.image_size=16", f"data.cache_dir={tmp_path}/c"]
+    args += [f"log.dir={tmp_path}/runs", "train.epochs=1", "model.hidden=[4]", "optim.lr=0.05", "optim.momentum=0"]
+    r = in_process(train.main, [*args, "device=cpu"], capsys)  # train's real command line: test_resume.py
     assert r.returncode == 0, r.stderr
     assert "warning: skipped 4 files that are not decodable images" in r.stderr and "Traceback" not in r.stderr
 

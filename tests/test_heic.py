@@ -3,24 +3,23 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
+from conftest import in_process
 from PIL import Image, features
 
-from hotdog_torch import data
+from hotdog_torch import data, evaluate, images, predict
 from hotdog_torch.config import Data
 
-REPO = Path(__file__).resolve().parents[1]
 pillow_heif = pytest.importorskip("pillow_heif", reason="the heif extra: pip install -e '.[heif]'")
 
 
-def cli(module, *args):
-    return subprocess.run(
-        [sys.executable, "-m", f"hotdog_torch.{module}", *args], cwd=REPO, capture_output=True, text=True, timeout=300
-    )
+def as_a_fresh_process(monkeypatch):
+    """Pillow without HEIF, as a command's process starts: the command must teach it HEIF itself (images.read_heif)."""
+    for name in ("OPEN", "SAVE", "MIME", "EXTENSION"):
+        monkeypatch.setattr(Image, name, {k: v for k, v in getattr(Image, name).items() if "HEIF" not in (k, v)})
+    monkeypatch.setattr(Image, "ID", [i for i in Image.ID if i != "HEIF"])
+    images.read_heif.cache_clear()
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +37,9 @@ def photo_tree(small_tree, tmp_path_factory):
     return root
 
 
-def test_a_folder_of_heic_photos_is_read_and_classified_as_the_jpegs_were(trained, small_tree, photo_tree, tmp_path):
+def test_a_folder_of_heic_photos_is_read_and_classified_as_the_jpegs_were(
+    trained, small_tree, photo_tree, tmp_path, capsys, monkeypatch
+):
     run_dir, metrics = trained
     settings = Data(root=str(photo_tree), image_size=32, channels=1, cache_dir=str(tmp_path / "cache"), workers=1)
     classes, split, skipped = data.load_folder(photo_tree, settings, progress=False)
@@ -46,12 +47,14 @@ def test_a_folder_of_heic_photos_is_read_and_classified_as_the_jpegs_were(traine
     assert sum(p.endswith(".heic") for p in split.paths) >= 58  # none skipped in silence
     out = tmp_path / "e.json"
     best = str(run_dir / "checkpoints/best.pt")
-    r = cli("evaluate", "--checkpoint", best, "--data", str(photo_tree), "--json", str(out))
+    as_a_fresh_process(monkeypatch)  # the commands' main() here (their real command lines: test_evaluate_predict.py)
+    r = in_process(evaluate.main, ["--checkpoint", best, "--data", str(photo_tree), "--json", str(out)], capsys)
     assert r.returncode == 0, r.stderr
     assert json.loads(out.read_text())["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=0.05)
     one = next(photo_tree.glob("hot_dog/*.heic"))
     jpeg = small_tree / "test" / "hot_dog" / one.with_suffix(".jpg").name
-    verdicts = cli("predict", "--checkpoint", best, "--json", str(one), str(jpeg))  # one process for both
+    as_a_fresh_process(monkeypatch)  # again: evaluate taught Pillow HEIF
+    verdicts = in_process(predict.main, ["--checkpoint", best, "--json", str(one), str(jpeg)], capsys)
     assert verdicts.returncode == 0, verdicts.stderr
     heic, jpg = (json.loads(line) for line in verdicts.stdout.splitlines())
     assert heic["path"].endswith(one.name) and jpg["path"].endswith(jpeg.name)

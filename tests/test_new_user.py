@@ -8,17 +8,12 @@ import sys
 from pathlib import Path
 
 import yaml
-from conftest import tiny_doc
+from conftest import in_process, tiny_doc
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hotdog_torch import config, train
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def cli(*args, cwd=REPO, env=None):
-    command = [sys.executable, "-m", "hotdog_torch.train", "--no-progress", *args]
-    return subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=env, timeout=300)
 
 
 def test_a_mistyped_data_folder_is_an_error_and_nothing_is_created(tmp_path, capsys):
@@ -60,12 +55,12 @@ def test_a_short_run_logs_its_norms_once_an_epoch(small_tree, make_config):
     assert all(e.value > 0 for e in acc.Scalars("grad_norm/layer1"))
 
 
-def test_the_last_lines_say_how_to_see_and_use_the_run(tiny_tree, tmp_path):
+def test_the_last_lines_say_how_to_see_and_use_the_run(tiny_tree, tmp_path, capsys):
     doc = tiny_doc(tiny_tree, tmp_path)
     doc["train"]["epochs"] = 1
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(doc))
-    r = cli("--config", str(path))
+    r = in_process(train.main, ["--no-progress", "--config", str(path)], capsys)  # real ones: test_resume.py
     assert r.returncode == 0, r.stderr
     last = r.stdout.strip().splitlines()[-2:]
     run_dir = tmp_path / "runs" / "tiny"

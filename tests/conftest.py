@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import gc
 import os
@@ -172,12 +171,14 @@ def in_process(main, args: list[str], capsys) -> subprocess.CompletedProcess:
     seeds it), the intra-op threads and subnormal flushing (a run; evaluate and predict flush as trained), and
     warnings.showwarning (train's one-line warnings)."""
     capsys.readouterr()  # the command's output alone, as its process had it
-    showwarning = warnings.showwarning
+    showwarning, cwd = warnings.showwarning, os.getcwd()
     try:
-        with contextlib.chdir(Path(__file__).resolve().parents[1]), torch.random.fork_rng(devices=[]):
+        os.chdir(Path(__file__).resolve().parents[1])  # contextlib.chdir: Python 3.11 on
+        with torch.random.fork_rng(devices=[]):
             code = runtime.keeps_float_mode(main)(args)
     finally:
         warnings.showwarning = showwarning
+        os.chdir(cwd)
     return subprocess.CompletedProcess(args, code, *capsys.readouterr())
 
 

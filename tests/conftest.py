@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faulthandler
 import fcntl
 import gc
 import os
@@ -164,22 +165,28 @@ def trained(small_tree, tmp_path_factory):
     return run_dir, json.loads((run_dir / "metrics.json").read_text())
 
 
-def in_process(main, args: list[str], capsys) -> subprocess.CompletedProcess:
+def in_process(main, args: list[str], capfd) -> subprocess.CompletedProcess:
     """`python -m hotdog_torch.<command> ARGS` through the command's main(ARGS) in this process (a start-up of torch
     less, ~3.5 s of CPU): its exit code, stdout and stderr, as subprocess.run gives them, from the repository's
-    folder.  What a command changes in its process is put back for the tests after it: torch's random state (a run
-    seeds it), the intra-op threads and subnormal flushing (a run; evaluate and predict flush as trained), and
-    warnings.showwarning (train's one-line warnings)."""
-    capsys.readouterr()  # the command's output alone, as its process had it
+    folder.  capfd (pytest's): what the process's file descriptors got, its forked decode workers' too.  An argparse
+    mistake's SystemExit is its exit code; a call that hangs past 300 s (as a process's timeout) ends the test process
+    with every thread's traceback.  What a command changes in its process is put back for the tests after it: torch's
+    random state (a run seeds it), the intra-op threads and subnormal flushing (a run; evaluate and predict flush as
+    trained), and warnings.showwarning (train's one-line warnings)."""
+    capfd.readouterr()  # the command's output alone, as its process had it
     showwarning, cwd = warnings.showwarning, os.getcwd()
+    faulthandler.dump_traceback_later(300, exit=True)
     try:
         os.chdir(Path(__file__).resolve().parents[1])  # contextlib.chdir: Python 3.11 on
         with torch.random.fork_rng(devices=[]):
             code = runtime.keeps_float_mode(main)(args)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:
+        faulthandler.cancel_dump_traceback_later()
         warnings.showwarning = showwarning
         os.chdir(cwd)
-    return subprocess.CompletedProcess(args, code, *capsys.readouterr())
+    return subprocess.CompletedProcess(args, code, *capfd.readouterr())
 
 
 # ---------------------------------------------------------------- torchrun runs, trained in one launch a session

@@ -274,11 +274,11 @@ def test_the_page_in_a_real_browser(server, hot_dog_photo, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_the_exported_model_agrees_with_pytorch(best, small_tree, tmp_path, fmt, capsys):
+def test_the_exported_model_agrees_with_pytorch(best, small_tree, tmp_path, fmt, capfd):
     out = tmp_path / ("hotdog.onnx" if fmt == "onnx" else "hotdog.pt")
     args = ["--checkpoint", str(best), "--format", fmt, "--out", str(out)]
     if fmt == "onnx":  # export's main() in this process (a start-up of torch less); TorchScript's: the real command
-        r = in_process(export.main, args, capsys)
+        r = in_process(export.main, args, capfd)
     else:
         command = [sys.executable, "-m", "hotdog_torch.export", *args]
         r = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)

@@ -66,12 +66,14 @@ def test_every_kind_of_bad_file_is_used_or_skipped_and_counted(messy_tree, tmp_p
     image = lambda name: split.batch(torch.tensor([used[name]]))[0]  # noqa: E731
     assert int(image("sixteen.png").float().mean()) == 40000 >> 8  # 16-bit: the top 8 bits, not clipped to white
     assert not any("README" in p or "DS_Store" in p for p in split.paths)
+    again = data.load_folder(messy_tree, d, progress=False)  # from the cache entry now: the same files, skipped too
+    assert again[2] == skipped and again[1].paths == split.paths
 
 
-def test_a_messy_tree_trains_and_says_what_it_skipped(messy_tree, tmp_path, capsys):
+def test_a_messy_tree_trains_and_says_what_it_skipped(messy_tree, tmp_path, capfd):
     args = ["--no-progress", f"data.root={messy_tree}", "data.image_size=16", f"data.cache_dir={tmp_path}/c"]
     args += [f"log.dir={tmp_path}/runs", "train.epochs=1", "model.hidden=[4]", "optim.lr=0.05", "optim.momentum=0"]
-    r = in_process(train.main, [*args, "device=cpu"], capsys)  # train's real command line: test_resume.py
+    r = in_process(train.main, [*args, "device=cpu"], capfd)  # train's real command line: test_resume.py
     assert r.returncode == 0, r.stderr
     assert "warning: skipped 4 files that are not decodable images" in r.stderr and "Traceback" not in r.stderr
 

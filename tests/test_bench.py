@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
+
+from conftest import in_process
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -18,13 +21,14 @@ def bench_main():
     return bench.main
 
 
-def test_the_bench_runs_the_trainer_the_tutorial_and_numpy(small_tree, tmp_path, monkeypatch, capsys):
+def test_the_bench_runs_the_trainer_the_tutorial_and_numpy(small_tree, tmp_path, monkeypatch, capfd):
     out = tmp_path / "bench.json"
-    tiny = [f"data.root={small_tree}", "data.image_size=16", "train.epochs=1", "model.hidden=[8]"]
+    tiny = [f"data.root={small_tree}", "data.image_size=16", "train.epochs=1", "model.hidden=[8]", "device=cpu"]
     args = ["--parts", "cold,momentum,small", "--repeats", "1", "--epochs", "1", "--json", str(out), *tiny]
-    monkeypatch.chdir(REPO)  # the bench's configs/ are the repository's
-    assert bench_main()(args) == 0
-    printed = capsys.readouterr().out
+    monkeypatch.setattr(sys, "path", sys.path[:])  # the script puts the repository first on it
+    r = in_process(bench_main(), args, capfd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    printed = r.stdout
     r = json.loads(out.read_text())
     assert r["cold"]["ours"][0][1] == 1 and r["cold"]["tutorial"][0][1] == 1  # both ran their one epoch
     assert r["momentum"]["rates"]["hotdog_torch"][0] > 0 and r["momentum"]["limit"] > 0

@@ -27,22 +27,22 @@ def cli(module, *args):
     )
 
 
-def test_evaluate_decodes_into_the_runs_cache_not_the_home_folder(trained, small_tree, tmp_path, capsys, monkeypatch):
+def test_evaluate_decodes_into_the_runs_cache_not_the_home_folder(trained, small_tree, tmp_path, capfd, monkeypatch):
     run_dir, _ = trained
     home = tmp_path / "home"  # where the default cache (~/.cache/hotdog_torch) would be: read as the cache is sought
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("XDG_CACHE_HOME", str(home / ".cache"))
     args = ["--checkpoint", str(run_dir / "checkpoints/best.pt"), "--data", str(small_tree)]
-    r = in_process(evaluate.main, args, capsys)  # the real command line: the mistakes' test below
+    r = in_process(evaluate.main, args, capfd)  # the real command line: the mistakes' test below
     assert r.returncode == 0, r.stderr
     assert not home.exists()  # the run's data.cache_dir (tests/conftest.py: under its tmp_path) held the entry
 
 
-def test_evaluate_reproduces_the_runs_test_accuracy(trained, small_tree, tmp_path, capsys):
+def test_evaluate_reproduces_the_runs_test_accuracy(trained, small_tree, tmp_path, capfd):
     run_dir, metrics = trained
     out = tmp_path / "e.json"
     args = ["--checkpoint", str(run_dir / "checkpoints/best.pt"), "--data", str(small_tree), "--json", str(out)]
-    r = in_process(evaluate.main, args, capsys)
+    r = in_process(evaluate.main, args, capfd)
     assert r.returncode == 0, r.stderr
     e = json.loads(out.read_text())
     assert e["data"].endswith("test") and e["images"] == 60
@@ -78,12 +78,12 @@ def test_evaluate_refuses_bad_inputs_in_one_sentence(trained, tmp_path, small_tr
         assert r.stderr.startswith("error: ") and words in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_predict_matches_training_and_labels_fresh_hot_dogs(trained, small_tree, tmp_path, capsys):
+def test_predict_matches_training_and_labels_fresh_hot_dogs(trained, small_tree, tmp_path, capfd):
     run_dir, _ = trained
     best = run_dir / "checkpoints/best.pt"
     ckpt = checkpoint.load(best)
     test = small_tree / "test"
-    r = in_process(predict.main, ["--checkpoint", str(best), "--json", str(test)], capsys)  # the real command line:
+    r = in_process(predict.main, ["--checkpoint", str(best), "--json", str(test)], capfd)  # the real command line:
     # test_predict_takes_any_size_and_mode_and_reports_bad_files_one_by_one
     assert r.returncode == 0, r.stderr
     rows = {row["path"]: row for row in map(json.loads, r.stdout.splitlines())}
@@ -110,7 +110,7 @@ def test_predict_matches_training_and_labels_fresh_hot_dogs(trained, small_tree,
         workers=1,
         progress=False,
     )
-    r = in_process(predict.main, ["--checkpoint", str(best), str(fresh)], capsys)
+    r = in_process(predict.main, ["--checkpoint", str(best), str(fresh)], capfd)
     labels = [line.split("\t")[1] for line in r.stdout.splitlines()]
     assert len(labels) == 20 and labels.count("hot_dog") >= 14, (
         labels
@@ -148,11 +148,11 @@ def test_predict_takes_any_size_and_mode_and_reports_bad_files_one_by_one(traine
     assert "Traceback" not in r.stderr
 
 
-def test_predict_needs_no_config_and_no_dataset(trained, tmp_path, capsys):
+def test_predict_needs_no_config_and_no_dataset(trained, tmp_path, capfd):
     run_dir, _ = trained
     lonely = tmp_path / "model.pt"
     shutil.copy(run_dir / "checkpoints/best.pt", lonely)  # just the file: no run folder, no config.yaml, no data
     img = tmp_path / "x.jpg"
     drawings.draw_image("hot_dog", np.random.default_rng(5), size=200).save(img)
-    r = in_process(predict.main, ["--checkpoint", str(lonely), str(img)], capsys)
+    r = in_process(predict.main, ["--checkpoint", str(lonely), str(img)], capfd)
     assert r.returncode == 0 and r.stdout.count("\t") == 2, r.stderr

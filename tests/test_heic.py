@@ -16,6 +16,7 @@ pillow_heif = pytest.importorskip("pillow_heif", reason="the heif extra: pip ins
 
 def as_a_fresh_process(monkeypatch):
     """Pillow without HEIF, as a command's process starts: the command must teach it HEIF itself (images.read_heif)."""
+    Image.init()  # Pillow's own plugins first: loaded later, they would land in the copies taken out below
     for name in ("OPEN", "SAVE", "MIME", "EXTENSION"):
         monkeypatch.setattr(Image, name, {k: v for k, v in getattr(Image, name).items() if "HEIF" not in (k, v)})
     monkeypatch.setattr(Image, "ID", [i for i in Image.ID if i != "HEIF"])
@@ -38,7 +39,7 @@ def photo_tree(small_tree, tmp_path_factory):
 
 
 def test_a_folder_of_heic_photos_is_read_and_classified_as_the_jpegs_were(
-    trained, small_tree, photo_tree, tmp_path, capsys, monkeypatch
+    trained, small_tree, photo_tree, tmp_path, capfd, monkeypatch
 ):
     run_dir, metrics = trained
     settings = Data(root=str(photo_tree), image_size=32, channels=1, cache_dir=str(tmp_path / "cache"), workers=1)
@@ -48,13 +49,13 @@ def test_a_folder_of_heic_photos_is_read_and_classified_as_the_jpegs_were(
     out = tmp_path / "e.json"
     best = str(run_dir / "checkpoints/best.pt")
     as_a_fresh_process(monkeypatch)  # the commands' main() here (their real command lines: test_evaluate_predict.py)
-    r = in_process(evaluate.main, ["--checkpoint", best, "--data", str(photo_tree), "--json", str(out)], capsys)
+    r = in_process(evaluate.main, ["--checkpoint", best, "--data", str(photo_tree), "--json", str(out)], capfd)
     assert r.returncode == 0, r.stderr
     assert json.loads(out.read_text())["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=0.05)
     one = next(photo_tree.glob("hot_dog/*.heic"))
     jpeg = small_tree / "test" / "hot_dog" / one.with_suffix(".jpg").name
     as_a_fresh_process(monkeypatch)  # again: evaluate taught Pillow HEIF
-    verdicts = in_process(predict.main, ["--checkpoint", best, "--json", str(one), str(jpeg)], capsys)
+    verdicts = in_process(predict.main, ["--checkpoint", best, "--json", str(one), str(jpeg)], capfd)
     assert verdicts.returncode == 0, verdicts.stderr
     heic, jpg = (json.loads(line) for line in verdicts.stdout.splitlines())
     assert heic["path"].endswith(one.name) and jpg["path"].endswith(jpeg.name)

@@ -55,12 +55,12 @@ def test_a_short_run_logs_its_norms_once_an_epoch(small_tree, make_config):
     assert all(e.value > 0 for e in acc.Scalars("grad_norm/layer1"))
 
 
-def test_the_last_lines_say_how_to_see_and_use_the_run(tiny_tree, tmp_path, capsys):
+def test_the_last_lines_say_how_to_see_and_use_the_run(tiny_tree, tmp_path, capfd):
     doc = tiny_doc(tiny_tree, tmp_path)
     doc["train"]["epochs"] = 1
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(doc))
-    r = in_process(train.main, ["--no-progress", "--config", str(path)], capsys)  # real ones: test_resume.py
+    r = in_process(train.main, ["--no-progress", "--config", str(path)], capfd)  # real ones: test_resume.py
     assert r.returncode == 0, r.stderr
     last = r.stdout.strip().splitlines()[-2:]
     run_dir = tmp_path / "runs" / "tiny"

@@ -1,4 +1,5 @@
-"""The ranges of a config's values, each with the one sentence a user reads when it is out of range.
+"""The ranges of a config's values, each with the one sentence a user reads when it is out of range, and the
+did-you-mean of a misspelt name.
 
 A key's range is declared with its field in config.py (`rng`) and checked here by one loop over the schema
 (`out_of_range`); what no interval says (a choice, a pattern, two keys that must agree) is `beyond_ranges`.
@@ -8,6 +9,8 @@ config.from_dict raises UserError with the first sentence that fails.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import typing
 
 
@@ -20,7 +23,7 @@ def rng(default, interval: str, says: str = ""):
 
 
 def bounds(interval: str) -> tuple[float, float, bool, bool]:
-    """(low, high, low included, high included) of "> 0", ">= 1" (no end: inf passes), "[0, 1)", ..."""
+    """(low, high, low included, high included) of "> 0", ">= 1" (no end), "[0, 1)", ..."""
     if interval.startswith(">"):
         return float(interval.lstrip(">=")), float("inf"), interval.startswith(">="), True
     low, high = interval[1:-1].split(",")
@@ -42,10 +45,16 @@ def words(interval: str) -> str:
     )
 
 
+def numbers(value) -> list:
+    """The numbers of a value (a list's each; null and names are not numbers)."""
+    return [v for v in (value if isinstance(value, list) else [value]) if type(v) in (int, float)]
+
+
 def holds(value, interval: str) -> bool:
+    """Every number of value lies in interval, and is finite: YAML's .inf passes every "> 0" by itself."""
     low, high, low_in, high_in = bounds(interval)
-    numbers = [v for v in (value if isinstance(value, list) else [value]) if type(v) in (int, float)]
-    return all((low <= v if low_in else low < v) and (v <= high if high_in else v < high) for v in numbers)
+    inside = lambda v: (low <= v if low_in else low < v) and (v <= high if high_in else v < high)  # noqa: E731
+    return all(math.isfinite(v) and inside(v) for v in numbers(value))
 
 
 def out_of_range(section, prefix: str = "") -> str | None:
@@ -61,10 +70,18 @@ def out_of_range(section, prefix: str = "") -> str | None:
         elif "interval" in f.metadata and not holds(value, f.metadata["interval"]):
             says = f.metadata["says"]
             says = says if "must" in says else " ".join(filter(None, [words(f.metadata["interval"]), says]))
+            if not all(math.isfinite(v) for v in numbers(value)):  # inf, nan: 'must be a finite number and be ...'
+                says = says.replace("must ", "must be a finite number and ", 1)
             kinds = set(typing.get_args(hints[f.name]))
             null = " or null" if type(None) in kinds and kinds <= {int, float, type(None)} else ""
             return f"{key} {says}{null}, got {value}"
     return None
+
+
+def did_you_mean(name: str, names) -> str:
+    """The hint for a misspelt name (a key, a choice, a lesson): " (did you mean 'adamw'?)", or "" if none is close."""
+    close = difflib.get_close_matches(name, list(names), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def beyond_ranges(cfg) -> str | None:

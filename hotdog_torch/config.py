@@ -14,7 +14,6 @@ into exit code 2.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import os
 import re
 import types
@@ -26,7 +25,7 @@ from typing import Literal
 import yaml
 
 from . import checks
-from .checks import rng
+from .checks import did_you_mean, rng
 
 
 class UserError(Exception):
@@ -203,9 +202,7 @@ def valid_keys(schema: type | None = None, prefix: str = "") -> list[str]:
 
 def _unknown(key: str) -> UserError:
     optional = [f"model.router.{k}" for k in typing.get_type_hints(Router)]  # the keys of a section that may be null
-    close = difflib.get_close_matches(key, valid_keys() + optional + list(_sections()), n=1, cutoff=0.5)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return UserError(f"unknown config key {key!r}{hint}")
+    return UserError(f"unknown config key {key!r}{did_you_mean(key, valid_keys() + optional + list(_sections()))}")
 
 
 def _type_name(t) -> str:
@@ -271,8 +268,7 @@ def _close(value, t) -> str:
         return " (random search is its own command: python -m hotdog_torch.search)"
     names = [a for a in typing.get_args(t) if isinstance(a, str)]
     names += [a for u in typing.get_args(t) if typing.get_origin(u) is Literal for a in typing.get_args(u)]
-    close = difflib.get_close_matches(value, names, n=1, cutoff=0.5) if isinstance(value, str) else []
-    return f" (did you mean {close[0]!r}?)" if close else ""
+    return did_you_mean(value, names) if isinstance(value, str) else ""
 
 
 def _section(t) -> type | None:

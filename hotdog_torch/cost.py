@@ -86,10 +86,17 @@ def error_rate_cost(outputs: torch.Tensor, targets: torch.Tensor, weights: torch
 
 
 def cross_entropy(outputs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Not the seed's cost: binary cross-entropy of each sigmoid output, summed over outputs, mean over the batch."""
+    """Not the seed's cost: binary cross-entropy of each sigmoid output, summed over outputs, mean over the batch.
+    A diverged network's NaN outputs make it NaN, as they make ½·MSE, for the divergence watch to see: torch's
+    binary_cross_entropy refuses them (an error, on the CPU), so they are scored as 0.5 and the cost set to NaN
+    after, with no host sync."""
+    broken = outputs.isnan().any()
+    outputs = outputs.nan_to_num(0.5)
     if weights is not None:
-        return (F.binary_cross_entropy(outputs, targets, reduction="none").sum(dim=1) * weights).mean()
-    return F.binary_cross_entropy(outputs, targets, reduction="sum") / len(outputs)
+        c = (F.binary_cross_entropy(outputs, targets, reduction="none").sum(dim=1) * weights).mean()
+    else:
+        c = F.binary_cross_entropy(outputs, targets, reduction="sum") / len(outputs)
+    return torch.where(broken, torch.nan, c)
 
 
 COSTS = {"half_mse": half_mse, "error_rate": error_rate_cost, "cross_entropy": cross_entropy}

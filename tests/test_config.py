@@ -112,6 +112,10 @@ def test_an_augment_range_error_is_one_sentence_on_the_command_line():
         ("train.epochs=2.5", ["train.epochs", "an integer"]),
         ("optim.lr=0", ["optim.lr must be greater than 0"]),
         ("optim.lr=-1", ["optim.lr must be greater than 0"]),
+        ("optim.lr=.inf", ["optim.lr must be a finite number and be greater than 0, got inf"]),  # passes "> 0" itself
+        ("optim.lr=.nan", ["optim.lr must be a finite number and be greater than 0, got nan"]),
+        ("train.diverge_factor=.inf", ["train.diverge_factor must be a finite number and be greater than 1"]),
+        ("optim.class_weights=[1.0,.inf]", ["optim.class_weights must be a finite number and be above 0"]),
         ("data.val_fraction=1.5", ["data.val_fraction"]),
         ("data.val_fraction=0", ["data.val_fraction"]),
         ("data.image_size=4", ["data.image_size"]),

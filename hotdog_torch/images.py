@@ -45,10 +45,15 @@ def read_heif() -> bool:
     return True
 
 
-def open_scaled(path, size: int, mode: str) -> Image.Image:
-    """Image.open, with a JPEG larger than size x size set to decode at 1/2, 1/4 or 1/8 scale (Pillow's draft mode)."""
+def open_scaled(path, size: int, mode: str, max_pixels: int | None = None) -> Image.Image:
+    """Image.open, with a JPEG larger than size x size set to decode at 1/2, 1/4 or 1/8 scale (Pillow's draft mode).
+    Raises Image.DecompressionBombError for a file of more than max_pixels pixels, counted as the file holds them:
+    draft mode shrinks the size Pillow reports."""
     read_heif()  # here, not at import: the decoding processes each register it, and no command pays for it unused
     im = Image.open(path)
+    if max_pixels is not None and im.width * im.height > max_pixels:
+        im.close()
+        raise Image.DecompressionBombError(f"{im.width} x {im.height} pixels")
     im.draft(mode, (size, size))  # libjpeg scales in the DCT: decoding 512x512 for a 128x128 input costs about 1/16
     return im
 
@@ -81,9 +86,7 @@ def _raised_in_pillow(e: BaseException) -> bool:
 
 def _decode(path, size: int, channels: int, max_pixels: int | None) -> np.ndarray:
     mode = "L" if channels == 1 else "RGB"
-    with open_scaled(path, size, mode) as im:
-        if max_pixels is not None and im.width * im.height > max_pixels:
-            raise Image.DecompressionBombError(f"{im.width} x {im.height} pixels")
+    with open_scaled(path, size, mode, max_pixels) as im:
         if im.getexif().get(ORIENTATION, 1) != 1:
             im = ImageOps.exif_transpose(im)  # as the photo was taken, not as the sensor stored it
         if im.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: keep the top 8 bits rather than clipping

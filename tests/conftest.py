@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import fcntl
 import gc
 import os
+import random
+import signal
 import subprocess
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,24 +169,66 @@ def trained(small_tree, tmp_path_factory):
     return run_dir, json.loads((run_dir / "metrics.json").read_text())
 
 
-def in_process(main, args: list[str], capfd) -> subprocess.CompletedProcess:
+class Hung(BaseException):
+    """A call of in_process that ran past its limit (a BaseException: no `except Exception` of a command swallows
+    it as one of its own failures)."""
+
+
+def _hung(limit):
+    def handler(signum, frame):
+        faulthandler.dump_traceback(all_threads=True)  # where it hung, every thread
+        raise Hung(f"the command ran past {limit} s, as a process's timeout")
+
+    return handler
+
+
+@contextlib.contextmanager
+def random_state_kept():
+    """torch's CPU generator, numpy's and Python's global ones, and CUDA's: put back as they were.  CUDA's are forked
+    where CUDA was initialised before the call; a call that initialises it leaves each device's generator seeded
+    afresh, as a process that has not used CUDA finds it (c10's default seed).  A seed queued for CUDA's start
+    (torch.manual_seed before CUDA is initialised) stays queued, in torch's own bookkeeping, and applies when a later
+    test starts CUDA."""
+    cuda = torch.cuda.is_initialized()
+    np_state, py_state = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if cuda else []):
+        try:
+            yield
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+            if not cuda and torch.cuda.is_initialized():
+                for generator in torch.cuda.default_generators:
+                    generator.manual_seed(FRESH_CUDA_SEED)
+
+
+FRESH_CUDA_SEED = 67280421310721  # c10's default_rng_seed_val: a CUDA generator's seed before anything seeds it
+
+
+def in_process(main, args: list[str], capfd, limit: float = 300) -> subprocess.CompletedProcess:
     """`python -m hotdog_torch.<command> ARGS` through the command's main(ARGS) in this process (a start-up of torch
     less, ~3.5 s of CPU): its exit code, stdout and stderr, as subprocess.run gives them, from the repository's
     folder.  capfd (pytest's): what the process's file descriptors got, its forked decode workers' too.  An argparse
-    mistake's SystemExit is its exit code; a call that hangs past 300 s (as a process's timeout) ends the test process
-    with every thread's traceback.  What a command changes in its process is put back for the tests after it: torch's
-    random state (a run seeds it), the intra-op threads and subnormal flushing (a run; evaluate and predict flush as
-    trained), and warnings.showwarning (train's one-line warnings)."""
+    mistake's SystemExit is its exit code.  A call past `limit` seconds (a process's timeout) raises Hung after
+    every thread's traceback, failing its test alone; the alarm that raises it runs between Python's bytecodes, so a
+    call stuck inside one C call that never returns is ended with the test process, by faulthandler, a minute
+    later.  What a command changes in its process is put back for the tests after it: every random generator
+    (random_state_kept: a run seeds them), the intra-op threads and subnormal flushing (a run; evaluate and predict
+    flush as trained), and warnings.showwarning (train's one-line warnings)."""
     capfd.readouterr()  # the command's output alone, as its process had it
     showwarning, cwd = warnings.showwarning, os.getcwd()
-    faulthandler.dump_traceback_later(300, exit=True)
+    alarm = signal.signal(signal.SIGALRM, _hung(limit))  # tests run in the main thread, under xdist too
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    faulthandler.dump_traceback_later(limit + 60, exit=True)
     try:
         os.chdir(Path(__file__).resolve().parents[1])  # contextlib.chdir: Python 3.11 on
-        with torch.random.fork_rng(devices=[]):
+        with random_state_kept():
             code = runtime.keeps_float_mode(main)(args)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else int(e.code is not None)
     finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, alarm)
         faulthandler.cancel_dump_traceback_later()
         warnings.showwarning = showwarning
         os.chdir(cwd)

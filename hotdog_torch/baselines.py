@@ -16,13 +16,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import tempfile
 
 import torch
 
 from . import cli, config, data, train
-from .config import Config, UserError
+from .config import Config
 from .cost import half_mse, one_hot
 
 LINEAR_LRS = (0.003, 0.01, 0.03)
@@ -97,26 +96,25 @@ def main(argv=None) -> int:
     p.add_argument("--log-dir", help="where the runs go (default: a temporary folder)")
     p.add_argument("overrides", nargs="*", metavar="section.key=value")
     a = p.parse_intermixed_args(argv)  # flags and positionals in any order
-    try:
+
+    def command():
         cfg = config.load(a.config, a.overrides)
         data.prepare(cfg.data, cfg.seed)  # draws the synthetic set if the config asks for it
         with tempfile.TemporaryDirectory() as tmp:
             r = measure(cfg, a.log_dir or tmp)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    rows = [
-        ("(a) always the most common class", r["majority"]),
-        ("(b) mean colour only (3 -> 32 -> 2 MLP)", r["mean_colour"]),
-        (f"(c) zero hidden layers (best of lr {', '.join(map(str, LINEAR_LRS))})", r["zero_hidden"]),
-        (f"(d) {cfg.model.hidden} {cfg.model.activation} MLP", r["mlp"]),
-    ]
-    print("\n| classifier | val accuracy |\n|---|---|")
-    for name, acc in rows:
-        print(f"| {name} | {acc:.2%} |")
-    if r["mlp_test"] is not None:
-        print(f"| (d) on the test split | {r['mlp_test']:.2%} |")
-    return 0
+        rows = [
+            ("(a) always the most common class", r["majority"]),
+            ("(b) mean colour only (3 -> 32 -> 2 MLP)", r["mean_colour"]),
+            (f"(c) zero hidden layers (best of lr {', '.join(map(str, LINEAR_LRS))})", r["zero_hidden"]),
+            (f"(d) {cfg.model.hidden} {cfg.model.activation} MLP", r["mlp"]),
+        ]
+        print("\n| classifier | val accuracy |\n|---|---|")
+        for name, acc in rows:
+            print(f"| {name} | {acc:.2%} |")
+        if r["mlp_test"] is not None:
+            print(f"| (d) on the test split | {r['mlp_test']:.2%} |")
+
+    return cli.exit_code(command)
 
 
 if __name__ == "__main__":

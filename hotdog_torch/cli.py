@@ -31,20 +31,20 @@ def command_line(argv: list[str] | None, quiet: bool = False, prog: str = "") ->
     return p.parse_intermixed_args(argv)  # overrides after a flag too
 
 
-def exit_code(command, *stopped: type) -> int:
-    """command()'s exit code: 0; 2 for a user's mistake, said in one sentence; a `stopped` exception's own code
-    (stopping.Interrupted: saved, then stopped by a signal); 130 for Ctrl-C."""
+def exit_code(command, *stopped: type, interrupted: str = "the checkpoints already written are kept") -> int:
+    """The exit code of every command's main(): command()'s own (None: 0); 2 for a user's mistake, said in one
+    sentence; a `stopped` exception's own code (stopping.Interrupted: saved, then stopped by a signal); 130 for
+    Ctrl-C, saying what was kept (`interrupted`)."""
     try:
-        command()
+        return command() or 0
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except stopped as e:
         return e.code
     except KeyboardInterrupt:
-        print("interrupted; the checkpoints already written are kept", file=sys.stderr)
+        print(f"interrupted; {interrupted}", file=sys.stderr)
         return 130
-    return 0
 
 
 def run(main) -> None:

@@ -20,13 +20,31 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, cli, data, framing, runtime
+from . import cache, checkpoint, cli, data, files, framing, runtime
 from .config import Data, UserError
 from .cost import confusion_matrix, per_class
 from .loop import evaluate as score_split
 
 
-def evaluate_folder(ckpt: dict, folder: Path, progress: bool = False, framings: bool = False) -> dict:
+def cache_folder(ckpt: dict, given: str | None) -> str | None:
+    """Where evaluate caches its decodes: --cache-dir; else the run's data.cache_dir when it is a folder on this
+    machine (a checkpoint trained elsewhere names another machine's); else the default cache (None).  Made here, so
+    that a folder it cannot make is said with the option evaluate has."""
+    run = ckpt["config"]["data"].get("cache_dir")
+    folder = given or (run if run and Path(run).is_dir() else None)
+    root = cache.cache_root(Data(cache_dir=folder))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot create the decode cache folder {root} ({e.strerror}); pass --cache-dir a writable folder"
+        ) from None
+    return folder
+
+
+def evaluate_folder(
+    ckpt: dict, folder: Path, progress: bool = False, framings: bool = False, cache_dir: str | None = None
+) -> dict:
     if framings and len(ckpt["classes"]) < 2:
         raise UserError(
             f"--framings needs a network of at least two classes (it reports balanced accuracy); "
@@ -36,7 +54,7 @@ def evaluate_folder(ckpt: dict, folder: Path, progress: bool = False, framings: 
         raise UserError(f"data folder {folder} does not exist")
     if {p.name for p in folder.iterdir() if p.is_dir()} <= set(data.SPLITS) and (folder / "test").is_dir():
         folder = folder / "test"
-    cache_dir = ckpt["config"]["data"].get("cache_dir")  # the run's data.cache_dir, where its decodes are cached
+    cache_dir = cache_folder(ckpt, cache_dir)
     settings = Data(root=str(folder), image_size=ckpt["image_size"], channels=ckpt["channels"], cache_dir=cache_dir)
     classes, split, skipped = data.load_folder(folder, settings, progress)
     if classes != ckpt["classes"]:
@@ -98,16 +116,19 @@ def main(argv=None) -> int:
     )
     p.add_argument("--json", metavar="OUT", help="also write the figures to this JSON file")
     p.add_argument("--framings", action="store_true", help="also score each framing kind (shift, zoom_out, ...)")
+    where = "where the decoded images are cached (default: the run's data.cache_dir when it is a folder here, "
+    p.add_argument("--cache-dir", help=where + "else ~/.cache/hotdog_torch)")
     a = p.parse_args(argv)
-    try:
-        r = evaluate_folder(checkpoint.load(a.checkpoint), Path(a.data), sys.stderr.isatty(), a.framings)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(format_report(r))
-    if a.json:
-        Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
-    return 0
+
+    def command():
+        out = files.check_writable(a.json, "--json") if a.json else None  # before the scoring, not after it
+        ckpt = checkpoint.load(a.checkpoint)
+        r = evaluate_folder(ckpt, Path(a.data), sys.stderr.isatty(), a.framings, a.cache_dir)
+        print(format_report(r))
+        if out:
+            files.atomic_write_text(out, json.dumps(r, indent=2) + "\n")
+
+    return cli.exit_code(command, interrupted="nothing was written")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 
@@ -23,7 +22,6 @@ import torch
 from torch import nn
 
 from . import checkpoint, cli
-from .config import UserError
 from .model import linear_layers
 
 
@@ -85,13 +83,12 @@ def main(argv=None) -> int:
     p.add_argument("--format", required=True, choices=["onnx", "torchscript"])
     p.add_argument("--out", required=True, help="the file to write (e.g. hotdog.onnx or hotdog.pt)")
     a = p.parse_args(argv)
-    try:
+
+    def command():
         out = export(checkpoint.load(a.checkpoint), a.format, Path(a.out))
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {out} and {out.with_suffix('.classes.json')}")
-    return 0
+        print(f"wrote {out} and {out.with_suffix('.classes.json')}")
+
+    return cli.exit_code(command, interrupted="nothing was written")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ import fcntl
 import multiprocessing
 import os
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -87,6 +88,23 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def check_writable(path: str | os.PathLike, option: str) -> Path:
+    """path, a file a command writes once its work is done, checked before the work: not a folder, in a folder that
+    exists and takes a file (a temporary one, made and removed: a read-only disk refuses it, to root too)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{option} {path} is a folder; name a file")
+    if not path.parent.is_dir():
+        raise UserError(f"cannot write {option} {path}: the folder {path.parent} does not exist")
+    try:
+        tempfile.TemporaryFile(dir=path.parent).close()
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as e:
+        raise UserError(f"cannot write {option} {path} ({e.strerror})") from None
+    return path
 
 
 def make_run_dir(log_dir: str, name: str) -> Path:

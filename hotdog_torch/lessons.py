@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 import time
 from importlib import resources
 from pathlib import Path
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from . import checkpoint, cli, config, data, evaluate, framing, router, search, train, two_weights
+from . import checkpoint, checks, cli, config, data, evaluate, framing, router, search, train, two_weights
 from .config import UserError
 from .model import build_model, input_side, linear_layers, neuron_pictures
 
@@ -178,12 +177,20 @@ def load_lessons(folder: Path = LESSONS) -> dict[str, dict]:
     return found
 
 
+def chosen(lessons: dict[str, dict], only: list[str] | None) -> dict[str, dict]:
+    """The lessons --only names (all without it); a name of none refuses them all, before anything is run."""
+    unknown = [name for name in only or [] if name not in lessons]
+    if unknown:
+        named = " or ".join(repr(name) + checks.did_you_mean(name, lessons) for name in unknown)
+        raise UserError(f"no lesson is named {named}; the lessons are {', '.join(lessons)}")
+    return {name: lesson for name, lesson in lessons.items() if not only or name in only}
+
+
 def run_all(parent: Path, quick: bool, only: list[str] | None = None, folder: Path = LESSONS) -> dict:
+    lessons = chosen(load_lessons(folder), only)
     parent.mkdir(parents=True, exist_ok=True)
     summary = {"quick": quick, "lessons": {}}
-    for name, lesson in load_lessons(folder).items():
-        if only and name not in only:
-            continue
+    for name, lesson in lessons.items():
         t0 = time.perf_counter()
         print(f"lesson {name}: {lesson.get('title', name)}", flush=True)
         if lesson.get("kind") == "two_weights":
@@ -264,19 +271,17 @@ def main(argv=None) -> int:
     p.add_argument("--out", help="parent folder (default runs/lessons-<timestamp>)")
     p.add_argument("--list", action="store_true", help="list the lessons and where their configs are, then stop")
     a = p.parse_args(argv)
-    if a.list:
-        for name, lesson in load_lessons().items():
-            print(f"{name}: {lesson.get('title', name)}")
-        print(f"(configs in {LESSONS})")
-        return 0
-    parent = Path(a.out or f"runs/lessons-{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
-        summary = run_all(parent, a.quick, a.only)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(write_summary(summary, parent))
-    return 0
+
+    def command():
+        if a.list:
+            for name, lesson in load_lessons().items():
+                print(f"{name}: {lesson.get('title', name)}")
+            print(f"(configs in {LESSONS})")
+            return
+        parent = Path(a.out or f"runs/lessons-{time.strftime('%Y%m%d-%H%M%S')}")
+        print(write_summary(run_all(parent, a.quick, a.only), parent))
+
+    return cli.exit_code(command)
 
 
 if __name__ == "__main__":

@@ -101,22 +101,24 @@ def smoothed(costs: list[float], beta: float = BETA) -> list[float]:
 
 def valley(smooth: list[float]) -> int | None:
     """fastai's suggest 'valley': skip the first tenth and the last 5 points, find the longest decreasing
-    subsequence of the smoothed cost, and take the point 1/3 + 1/6 of the way along it (halfway down)."""
+    subsequence of the smoothed cost, and take the point 1/3 + 1/6 of the way along it (halfway down).  Its start
+    is the subsequence's first point (fastai's, `end - length`, is one before it: -1, the largest lr, on a short
+    curve that falls from its first point or does not fall at all)."""
     lo, hi = len(smooth) // 10, len(smooth) - 5
     if hi - lo < 3:  # a short test: use every point
         lo, hi = 0, len(smooth)
     if hi - lo < 2:
         return None
     s = smooth[lo:hi]
-    longest, start, end = [1] * len(s), 0, 0
+    longest, first, end = [1] * len(s), list(range(len(s))), 0  # the longest descent ending at each point
     for i in range(1, len(s)):
         for j in range(i):
             if s[i] < s[j] and longest[i] < longest[j] + 1:
-                longest[i] = longest[j] + 1
-            if longest[end] < longest[i]:
-                end, start = i, i - longest[i]
-    third = (end - start) / 3
-    return lo + start + int(third) + int(third / 2)
+                longest[i], first[i] = longest[j] + 1, first[j]
+        if longest[end] < longest[i]:
+            end = i
+    third = (end - first[end]) / 3
+    return lo + first[end] + int(third) + int(third / 2)
 
 
 @contextlib.contextmanager
@@ -280,19 +282,18 @@ def main(argv=None) -> int:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = p.parse_intermixed_args(argv)  # flags and positionals in any order
     warnings.showwarning = lambda message, *args, **kw: print(f"warning: {message}", file=sys.stderr)
-    try:
+
+    def command():
         check(a.min_lr, a.max_lr, a.steps)
         cfg = config.load(a.config, a.overrides)
         model = checkpoint.model_from(checkpoint.load(a.checkpoint)) if a.checkpoint else None
         progress = not a.no_progress and sys.stderr.isatty()
         f = find(cfg, a.min_lr, a.max_lr, a.steps, model, progress)
         out = out_dir(a.out, cfg, Path(a.config).stem if a.config else "run")
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    write(f, out)
-    print(line(f, out), flush=True)
-    return 0
+        write(f, out)
+        print(line(f, out), flush=True)
+
+    return cli.exit_code(command, interrupted="nothing was written")
 
 
 if __name__ == "__main__":

@@ -141,29 +141,32 @@ def main(argv=None) -> int:
     p.add_argument("images", nargs="+", metavar="IMAGE_OR_DIR")
     p.add_argument("--json", action="store_true", help="one JSON object per line: path, class, score (or error)")
     a = p.parse_intermixed_args(argv)  # flags and positionals in any order
-    try:
+
+    def command():
         ckpt = checkpoint.load(a.checkpoint)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    files = image_files(a.images)
-    if not files:
-        print("error: no image files found in " + ", ".join(a.images), file=sys.stderr)
-        return 2
-    failed = 0
-    for path, label, score, box in predict(ckpt, files):
-        shown = images.shown(os.fspath(path))
-        if label is None:
-            failed += 1
-            print(f"{shown}: {score}", file=sys.stderr)
-            if a.json:
-                print(json.dumps({"path": shown, "error": score}))
-        elif a.json:
-            print(json.dumps({"path": shown, "class": label, "score": round(score, 6)} | ({"box": box} if box else {})))
-        else:
-            where = "" if box is None else "\tbox " + " ".join(f"({x:g}, {y:g})" for x, y in box)
-            print(f"{shown}\t{label}\t{score:.4f}{where}")
-    return 1 if failed else 0
+        files = image_files(a.images)
+        if not files:
+            raise UserError("no image files found in " + ", ".join(a.images))
+        failed = 0
+        for path, label, score, box in predict(ckpt, files):
+            failed += label is None
+            show(images.shown(os.fspath(path)), label, score, box, a.json)
+        return 1 if failed else 0  # every file answered, some of them with why it could not be read
+
+    return cli.exit_code(command, interrupted="the files named so far were answered")
+
+
+def show(path: str, label: str | None, score, box, as_json: bool) -> None:
+    """One file's answer: its class and score (and box), or why it could not be read (on stderr too)."""
+    if label is None:
+        print(f"{path}: {score}", file=sys.stderr)
+        if as_json:
+            print(json.dumps({"path": path, "error": score}))
+    elif as_json:
+        print(json.dumps({"path": path, "class": label, "score": round(score, 6)} | ({"box": box} if box else {})))
+    else:
+        where = "" if box is None else "\tbox " + " ".join(f"({x:g}, {y:g})" for x, y in box)
+        print(f"{path}\t{label}\t{score:.4f}{where}")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import io
 import socket
-import sys
 from importlib import resources
 from pathlib import Path
 
@@ -121,6 +120,8 @@ def classify(net: Classifier, data: bytes) -> dict:
 
 
 def check_port(host: str, port: int) -> None:
+    if not 1 <= port <= 65535:
+        raise UserError(f"--port must be between 1 and 65535, got {port}")
     with socket.socket() as s:
         try:
             s.bind((host, port))
@@ -134,20 +135,18 @@ def main(argv=None) -> int:
     p.add_argument("--host", default="127.0.0.1", help="127.0.0.1 (this machine only); 0.0.0.0 for the whole network")
     p.add_argument("--port", type=int, default=8000)
     a = p.parse_args(argv)
-    try:
-        import uvicorn
-    except ImportError:
-        print("error: the app needs its extra packages: pip install -e '.[app]'", file=sys.stderr)
-        return 2
-    try:
+
+    def command():
+        try:
+            import uvicorn
+        except ImportError:
+            raise UserError("the app needs its extra packages: pip install -e '.[app]'") from None
         app = create_app(a.checkpoint)
         check_port(a.host, a.port)
-    except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"serving {a.checkpoint} on http://{a.host}:{a.port}/ (Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
-    return 0
+        print(f"serving {a.checkpoint} on http://{a.host}:{a.port}/ (Ctrl-C stops)", flush=True)
+        uvicorn.run(app, host=a.host, port=a.port, log_level="warning")
+
+    return cli.exit_code(command, interrupted="the app stopped")
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import files
+from . import cli, files
+from .config import UserError
 from .drawings import FRAMINGS, HOT_DOG, Variation, draw_scene
 
 NOT_HOT_DOG = "not_hot_dog"
@@ -165,11 +166,15 @@ def main(argv=None):
     framing += "anywhere, at any size, tilted, sometimes cut by the frame, in any light)"
     p.add_argument("--framing", choices=sorted(FRAMINGS), default="seed", help=framing)
     a = p.parse_args(argv)
-    if min(a.hot_dogs, a.others, a.test_hot_dogs, a.test_others) < 0 or not 8 <= a.size <= 1024:
-        p.exit(2, "synth: counts must be >= 0 and --size between 8 and 1024.\n")
-    generate(a.out, a.hot_dogs, a.others, a.test_hot_dogs, a.test_others, a.size, a.seed, FRAMINGS[a.framing])
-    print(f"wrote {a.hot_dogs + a.others} training and {a.test_hot_dogs + a.test_others} test images to {a.out}")
+
+    def command():
+        if min(a.hot_dogs, a.others, a.test_hot_dogs, a.test_others) < 0 or not 8 <= a.size <= 1024:
+            raise UserError("counts must be >= 0 and --size between 8 and 1024")
+        generate(a.out, a.hot_dogs, a.others, a.test_hot_dogs, a.test_others, a.size, a.seed, FRAMINGS[a.framing])
+        print(f"wrote {a.hot_dogs + a.others} training and {a.test_hot_dogs + a.test_others} test images to {a.out}")
+
+    return cli.exit_code(command, interrupted=f"the images drawn so far are left in {a.out}")
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -179,6 +179,7 @@ def test_every_bad_upload_gets_a_4xx_and_the_server_keeps_serving(server):
         (upload(server, b"just some words\n", "notes.txt"), 415, "not an image"),
         (upload(server, b"", "empty.jpg"), 400, "empty"),
         (upload(server, png_claiming(30000, 30000), "bomb.png"), 413, "too many pixels"),
+        (upload(server, encoded(Image.new("L", (9000, 8000), 90), "JPEG"), "72mp.jpg"), 413, "too many pixels"),
         (upload(server, b"\xff" * (21 * 2**20), "huge.jpg"), 413, "over 20 MB"),
         (upload(server, b"abc", "photo.jpg", field="photo"), 400, "field 'file'"),
         (post(f"{server}/predict", b"not a form", "text/plain"), 400, "multipart"),
@@ -243,6 +244,17 @@ def test_a_missing_checkpoint_or_a_busy_port_is_one_sentence(best, tmp_path, cap
             timeout=120,
         )
     assert r.returncode == 2 and f"cannot listen on 127.0.0.1:{port}" in r.stderr
+
+
+def test_a_port_out_of_range_is_one_sentence(best, capfd, monkeypatch):
+    import uvicorn
+
+    from hotdog_torch import serve
+
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: pytest.fail("a server started on a port out of range"))
+    r = in_process(serve.main, ["--checkpoint", str(best), "--port", "70000"], capfd)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr == "error: --port must be between 1 and 65535, got 70000\n"
 
 
 def chromium():

@@ -38,6 +38,38 @@ def test_evaluate_decodes_into_the_runs_cache_not_the_home_folder(trained, small
     assert not home.exists()  # the run's data.cache_dir (tests/conftest.py: under its tmp_path) held the entry
 
 
+def test_evaluate_of_a_checkpoint_from_elsewhere_uses_a_cache_it_can_make(trained, small_tree, tmp_path, capfd):
+    """The run's data.cache_dir is another machine's folder (here one that cannot exist: under a file): evaluate uses
+    the default cache instead, or --cache-dir, and a --cache-dir it cannot make says so, naming --cache-dir."""
+    run_dir, metrics = trained
+    ckpt = torch.load(run_dir / "checkpoints/best.pt", weights_only=True)
+    (tmp_path / "a_file").write_text("")
+    ckpt["config"]["data"]["cache_dir"] = str(tmp_path / "a_file" / "cache")
+    torch.save(ckpt, tmp_path / "elsewhere.pt")
+    args = ["--checkpoint", str(tmp_path / "elsewhere.pt"), "--data", str(small_tree)]
+    r = in_process(evaluate.main, args, capfd)
+    assert r.returncode == 0, r.stderr
+    assert f"accuracy {100 * metrics['test_accuracy']:.2f}%" in r.stdout
+    r = in_process(evaluate.main, [*args, "--cache-dir", str(tmp_path / "mine")], capfd)
+    assert r.returncode == 0 and any((tmp_path / "mine").glob("*.npy")), r.stderr
+    r = in_process(evaluate.main, [*args, "--cache-dir", str(tmp_path / "a_file" / "c")], capfd)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "pass --cache-dir a writable folder" in r.stderr and "data.cache_dir" not in r.stderr
+
+
+def test_evaluate_checks_its_json_path_before_scoring(trained, small_tree, tmp_path, capfd):
+    run_dir, _ = trained
+    args = ["--checkpoint", str(run_dir / "checkpoints/best.pt"), "--data", str(small_tree), "--json"]
+    for out, words in [
+        (tmp_path / "missing" / "o.json", f"the folder {tmp_path / 'missing'} does not exist"),
+        (tmp_path, "is a folder"),
+    ]:
+        r = in_process(evaluate.main, [*args, str(out)], capfd)
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert r.stderr.startswith("error: ") and words in r.stderr and len(r.stderr.strip().splitlines()) == 1
+        assert r.stdout == ""  # refused before the scoring, not after it
+
+
 def test_evaluate_reproduces_the_runs_test_accuracy(trained, small_tree, tmp_path, capfd):
     run_dir, metrics = trained
     out = tmp_path / "e.json"

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import tiny_doc
+from conftest import in_process, tiny_doc
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from hotdog_torch import checkpoint, cost, lessons, search, stopping, train
@@ -78,6 +78,28 @@ def test_a_planted_huge_learning_rate_stops_the_run(small_tree, make_config):
     assert m["stopped_because"] == "diverged" and m["epochs"] < 10
     healthy = train.run(make_config(small_tree, "train.epochs=10", "log.run_name=healthy"), progress=False)
     assert json.loads((healthy / "metrics.json").read_text())["stopped_because"] == "epochs"
+
+
+def test_cross_entropy_diverging_to_nan_stops_with_the_divergence_sentence(small_tree, make_config, capsys):
+    """Cross-entropy's outputs turned NaN (torch's binary_cross_entropy refuses them): the run stops as ½·MSE's does."""
+    settings = ["optim.lr=1e38", "model.activation=relu", "optim.cost=cross_entropy", "train.epochs=10"]
+    run_dir = train.run(make_config(small_tree, *settings), progress=False)
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["stopped_because"] == "diverged" and m["epochs"] < 10
+    assert "the cost diverged at epoch 1" in capsys.readouterr().out
+
+
+def test_an_unknown_lesson_is_one_sentence_naming_them_and_nothing_is_overwritten(tmp_path, capfd):
+    out = tmp_path / "lessons"
+    out.mkdir()
+    (out / "summary.md").write_text("# the summary of an earlier run\n")
+    r = in_process(lessons.main, ["--only", "two_weight", "no_such_lesson", "--out", str(out)], capfd)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "'two_weight'" in r.stderr and "did you mean '2_two_weights'?" in r.stderr
+    assert all(name in r.stderr for name in lessons.load_lessons())  # the lessons there are
+    assert (out / "summary.md").read_text() == "# the summary of an earlier run\n"
+    assert sorted(p.name for p in out.iterdir()) == ["summary.md"] and r.stdout == ""
 
 
 def test_the_runner_writes_a_summary_with_every_arm(small_tree, reduced_tree, tmp_path):

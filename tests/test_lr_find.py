@@ -52,6 +52,18 @@ def test_valley_is_halfway_down_the_longest_descent():
     assert lr_find.valley([1.0]) is None
 
 
+@pytest.mark.parametrize(
+    "curve, at",
+    [
+        ([2.0, 1.0, 1.5, 1.8, 2.5], (0, 1)),  # a short test (--steps 5): the descent is its first two points
+        ([1.0, 1.2, 1.5, 1.8, 2.5], (0,)),  # no descent at all: the first point, never the last (largest) lr
+        ([3.0, 2.0, 1.0, 0.8, 0.7, 0.9], (1, 2)),  # falling from the first point on
+    ],
+)
+def test_valley_never_suggests_past_the_descent_on_a_short_curve(curve, at):
+    assert lr_find.valley(curve) in at
+
+
 def snapshot(folder: Path) -> dict:
     return {p.relative_to(folder): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 

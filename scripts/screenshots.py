@@ -7,8 +7,8 @@
    as OUT/tensorboard.png;
 2. serves the photos recipe's network with `python -m hotdog_torch.serve` (--photos, e.g. the
    runs/photos/checkpoints/best.pt that `make app` trains; without it, configs/photos.yaml is trained into
-   DIR/photos, as `make app` trains it) and saves the page after a photo of a hot dog framed off-centre, with the router's box drawn on it,
-   as OUT/app.png.
+   DIR/photos, as `make app` trains it) and saves the page after a photo of a hot dog framed off-centre, with the
+   router's box drawn on it, as OUT/app.png.
 Both pages are taken in Debian's headless Chromium (/usr/bin/chromium) through Playwright.
 """
 
@@ -23,7 +23,6 @@ import urllib.request
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +30,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
 from app_check import start  # noqa: E402
+
 from hotdog_torch import checkpoint, synth  # noqa: E402
 from hotdog_torch.drawings import FRAMINGS  # noqa: E402
 from hotdog_torch.predict import Classifier  # noqa: E402

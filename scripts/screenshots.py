@@ -2,9 +2,9 @@
 
     python scripts/screenshots.py [--out docs] [--runs DIR] [--photos CHECKPOINT]
 
-1. trains the default job (`python -m hotdog_torch.train --config configs/hotdog.yaml`) into DIR/default, serves
-   DIR with TensorBoard (`python -m tensorboard.main`) on a free port of 127.0.0.1 and saves its Time Series page
-   as OUT/tensorboard.png;
+1. trains the default job (`python -m hotdog_torch.train --config configs/hotdog.yaml`) into DIR/board/default,
+   serves DIR/board with TensorBoard (`python -m tensorboard.main`) on a free port of 127.0.0.1 and saves its Time
+   Series page as OUT/tensorboard.png;
 2. serves the photos recipe's network with `python -m hotdog_torch.serve` (--photos, e.g. the
    runs/photos/checkpoints/best.pt that `make app` trains; without it, configs/photos.yaml is trained into
    DIR/photos, as `make app` trains it) and saves the page after a photo of a hot dog framed off-centre, with the

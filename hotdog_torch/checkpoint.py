@@ -38,7 +38,7 @@ class RunState:
     best: dict | None = None  # the metrics of the best epoch so far (best.pt)
     history: list = field(default_factory=list)  # every finished epoch's metrics
     stopped_because: str | None = None
-    seconds: float = 0.0  # of training sessions so far
+    seconds: float = 0.0  # of training so far, every resume included
     train_seconds: float = 0.0  # of steady-state epochs (after the first), for images/s
     train_images: int = 0
     epoch_progress: dict | None = None  # an epoch stopped part-way: its batch order, next step, costs so far

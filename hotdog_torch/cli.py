@@ -48,8 +48,8 @@ def exit_code(command, *stopped: type, interrupted: str = "the checkpoints alrea
 
 
 def run(main) -> None:
-    """The end of `python -m hotdog_torch.<command>`: exit with main()'s code.  What the imports made (torch's:
-    190,000 objects the collector tracks, alive until exit) is frozen first (gc.freeze): the collector no longer
-    walks it, while the command runs nor as the interpreter exits (0.8 s of CPU a command on a 2-core machine)."""
+    """The end of `python -m hotdog_torch.<command>`: exit with main()'s code.  What the imports made (torch's
+    objects, alive until exit) is frozen first (gc.freeze), so that the collector does not walk it again and again,
+    while the command runs nor as the interpreter exits."""
     gc.freeze()
     sys.exit(main())

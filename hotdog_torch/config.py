@@ -264,7 +264,7 @@ def _coerce(value, t):
 
 def _close(value, t) -> str:
     """(did you mean 'adamw'?) for a misspelt name of a Literal."""
-    if value == "random_search":  # an optim.name until issue 23, an old run's config.yaml may say it
+    if value == "random_search":  # once an optim.name: an old run's config.yaml may say it
         return " (random search is its own command: python -m hotdog_torch.search)"
     names = [a for a in typing.get_args(t) if isinstance(a, str)]
     names += [a for u in typing.get_args(t) if typing.get_origin(u) is Literal for a in typing.get_args(u)]

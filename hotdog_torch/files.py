@@ -49,8 +49,8 @@ def locked(path: str | os.PathLike, waiting: str) -> Iterator[None]:
 
     A POSIX lock (fcntl.lockf): it belongs to this process alone, so the processes it forks (worker_pool) do not
     hold it too, and the kernel drops it when this process exits, however it dies (SIGKILL too): a lock is never
-    left stale, and whatever temporary files its holder writes are stale once another process has it.  (flock's
-    lock belongs to the open file, shared by every fork: orphaned workers of a killed holder kept it for ever.)
+    left stale, and whatever temporary files its holder writes are stale once another process has it.  (Not flock:
+    its lock belongs to the open file, shared by every fork, so orphaned workers of a killed holder would keep it.)
     It excludes other processes, not this one's threads; closing any descriptor of the file here releases it.
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

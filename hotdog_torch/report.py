@@ -12,7 +12,7 @@ from .files import atomic_write_text
 
 
 def print_epoch(epoch: int, epochs: int, m: dict, images_per_second: float) -> None:
-    """The epoch's line; its speed is of the steps this session took (none: an epoch resumed after its last step)."""
+    """The epoch's line; its speed is of the steps this process took (none: an epoch resumed after its last step)."""
     speed = f"  {images_per_second:,.0f} images/s" if images_per_second else ""
     print(
         f"epoch {epoch:3d}/{epochs}  train cost {m['train_cost']:.4f}  val cost {m['val_cost']:.4f}  "

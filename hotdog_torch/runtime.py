@@ -55,8 +55,7 @@ def set_up_cpu(device: torch.device, flush: str | bool, widths: list[int], batch
 def intra_op_threads(device: torch.device, widths: list[int], batch_size: int) -> int:
     """One intra-op thread for a network whose every layer's product in a step (batch x inputs x outputs) is below
     SMALL_PRODUCT multiply-adds, else torch's default; OMP_NUM_THREADS, when set, decides.  At such sizes threads
-    add only their barriers, which cost milliseconds when other processes hold the cores: the 784-30-10 network at
-    batch 10 ran 5-27x faster on one thread on this project's shared 2-core CPU (docs/BENCHMARKS.md)."""
+    add only their barriers, which cost milliseconds when other processes hold the cores (docs/speed.md)."""
     if device.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         largest = max(batch_size * n_in * n_out for n_in, n_out in zip(widths, widths[1:], strict=False))
         torch.set_num_threads(1 if largest < SMALL_PRODUCT else DEFAULT_THREADS)

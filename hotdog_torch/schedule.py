@@ -68,7 +68,7 @@ class Schedule:
             raise UserError(f"this run has taken {steps} steps, more than train.epochs gives in all ({self.total})")
         if state and state.get("total", self.total) != self.total:
             print(f"the schedule now spans {self.total} steps (it spanned {state['total']})", flush=True)
-        with warnings.catch_warnings():  # stepped to where the run was, before this session's first optimiser step
+        with warnings.catch_warnings():  # stepped to where the run was, before this process's first optimiser step
             warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
             self.step(steps)
         if not state or self.plateau is None or not state.get("plateau"):

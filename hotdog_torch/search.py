@@ -54,8 +54,8 @@ def run(cfg: Config, config_name: str = "search", progress: bool = True) -> Path
     runtime.use_tf32(device)  # the arithmetic a training run does
     ds = setup.load_data(cfg, device, dist.SINGLE, progress)
     loader = setup.make_loader(cfg, ds, device)
-    run_dir = files.open_run_dir(cfg, config_name, None, None, ds, device)
-    checkpoint.settle(run_dir, cfg, None)
+    run_dir = files.open_run_dir(cfg, config_name, ds, device)
+    files.write_config(run_dir, cfg)
     model = setup.network(cfg, loader, device)  # the start gradient descent would take
     candidate, cost, state, kept = copy.deepcopy(model), COSTS[cfg.optim.cost], RunState(), None
     meta = checkpoint.meta(config.to_dict(cfg), ds.classes, loader.mean.tolist(), loader.std.tolist())

@@ -153,8 +153,10 @@ def fingerprint(cfg: Config, ds, batches: int) -> dict:
     paths = ds.train.paths + (ds.val.paths if shared else [])
     digest = hashlib.sha256()
     for p in sorted(paths):
-        digest.update(f"{Path(p).parent.name}/{Path(p).name}:{size(p)}\n".encode())
-    split = hashlib.sha256("\n".join(f"{Path(p).parent.name}/{Path(p).name}" for p in ds.train.paths).encode())
+        digest.update(f"{Path(p).parent.name}/{Path(p).name}:{size(p)}\n".encode(errors="surrogateescape"))
+    split = hashlib.sha256(
+        "\n".join(f"{Path(p).parent.name}/{Path(p).name}" for p in ds.train.paths).encode(errors="surrogateescape")
+    )
     router = cfg.model.router and cfg.model.router.epochs * batches
     return {
         "folder": str(Path(cfg.data.root) / ("train" if ds.layout == "splits" else "")),

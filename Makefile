@@ -10,7 +10,7 @@ CONFIG  ?= configs/hotdog.yaml
 TORCH   ?= torch==2.14.1 torchvision==0.29.1
 RUFF    ?= ruff==0.17.6
 
-.PHONY: run test lint install tensorboard clean app
+.PHONY: run test lint install tensorboard clean app photos
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -42,14 +42,21 @@ lint: $(BIN)/ruff
 	$(BIN)/ruff check .
 
 # the photos recipe's network (runs/photos): trained if it is not there yet, resumed if a training was interrupted
-PHOTOS  := runs/photos
-app: install
-	@if [ -f $(PHOTOS)/checkpoints/last.pt ] && [ ! -f $(PHOTOS)/metrics.json ]; then \
-	  $(BIN)/python -m hotdog_torch.train --resume $(PHOTOS); \
-	elif [ ! -f $(PHOTOS)/checkpoints/best.pt ]; then \
-	  $(BIN)/python -m hotdog_torch.train --config configs/photos.yaml log.dir=runs log.run_name=photos; \
-	fi
+PHOTOS  ?= runs/photos
+PHOTOS_CONFIG ?= configs/photos.yaml
+app: photos
 	$(BIN)/python -m hotdog_torch.serve --checkpoint $(PHOTOS)/checkpoints/best.pt
+
+# keyed on metrics.json, which a run writes at its very end: a folder without it (a training stopped, killed or crashed,
+# even before its first checkpoint) is resumed in place, where the app looks
+photos: install
+	@if [ -f $(PHOTOS)/metrics.json ]; then :; \
+	elif [ -f $(PHOTOS)/config.yaml ]; then \
+	  $(BIN)/python -m hotdog_torch.train --resume $(PHOTOS); \
+	else \
+	  $(BIN)/python -m hotdog_torch.train --config $(PHOTOS_CONFIG) log.dir=$(patsubst %/,%,$(dir $(PHOTOS))) \
+	    log.run_name=$(notdir $(PHOTOS)); \
+	fi
 
 tensorboard: install
 	$(BIN)/tensorboard --logdir runs --host 127.0.0.1 --port 6006

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from . import dist
-from .config import Augment, Config, Optim, Train, UserError
+from .config import Augment, Optim, Train, UserError
 from .config import Router as RouterSettings
-from .files import atomic_write, write_config
+from .files import atomic_write
 from .model import build_model, input_side
 from .optim import set_hyper
 from .router import Routed, build
@@ -107,10 +107,10 @@ def meta(config: dict, classes: list[str], mean, std) -> dict:
     return {"config": config, "classes": list(classes), **image, **normalisation}
 
 
-def save(path, model, optimizer, meta: dict, metrics: dict, state: RunState, resumable=True, router=None) -> None:
+def save(path, model, optimizer, meta: dict, metrics: dict, state: RunState, resumable=True, router=None, extra=None):
     """Atomically: the weights (the router's too, if any), meta(), the epoch and its metrics; when resumable
     (last.pt), also the optimiser and the loop's state for --resume (best.pt, for using the network, goes without
-    them: half the size)."""
+    them: half the size); extra: what the run's owner records beside them (run_files.RunFiles)."""
     payload = {"format": FORMAT, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     if router is not None:
         payload["router"] = {k: v.detach().cpu() for k, v in router.state_dict().items()}
@@ -118,6 +118,7 @@ def save(path, model, optimizer, meta: dict, metrics: dict, state: RunState, res
     payload |= meta
     payload |= {"epoch": state.epoch, "step": state.global_step, "metrics": metrics}
     payload["state"] = state.as_dict() if resumable else None
+    payload |= extra or {}
     buffer = io.BytesIO()
     torch.save(payload, buffer)
     atomic_write(path, lambda f: f.write(buffer.getbuffer()))
@@ -167,8 +168,9 @@ def router_from(ckpt: dict):
     return net
 
 
-def restore(resumed: dict, model, optimizer, generator, run_dir, train: Train, given: Optim) -> RunState | None:
-    """Load last.pt's weights, optimiser, generators and loop state; None when the run has nothing left to do.
+def restore(resumed: dict, model, optimizer, generator, run_dir, train: Train, given: Optim) -> RunState:
+    """Load last.pt's weights, optimiser, generators and loop state; its stopped_because stays set when the run has
+    nothing left to do.
 
     The optimiser's numbers are then the config's (`given`: the run's config.yaml and the overrides), which the
     log line names when they differ from the checkpoint's."""
@@ -191,7 +193,7 @@ def restore(resumed: dict, model, optimizer, generator, run_dir, train: Train, g
     set_rng_state(generator, state.rng)
     if state.stopped_because is not None and (advice := still_stopped(state, train)):
         print(f"{run_dir} already finished ({state.stopped_because}); nothing to resume. {advice}")
-        return None
+        return state  # still stopped: nothing to train
     state.stopped_because = None
     set_hyper(optimizer, given)
     changed = {k: (saved.get(k), v) for k, v in vars(given).items() if saved.get(k) != v}
@@ -228,30 +230,3 @@ def still_stopped(state: RunState, train: Train) -> str | None:
     if state.stopped_because == "no_improvement" and train.patience is not None and state.bad_epochs >= train.patience:
         need.append(f"train.patience above {state.bad_epochs} (or null)")
     return f"To train on, pass {' and '.join(need)}." if need else None
-
-
-def settle(run_dir, cfg: Config, resumed: dict | None) -> None:
-    """The run folder, once every check of a new or resumed run has passed: its config.yaml written, checkpoints/
-    mended (so a refused resume changes nothing on disk)."""
-    write_config(run_dir, cfg)
-    mend(run_dir, resumed)
-
-
-def mend(run_dir, resumed: dict | None) -> None:
-    """Make checkpoints/ agree with the last.pt a run resumes from.  train.keep writes last.pt first, then best.pt and
-    best-<epoch>.pt: a kill between them leaves those of last.pt's epoch unwritten (written here, from last.pt's
-    weights, which are that epoch's) or a k-best file it pushed out still there (removed)."""
-    if resumed is None or resumed["state"].get("epoch_progress") is not None:  # saved mid-epoch: nothing pending
-        return
-    state, folder = resumed["state"], Path(run_dir) / "checkpoints"
-    wanted = {"best": state.get("best"), **{f"best-{m['epoch']}": m for m in state.get("top_k", [])}}
-    for name, m in wanted.items():
-        path = folder / f"{name}.pt"
-        due = m is not None and m["epoch"] == state["epoch"]  # last.pt's epoch: last.pt holds its weights
-        if due and (not path.is_file() or load(path)["step"] != resumed["step"]):
-            buffer = io.BytesIO()
-            torch.save(resumed | {"optimizer": None, "state": None, "metrics": m}, buffer)
-            atomic_write(path, lambda f, b=buffer: f.write(b.getbuffer()))
-    for path in folder.glob("best-*.pt"):
-        if path.stem not in wanted:
-            path.unlink()

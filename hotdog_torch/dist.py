@@ -96,9 +96,11 @@ def restarted_run(world: World, log_dir: str) -> str | None:
     return broadcast(world, run_dir)
 
 
-def note_run(world: World, log_dir: str, run_dir) -> None:
+def note_run(world: World, log_dir: str, run_dir=None) -> None:
+    """rank 0's note of the run folder by torchrun's run id, for a restart to find (None: the run ended, removed)."""
+    note = Path(log_dir) / f".torchrun-{world.run_id}"
     if world.distributed and world.main and world.run_id:
-        (Path(log_dir) / f".torchrun-{world.run_id}").write_text(f"{run_dir}\n")
+        note.write_text(f"{run_dir}\n") if run_dir is not None else note.unlink(missing_ok=True)
 
 
 def store(world: World):

@@ -108,34 +108,39 @@ def check_writable(path: str | os.PathLike, option: str) -> Path:
 
 
 def make_run_dir(log_dir: str, name: str) -> Path:
-    """runs/<name>, or runs/<name>-2, -3, ...: an existing run is never overwritten."""
-    base = Path(log_dir)
-    base.mkdir(parents=True, exist_ok=True)
-    for k in range(1, 10_000):
-        path = base / (name if k == 1 else f"{name}-{k}")
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
+    """runs/<name>, or runs/<name>-2, -3, ...: an existing run is never overwritten.  A name may nest (exp/one:
+    runs/exp/one, as TensorBoard's loggers allow), inside log.dir."""
+    base, parts = Path(log_dir), Path(name).parts
+    if not parts or Path(name).is_absolute() or ".." in parts:
+        raise UserError(f"log.run_name {name!r} must be a folder name inside log.dir, such as exp/one")
+    try:
+        (base / name).parent.mkdir(parents=True, exist_ok=True)
+        for k in range(1, 10_000):
+            path = base / (name if k == 1 else f"{name}-{k}")
+            try:
+                path.mkdir()
+                return path
+            except FileExistsError:
+                continue
+    except OSError as e:
+        raise UserError(
+            f"cannot make the run folder {base / name} ({e.strerror}): choose a log.dir you can write"
+        ) from None
     raise UserError(f"{base} already holds 10,000 runs named {name}")
 
 
-def open_run_dir(cfg: Config, config_name: str, resume_dir, resumed, ds, device) -> Path:
-    """A new runs/<name> (or the resumed one); config.yaml is written once the run's checks have passed."""
-    if resumed is None:
-        run_dir = make_run_dir(cfg.log.dir, cfg.log.run_name or f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        (run_dir / "checkpoints").mkdir()
-    else:
-        run_dir = Path(resume_dir)
-        if resumed["classes"] != ds.classes:
-            raise UserError(
-                f"{run_dir} was trained on classes {resumed['classes']}, but {cfg.data.root} has {ds.classes}"
-            )
+def open_run_dir(cfg: Config, config_name: str, ds, device) -> Path:
+    """A new runs/<name> with its checkpoints/; config.yaml is written once the run's checks have passed."""
+    run_dir = make_run_dir(cfg.log.dir, cfg.log.run_name or f"{config_name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    (run_dir / "checkpoints").mkdir()
+    announce(run_dir, ds, device)
+    return run_dir
+
+
+def announce(run_dir: Path, ds, device) -> None:
     test = f", {len(ds.test)} test" if ds.test else ""
     images = f"{len(ds.train)} train, {len(ds.val)} val{test} images of {len(ds.classes)} classes"
     print(f"run {run_dir}: {images} on {device}", flush=True)
-    return run_dir
 
 
 def write_config(run_dir: Path, cfg: Config) -> None:

@@ -21,8 +21,9 @@ def print_epoch(epoch: int, epochs: int, m: dict, images_per_second: float) -> N
     )
 
 
-def metrics(state: RunState, **extra) -> dict:
-    """The best epoch's figures, the run's counters and speed, and whatever else the caller knows."""
+def metrics(state: RunState, router: dict | None = None, **extra) -> dict:
+    """The best epoch's figures, the run's counters and speed, the router phase's (router_training.Phase.state) and
+    whatever else the caller knows."""
     best = state.best
     out = {k: best[k] for k in ("val_accuracy", "val_error_rate", "val_cost", "train_cost")}
     out |= {
@@ -32,8 +33,8 @@ def metrics(state: RunState, **extra) -> dict:
         "seconds": state.seconds,
     }
     out["train_images_per_second"] = state.train_images / state.train_seconds if state.train_seconds else None
-    if state.router:  # model.router: its phase, before the epochs
-        r = state.router
+    if router:  # model.router: its phase, before the epochs
+        r = router
         out |= {"router_epochs": r["epoch"], "router_seconds": sum(r["seconds"]), "router_cost": r["costs"][-1]}
     return out | extra
 

@@ -149,8 +149,8 @@ def run_phase(r, state, board, should_stop) -> bool:
     un-warps every picture the classifier learns from."""
     board.watch_router(r.ds.val, r.loader, r.cfg.log.images_every_epochs)
     if r.phase.epoch == 0:  # a run killed in its first router epoch resumes from its start
-        r.save("last", state, {})
-    if not train(r.phase, r.loader, board, should_stop, lambda: r.save("last", state, {})):
+        r.files.save_last(r, state, {})
+    if not train(r.phase, r.loader, board, should_stop, lambda: r.files.save_last(r, state, {})):
         return False
     r.loader.router = r.phase.net.eval().requires_grad_(False)
     return True

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import warnings
 
+import torch
 from torch.optim import lr_scheduler as ls
 
 from .config import Optim, UserError
@@ -83,9 +84,20 @@ class Schedule:
 
 
 def check(o: Optim, total_steps: int) -> None:
-    """What the config's checks cannot know before the data: the run's length."""
+    """What the config's checks cannot know before the data: the run's length, and the schedule built for it (on a
+    parameter of its own), so that a schedule torch refuses is refused before anything is written."""
     if o.warmup_steps >= total_steps:
         raise UserError(f"optim.warmup_steps {o.warmup_steps} is not shorter than the run ({total_steps} steps)")
+    trial = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=o.lr)
+    try:
+        per_step(trial, o, total_steps)
+    except (ZeroDivisionError, ValueError) as e:
+        rising = o.pct_start * total_steps if o.schedule == "one_cycle" else None
+        why = f"{rising:g} of its {total_steps} steps rise" if rising is not None else str(e).splitlines()[0]
+        raise UserError(
+            f"optim.schedule={o.schedule} cannot be built for this run ({why}): raise train.epochs or "
+            "optim.pct_start, or lower optim.batch_size"
+        ) from None
 
 
 def per_step(optimizer, o: Optim, total: int):

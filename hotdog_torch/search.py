@@ -54,8 +54,8 @@ def run(cfg: Config, config_name: str = "search", progress: bool = True) -> Path
     runtime.use_tf32(device)  # the arithmetic a training run does
     ds = setup.load_data(cfg, device, dist.SINGLE, progress)
     loader = setup.make_loader(cfg, ds, device)
-    run_dir = files.open_run_dir(cfg, config_name, None, None, ds, device)
-    checkpoint.settle(run_dir, cfg, None)
+    run_dir = files.open_run_dir(cfg, config_name, ds, device)
+    files.write_config(run_dir, cfg)
     model = setup.network(cfg, loader, device)  # the start gradient descent would take
     candidate, cost, state, kept = copy.deepcopy(model), COSTS[cfg.optim.cost], RunState(), None
     meta = checkpoint.meta(config.to_dict(cfg), ds.classes, loader.mean.tolist(), loader.std.tolist())
@@ -74,8 +74,11 @@ def run(cfg: Config, config_name: str = "search", progress: bool = True) -> Path
         if epoch > 1 or cfg.train.epochs == 1:  # steady state, as a training run counts it
             state.count(m["seconds"], len(ds.train))
         report.print_epoch(epoch, cfg.train.epochs, m, len(ds.train) / m["seconds"])
-        drop = lambda e: (run_dir / "checkpoints" / f"best-{e}.pt").unlink(missing_ok=True)  # noqa: E731
-        stopping.keep(state, m, cfg.train, saver(run_dir, model, meta, m, state), drop)
+        due, save = stopping.keep(state, m, cfg.train), saver(run_dir, model, meta, m, state)
+        for name in ["last"] * due.last + ["best"] * due.best + [f"best-{epoch}"] * due.entered:  # last.pt first
+            save(name)
+        for e in due.out:  # a best-<epoch>.pt this search wrote, pushed out of the k best
+            (run_dir / "checkpoints" / f"best-{e}.pt").unlink(missing_ok=True)
         if state.stopped_because:
             break
     finish(cfg, ds, loader, run_dir, tb, state)

@@ -10,13 +10,14 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, config, data, dist, files, loop, runtime, schedule
+from . import checkpoint, config, data, dist, files, loop, run_files, runtime, schedule
 from .checkpoint import RunState
 from .config import Config
 from .cost import COSTS, class_weights
 from .data import Loader
 from .model import build_model, input_side
 from .router_training import Phase, phase_of, routed
+from .run_files import RunFiles
 from .step import Step, make_step
 
 
@@ -24,7 +25,7 @@ from .step import Step, make_step
 class Run:  # what one training run is made of, once set up
     cfg: Config
     ds: data.Dataset
-    dir: Path
+    files: RunFiles  # the run folder's one owner: it alone writes and removes the run's files
     model: torch.nn.Sequential  # the classifier the steps train
     step: Step  # forward, cost, backward and update of one batch; step.optimizer holds the numbers
     schedule: schedule.Schedule  # the lr, written into the optimiser's param_groups step by step
@@ -35,59 +36,80 @@ class Run:  # what one training run is made of, once set up
     phase: Phase | None = None  # model.router: the router and its phase (before the epochs)
 
     @property
+    def dir(self) -> Path:
+        return self.files.dir
+
+    @property
     def network(self) -> torch.nn.Module:  # what judges a picture: the classifier, or the router then the classifier
         return routed(self.phase, self.model)
 
-    def save(self, name: str, state: RunState, metrics: dict, progress=None) -> None:
-        """checkpoints/<name>.pt; progress, when an epoch stopped part-way, is where (for --resume)."""
-        rng = checkpoint.rng_state(self.generator, self.world) if name == "last" else None  # every rank's: all call
-        if not self.world.main:
-            return
-        state.epoch_progress, state.rng = checkpoint.on_cpu(progress), rng  # rng: for --resume, in last.pt alone
-        state.schedule, path = self.schedule.state_dict(), self.dir / "checkpoints" / f"{name}.pt"
-        state.router, router = None if self.phase is None else self.phase.state(), self.phase and self.phase.net
-        checkpoint.save(path, self.model, self.step.optimizer, self.meta, metrics, state, name == "last", router)
-
-    def drop(self, epoch: int) -> None:  # a best-<epoch>.pt train.keep_top_k no longer keeps
-        if self.world.main:
-            (self.dir / "checkpoints" / f"best-{epoch}.pt").unlink(missing_ok=True)
+    def end(self) -> Path:
+        """The run is over (finished, or nothing left to train): torchrun's note of it removed, the group left."""
+        self.files.end(self.cfg.log.dir)
+        dist.finish(self.world)
+        return self.dir
 
     def evaluate(self, split: data.Split, model=None, world=dist.SINGLE) -> dict:  # the cost training minimises
         f, how = self.loader, {"world": world, "cost": COSTS[self.cfg.optim.cost], "weights": self.loader.class_weights}
         return loop.evaluate(model or self.network, split, f.mean, f.std, f.n_classes, **how)
 
 
-def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[Run, RunState | None, bool]:
-    """Data, run folder, network and its step, schedule and batch order; the state to go on from (None: nothing
-    left to do).  A refused config or resume changes nothing on disk."""
+def set_up(cfg: Config, config_name: str, progress: bool, resume_dir) -> tuple[Run, RunState, bool]:
+    """Data, network and its step, schedule and batch order, the state to go on from (stopped_because set: a
+    finished run, nothing left to train); every check first, then the run folder: a refused config or resume changes
+    nothing on disk."""
     world = dist.from_env()  # one process, or one of torchrun's
     device = dist.start(world, runtime.resolve_device(cfg.device))
     runtime.use_tf32(device)
     resume_dir = resume_dir or dist.restarted_run(world, cfg.log.dir)  # a worker died: go on where the run was
-    resumed = checkpoint.load(Path(resume_dir) / "checkpoints" / "last.pt") if resume_dir else None
+    resumed = last_checkpoint(resume_dir)
     ds = load_data(cfg, device, world, progress)
     loader = make_loader(cfg, ds, device, world)
     total_steps = cfg.train.epochs * loader.batches_per_epoch()
-    schedule.check(cfg.optim, total_steps)  # before anything is written
-    if world.main:
-        run_dir = files.open_run_dir(cfg, config_name, resume_dir, resumed, ds, device)
-        dist.note_run(world, cfg.log.dir, run_dir)
-    run_dir = dist.broadcast(world, run_dir if world.main else None)
+    schedule.check(cfg.optim, total_steps)  # the schedule built once, before anything is written
+    fingerprint = run_files.fingerprint(cfg, ds, loader.batches_per_epoch())
+    if resumed is not None:
+        check_resume(resumed, fingerprint, resume_dir, cfg, ds)
     model = network(cfg, loader, device, world)
     step = make_step(model, cfg, device, world)  # with its optimiser
     generator = torch.Generator().manual_seed(cfg.seed)  # on the CPU: the same order on any device, and resumable
     meta = checkpoint.meta(config.to_dict(cfg), ds.classes, loader.mean.tolist(), loader.std.tolist())
     state = RunState()
     if resumed is not None:  # the config given trains, not the checkpoint's numbers
-        state = checkpoint.restore(resumed, model, step.optimizer, generator, run_dir, cfg.train, cfg.optim)
-    steps = state.global_step if state else 0
-    lr = schedule.Schedule(step.optimizer, cfg.optim, total_steps, state and state.schedule, steps)
+        state = checkpoint.restore(resumed, model, step.optimizer, generator, resume_dir, cfg.train, cfg.optim)
+    steps = 0 if state.stopped_because else state.global_step  # a finished run's schedule is not stepped again
+    lr = schedule.Schedule(step.optimizer, cfg.optim, total_steps, state.schedule, steps)
     phase = phase_of(cfg, device, loader.batches_per_epoch(), resumed, state)
-    if world.main and state is not None:  # only now: a refused resume changes nothing on disk
-        checkpoint.settle(run_dir, cfg, resumed)
-    elif world.main and resumed is not None:  # finished: only a best.pt a kill left behind last.pt, mended
-        checkpoint.mend(run_dir, resumed)
-    return Run(cfg, ds, run_dir, model, step, lr, generator, loader, meta, world, phase), state, resumed is not None
+    if resume_dir is None:  # only now, every check passed: the run folder
+        owner = RunFiles.new(cfg, config_name, world, fingerprint, ds, device)
+    else:
+        owner = RunFiles(resume_dir, world, resumed, fingerprint)
+        if world.main:
+            files.announce(owner.dir, ds, device)
+    owner.begin(None if state.stopped_because else cfg, resumed)  # a finished run's config.yaml stays as it is
+    run = Run(cfg, ds, owner, model, step, lr, generator, loader, meta, world, phase)
+    return run, state, resumed is not None
+
+
+def last_checkpoint(resume_dir) -> dict | None:
+    """The resumed run's last.pt; None for a new run, and for a run folder a crash left before its first save (its
+    config.yaml, no checkpoint: nothing to lose, so it starts afresh in that folder)."""
+    if resume_dir is None:
+        return None
+    folder = Path(resume_dir) / "checkpoints"
+    if (Path(resume_dir) / "config.yaml").is_file() and folder.is_dir() and not any(folder.glob("*.pt")):
+        print(f"{resume_dir} holds no checkpoint yet: its run starts afresh there", flush=True)
+        return None
+    return checkpoint.load(folder / "last.pt")
+
+
+def check_resume(resumed: dict, fingerprint: dict, run_dir, cfg: Config, ds: data.Dataset) -> None:
+    """What a resume would restore checked against the config and data given, before anything is written."""
+    if resumed["classes"] != ds.classes:
+        raise config.UserError(
+            f"{run_dir} was trained on classes {resumed['classes']}, but {cfg.data.root} has {ds.classes}"
+        )
+    run_files.check(resumed, fingerprint, run_dir, cfg)
 
 
 def load_data(cfg: Config, device: torch.device, world: dist.World, progress: bool) -> data.Dataset:

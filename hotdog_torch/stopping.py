@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import signal
 import sys
+from typing import NamedTuple
 
 from . import dist
 from .config import Config, Train
@@ -127,9 +128,9 @@ class Interrupted(Exception):
 
 def interrupt(r, state, result, before: int, epoch: int, signum: int):
     """Save where the epoch stopped (the resumed run continues from that very step), say how to resume, and exit.
-    r: train.Run; result: loop.EpochResult; before: the steps taken before the epoch."""
+    r: setup.Run; result: loop.EpochResult; before: the steps taken before the epoch."""
     state.global_step = before + result.next
-    r.save("last", state, state.history[-1] if state.history else {}, result.progress())
+    r.files.save_last(r, state, state.history[-1] if state.history else {}, result.progress())
     saved_and_stopped(r.dir, f"epoch {epoch}, step {result.next} of {r.loader.batches_per_epoch()}", signum)
 
 
@@ -181,17 +182,22 @@ def judge(cfg: Config, state, m: dict, costs: list[float], world: dist.World = d
         print(divergence_advice(cfg, m["epoch"]), flush=True)
 
 
-def keep(state, m: dict, train: Train, save, drop) -> None:
-    """The epoch into the history; save("last") when due, and before it save("best") / save("best-<epoch>") when it
-    is the best / among train.keep_top_k; drop(epoch) for a k-best file it pushed out."""
+class Due(NamedTuple):
+    """The files an epoch is due to write: last.pt, best.pt, its best-<epoch>.pt; and the k-best epochs pushed out."""
+
+    last: bool
+    best: bool
+    entered: bool
+    out: list
+
+
+def keep(state, m: dict, train: Train) -> Due:
+    """The epoch into the history, the best and the k best; which files that makes due (run_files.RunFiles.keep
+    writes them): last.pt when train.checkpoint_every_epochs says so, and whenever a best or k-best file is."""
     state.history.append(m)
     best = state.best is None or (math.isfinite(m["train_cost"]) and better(m, state.best, train))
     state.best, entered, out = m if best else state.best, False, []
     if train.keep_top_k and math.isfinite(m["train_cost"]) and math.isfinite(m["val_cost"]):
         state.top_k, entered, out = top_k(state.top_k, m, train)
-    if best or entered or m["epoch"] % train.checkpoint_every_epochs == 0 or state.stopped_because:
-        save("last")
-    for name in ["best"] * best + [f"best-{m['epoch']}"] * entered:
-        save(name)
-    for gone in out:
-        drop(gone["epoch"])
+    last = best or entered or m["epoch"] % train.checkpoint_every_epochs == 0 or bool(state.stopped_because)
+    return Due(last, best, entered, [gone["epoch"] for gone in out])

@@ -31,16 +31,17 @@ STOPS = ("target_accuracy", "diverged", "no_improvement")  # verdicts that end a
 def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir: str | Path | None = None) -> Path:
     """Train one run from a checked config, or continue the run in resume_dir; returns its folder."""
     r, state, resumed = set_up(cfg, config_name, progress, resume_dir)
-    if state is None:  # nothing to resume
-        return dist.finish(r.world) or r.dir
+    finished = state.stopped_because is not None  # nothing to train; finish() again if a stop kept it from its end
+    if finished and dist.broadcast(r.world, r.files.has_metrics()):
+        return r.end()
     tb, started = open_board(r, state, resumed), time.perf_counter() - state.seconds
-    with stopping.StopRequest() as request:
+    with stopping.StopRequest() as request:  # finish() too: a stop during it waits for metrics.json
         stop = stopping.StopFlag(r.world, request)  # under torchrun, all ranks stop at the same step
         if r.phase is not None and not run_phase(r, state, tb, lambda: stop(now=True)):  # model.router: its phase
             where = f"router epoch {r.phase.epoch} of {r.phase.epochs}"
             stopping.saved_and_stopped(r.dir, where, request.signal or signal.SIGTERM)
         tb.watch(r.model, r.loader, COSTS[cfg.optim.cost], r.network)
-        for epoch in range(state.epoch + 1, cfg.train.epochs + 1):
+        for epoch in range(state.epoch + 1, (state.epoch if finished else cfg.train.epochs) + 1):
             t0, tb.seconds = time.perf_counter(), 0.0
             before = state.global_step - (state.epoch_progress or {}).get("next", 0)  # also when resumed mid-epoch
             order = loop.epoch_order(r.loader, r.generator, epoch, state.epoch_progress)
@@ -49,12 +50,11 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
             if stop(now=True):
                 stopping.interrupt(r, state, result, before, epoch, request.signal or signal.SIGTERM)
             m = end_epoch(r, state, tb, epoch, result, before, t0)
-            stopping.keep(state, m, cfg.train, lambda name, m=m: r.save(name, state, m), r.drop)
+            r.files.keep(r, state, m, stopping.keep(state, m, cfg.train))  # last.pt, then best.pt and k best
             if state.stopped_because in STOPS:
                 break
-    finish(r, state, tb)
-    dist.finish(r.world)
-    return r.dir
+        finish(r, state, tb)
+    return r.end()
 
 
 def open_board(r: Run, state: RunState, resumed: bool) -> board.Board:
@@ -64,7 +64,7 @@ def open_board(r: Run, state: RunState, resumed: bool) -> board.Board:
     if not resumed:
         tb.text(yaml.safe_dump(config.to_dict(r.cfg), sort_keys=False), r.ds.summary())
     if r.world.distributed and not resumed:  # a restart after a worker dies resumes from here at the least
-        r.save("last", state, {})
+        r.files.save_last(r, state, {})
     return tb
 
 
@@ -114,7 +114,10 @@ def finish(r: Run, state: RunState, tb: board.Board, step_name: str | None = Non
     if not r.world.main:
         return
     device = r.loader.device
-    m = report.metrics(state, peak_memory_bytes=runtime.peak_memory_bytes(device), step=step_name or r.step.name)
+    router = r.phase and r.phase.state()  # model.router: its phase's figures
+    m = report.metrics(
+        state, router, peak_memory_bytes=runtime.peak_memory_bytes(device), step=step_name or r.step.name
+    )
     m |= {"stopped_because": state.stopped_because, "device": str(device), "classes": r.ds.classes}
     m["skipped_files"] = len(r.ds.skipped)
     if r.ds.test is not None:
@@ -122,7 +125,7 @@ def finish(r: Run, state: RunState, tb: board.Board, step_name: str | None = Non
         m.update(test_accuracy=test["accuracy"], test_error_rate=test["error_rate"], test_cost=test["cost"])
     tb.hparams(r.cfg, {k: m.get(k) for k in board.HPARAM_METRICS})
     tb.close()
-    report.write_metrics(r.dir, m)
+    r.files.write_metrics(m)
     report.print_end(r.cfg, state, m, r.dir)
 
 

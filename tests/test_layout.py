@@ -29,7 +29,7 @@ LAYERS = [
     ],
     ["synth", "step", "stopping", "checkpoint", "cache"],
     ["data", "report"],
-    ["loop", "framing"],
+    ["loop", "framing", "run_files"],
     ["board", "router_training"],
     ["setup"],
     ["train", "search"],

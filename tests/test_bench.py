@@ -39,7 +39,6 @@ def test_the_bench_runs_the_trainer_the_tutorial_and_numpy(small_tree, tmp_path,
 
 
 def test_scripts_stay_small():
-    """scripts/ holds what proves something: the bench, its tutorial, the GPU and app checks (issue 19; the app
-    check times the router's cost since issue 22: 600 lines then 630)."""
+    """scripts/ holds what proves something: the bench, its tutorial, the GPU and app checks, the screenshots."""
     lines = sum(len(p.read_text().splitlines()) for p in (REPO / "scripts").iterdir() if p.is_file())
-    assert lines <= 630, f"scripts/ has {lines} lines"
+    assert lines <= 900, f"scripts/ has {lines} lines"

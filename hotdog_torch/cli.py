@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import signal
 import sys
 
 from .config import UserError
@@ -31,6 +32,14 @@ def command_line(argv: list[str] | None, quiet: bool = False, prog: str = "") ->
     return p.parse_intermixed_args(argv)  # overrides after a flag too
 
 
+def interrupted_while_starting(signum, frame) -> None:
+    """SIGINT's handler while `python -m hotdog_torch.train` imports torch (seconds, its folders decoding in the
+    prefetch meanwhile), until `run` calls its main(): nothing of the run is written yet; one line, not the
+    import's traceback."""
+    print("interrupted before the run started", file=sys.stderr, flush=True)
+    raise SystemExit(130)
+
+
 def exit_code(command, *stopped: type) -> int:
     """command()'s exit code: 0; 2 for a user's mistake, said in one sentence; a `stopped` exception's own code
     (stopping.Interrupted: saved, then stopped by a signal); 130 for Ctrl-C."""
@@ -52,4 +61,6 @@ def run(main) -> None:
     190,000 objects the collector tracks, alive until exit) is frozen first (gc.freeze): the collector no longer
     walks it, while the command runs nor as the interpreter exits (0.8 s of CPU a command on a 2-core machine)."""
     gc.freeze()
+    if signal.getsignal(signal.SIGINT) is interrupted_while_starting:  # started: Ctrl-C is KeyboardInterrupt again
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

@@ -8,6 +8,9 @@ import sys
 
 _argv = getattr(sys, "orig_argv", [])
 if any(a == "-m" and b == "hotdog_torch.train" for a, b in zip(_argv, _argv[1:], strict=False)):
-    from . import cache
+    import signal
 
+    from . import cache, cli
+
+    signal.signal(signal.SIGINT, cli.interrupted_while_starting)  # until cli.run calls train.main
     cache.prefetch(_argv[_argv.index("hotdog_torch.train") + 1 :])

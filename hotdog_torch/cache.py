@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,7 @@ import numpy as np
 
 from . import cli, config
 from .config import Data, UserError
-from .files import atomic_write, exit_with, locked, worker_pool
+from .files import atomic_write, exit_with, locked, unlocked_or_none, worker_pool
 from .images import DECODE_ERRORS, IMG_EXTENSIONS, decode
 
 CACHE_VERSION = 2  # 2: EXIF orientation applied
@@ -131,18 +132,18 @@ def decode_all(samples, data: Data, out_file: Path, offset: int, progress: bool,
     return bad
 
 
-def build_entry(samples, classes, data: Data, images_file: Path, meta_file: Path, progress: bool, desc: str) -> None:
+def build_entry(folder: Path, samples, classes, data: Data, images_file: Path, meta_file: Path, progress: bool):
     """Decode into a temporary .npy, fsync, rename into place; then the .json that marks the entry complete.
     Called holding the entry's lock: any temporary file of this entry is a killed process's."""
     shape = (len(samples), data.channels, data.image_size, data.image_size)
-    for stale in images_file.parent.glob(f".{images_file.stem}.*.tmp"):  # of a process killed building this entry
+    for stale in _temporaries(images_file.parent, images_file.stem):  # of a process killed building this entry
         stale.unlink()
     tmp = images_file.with_name(f".{images_file.name}.{os.getpid()}.tmp")
     try:
         empty = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)  # header + room for every row
         offset = empty.offset
         del empty
-        bad = decode_all(samples, data, tmp, offset, progress, desc)
+        bad = decode_all(samples, data, tmp, offset, progress, f"decoding {folder}")
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, images_file)
@@ -152,6 +153,7 @@ def build_entry(samples, classes, data: Data, images_file: Path, meta_file: Path
     rows = [i for i in range(len(samples)) if i not in bad]
     meta = dict(
         version=CACHE_VERSION,
+        folder=os.path.abspath(folder),  # whose entry it is: a newer one of the folder evicts it (tidy)
         shape=list(shape),
         classes=classes,
         rows=rows,
@@ -160,6 +162,48 @@ def build_entry(samples, classes, data: Data, images_file: Path, meta_file: Path
         skipped=[samples[i][0] for i in sorted(bad)],
     )
     atomic_write(meta_file, lambda f: f.write(json.dumps(meta).encode()))
+
+
+# ---------------------------------------------------------------- what the cache removes, and only that
+
+_ENTRY = re.compile(r"([0-9a-f]{32})\.(npy|json|lock)")  # the cache's own names: an entry's files and its lock
+_TEMPORARY = re.compile(r"\.([0-9a-f]{32})\.(npy|json)\.[0-9]+\.tmp")  # build_entry's, atomic_write's
+
+
+def _temporaries(root: Path, key: str) -> list[Path]:
+    return [p for p in root.glob(f".{key}.*.tmp") if _TEMPORARY.fullmatch(p.name) and p.is_file()]
+
+
+def tidy(root: Path, key: str, folder: Path, data: Data) -> None:
+    """After entry `key` of folder is written: every other entry's temporaries, where no process holds that
+    entry's lock (only its holder writes them: they are a killed process's), and the folder's older entries at the
+    same image settings (its files have changed since: never read again), with their locks.  Nothing is removed but
+    files named as the cache names its own, and an entry only when its .json says it is the folder's; an entry
+    some process holds (decoding, or waiting for it) is left for a later tidy."""
+    keys = {m[1] for n in os.listdir(root) if (m := _ENTRY.fullmatch(n) or _TEMPORARY.fullmatch(n))} - {key}
+    for other in sorted(keys):
+        lock, meta_file, images_file = (root / f"{other}.{end}" for end in ("lock", "json", "npy"))
+        older = _is_older(meta_file, folder, data)
+        bare = lock.is_file() and not meta_file.exists() and not images_file.exists()  # a lock of no entry
+        if not (older or bare or _temporaries(root, other)):
+            continue
+        with unlocked_or_none(lock) as ours:
+            if not ours:
+                continue
+            for path in ([meta_file, images_file] if older else []) + _temporaries(root, other):  # .json first
+                path.unlink(missing_ok=True)
+            if not meta_file.exists() and not images_file.exists():
+                lock.unlink(missing_ok=True)  # held: its waiters lock the one made afresh (files.locked)
+
+
+def _is_older(meta_file: Path, folder: Path, data: Data) -> bool:
+    """Whether meta_file marks a complete entry of folder at data's image settings (then, not the new one: older)."""
+    try:
+        meta = json.loads(meta_file.read_text())
+        made = [meta.get("version"), meta.get("folder"), meta["shape"][1:]]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return False  # not an entry's: left alone
+    return made == [CACHE_VERSION, os.path.abspath(folder), [data.channels, data.image_size, data.image_size]]
 
 
 def read_entry(images_file: Path, meta_file: Path, classes, in_memory: bool):
@@ -185,20 +229,33 @@ def entry(folder: Path, data: Data, progress: bool = True, scanned=None, in_memo
     images_file, meta_file = root / f"{key}.npy", root / f"{key}.json"
     found = read_entry(images_file, meta_file, classes, in_memory)
     if found is None:
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(
-                f"cannot create the decode cache folder {root} ({e.strerror}); set data.cache_dir to a writable folder"
-            ) from None
+        writable(root, root / f"{key}.lock")
         with locked(root / f"{key}.lock", _waiting(folder, root)):
             found = read_entry(images_file, meta_file, classes, in_memory)  # it decoded while this one waited
             if found is None:
-                build_entry(samples, classes, data, images_file, meta_file, progress, f"decoding {folder}")
+                build_entry(folder, samples, classes, data, images_file, meta_file, progress)
+                tidy(root, key, folder, data)
                 found = read_entry(images_file, meta_file, classes, in_memory)
         if found is None:
             raise OSError(f"the decode cache entry {images_file} could not be read back after writing it")
     return classes, *found
+
+
+def writable(root: Path, lock: Path) -> None:
+    """Refuse, before any decode, a cache folder that cannot be made or written in: its entry's lock file is the
+    first thing written there (a folder of complete entries is read, written or not)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(
+            f"cannot create the decode cache folder {root} ({e.strerror}); set data.cache_dir to a writable folder"
+        ) from None
+    try:
+        os.close(os.open(lock, os.O_RDWR | os.O_CREAT, 0o644))
+    except OSError as e:
+        raise UserError(
+            f"cannot write in the decode cache folder {root} ({e.strerror}); set data.cache_dir to a writable folder"
+        ) from None
 
 
 def _waiting(folder, root) -> str:

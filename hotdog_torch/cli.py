@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import signal
 import sys
 
 from .config import UserError
@@ -31,6 +32,14 @@ def command_line(argv: list[str] | None, quiet: bool = False, prog: str = "") ->
     return p.parse_intermixed_args(argv)  # overrides after a flag too
 
 
+def interrupted_while_starting(signum, frame) -> None:
+    """SIGINT's handler while `python -m hotdog_torch.train` imports torch (seconds, its folders decoding in the
+    prefetch meanwhile), until `run` calls its main(): nothing of the run is written yet; one line, not the
+    import's traceback."""
+    print("interrupted before the run started", file=sys.stderr, flush=True)
+    raise SystemExit(130)
+
+
 def exit_code(command, *stopped: type, interrupted: str = "the checkpoints already written are kept") -> int:
     """The exit code of every command's main(): command()'s own (None: 0); 2 for a user's mistake, said in one
     sentence; a `stopped` exception's own code (stopping.Interrupted: saved, then stopped by a signal); 130 for
@@ -52,4 +61,6 @@ def run(main) -> None:
     objects, alive until exit) is frozen first (gc.freeze), so that the collector does not walk it again and again,
     while the command runs nor as the interpreter exits."""
     gc.freeze()
+    if signal.getsignal(signal.SIGINT) is interrupted_while_starting:  # started: Ctrl-C is KeyboardInterrupt again
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

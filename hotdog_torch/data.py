@@ -154,12 +154,17 @@ def load_dataset(data: Data, seed: int, progress: bool = True, memory_budget: in
             raise UserError(
                 f"{folders[name]} has classes {other}, but {folders['train']} has {classes}; they must match"
             )
+    for name, (_, samples) in scanned.items():
+        if name != "train" and not samples:  # before any decode
+            raise UserError(empty_split(folders[name], name, "images"))
     total = decoded_bytes(sum(len(samples) for _, samples in scanned.values()), data)
     in_memory = memory_budget is None or total <= memory_budget
     loaded, skipped = {}, []
     for name, folder in folders.items():
         loaded[name] = load_folder(folder, data, progress, scanned[name], in_memory)[1:]
         skipped += loaded[name][1]
+        if name != "train" and not len(loaded[name][0]):
+            raise UserError(empty_split(folder, name, "decodable images"))
     train = loaded["train"][0]
     if skipped:
         first = ", ".join(shown(p) for p in skipped[:3])
@@ -177,6 +182,13 @@ def load_dataset(data: Data, seed: int, progress: bool = True, memory_budget: in
         train, val = train.subset(train_idx), train.subset(val_idx)
     test = loaded["test"][0] if "test" in loaded else None
     return Dataset(classes, train, val, test, skipped, layout)
+
+
+def empty_split(folder: Path, name: str, what: str) -> str:
+    """The sentence for a val/ or test/ folder with nothing in it to score: an error, as an empty validation set is
+    in Keras or Lightning (it scored nan, or was silently left out)."""
+    instead = "hold out data.val_fraction of train/ instead" if name == "val" else "train without a test set"
+    return f"{folder} holds no {what}: put some in its class folders, or remove it to {instead}"
 
 
 # ---------------------------------------------------------------- on the device

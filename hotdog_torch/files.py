@@ -7,6 +7,7 @@ import errno
 import fcntl
 import multiprocessing
 import os
+import signal
 import sys
 import tempfile
 import threading
@@ -52,19 +53,56 @@ def locked(path: str | os.PathLike, waiting: str) -> Iterator[None]:
     left stale, and whatever temporary files its holder writes are stale once another process has it.  (Not flock:
     its lock belongs to the open file, shared by every fork, so orphaned workers of a killed holder would keep it.)
     It excludes other processes, not this one's threads; closing any descriptor of the file here releases it.
+    The lock file may be removed by its holder (unlocked_or_none): a waiter then locks the file now at `path`.
     """
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
+    said = False
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EAGAIN):
+                os.close(fd)
                 raise
-            print(waiting, file=sys.stderr, flush=True)
+            if not said:
+                print(waiting, file=sys.stderr, flush=True)
+                said = True
             fcntl.lockf(fd, fcntl.LOCK_EX)
+        if _still_at(fd, path):
+            break
+        os.close(fd)
+    try:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextmanager
+def unlocked_or_none(path: str | os.PathLike) -> Iterator[bool]:
+    """The lock of `locked`, taken only if no other process holds it: yields whether it was.  Holding it, the
+    holder may remove the lock file (its waiters then lock the file made afresh at `path`)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            got = _still_at(fd, path)
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
+            got = False
+        yield got
+    finally:
+        os.close(fd)
+
+
+def _still_at(fd: int, path) -> bool:
+    """Whether the file open as fd is still the one at path (not removed, nor replaced, while its lock was awaited)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
 def exit_with(parent: int) -> None:
@@ -81,9 +119,16 @@ def exit_with(parent: int) -> None:
 
 def worker_pool(workers: int) -> ProcessPoolExecutor:
     """Processes forked to write files, while this one holds their lock: none holds the lock (locked), and none
-    outlives this process (exit_with), so that a command stopped any way takes its workers with it."""
+    outlives this process (exit_with), so that a command stopped any way takes its workers with it.  They ignore
+    SIGINT: a terminal's Ctrl-C reaches the whole process group, and this process, their parent, handles it (each
+    worker printed its KeyboardInterrupt's traceback); its caller ends the pool with cancel_futures."""
     fork = multiprocessing.get_context("fork")  # the workers' parent is this process (not a forkserver)
-    return ProcessPoolExecutor(workers, mp_context=fork, initializer=exit_with, initargs=(os.getpid(),))
+    return ProcessPoolExecutor(workers, mp_context=fork, initializer=_worker, initargs=(os.getpid(),))
+
+
+def _worker(parent: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    exit_with(parent)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

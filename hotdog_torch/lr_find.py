@@ -254,6 +254,28 @@ def out_dir(out: str | None, cfg: Config, config_name: str) -> Path:
     return files.make_run_dir(Path(out).parent, Path(out).name)
 
 
+@contextlib.contextmanager
+def made_first(out: str | None, cfg: Config, config_name: str):
+    """out_dir, made before the test, so that a folder it cannot write is said before the work, in one sentence;
+    removed again if the test fails, with the folders made above it, each only while it is empty."""
+    base = Path(cfg.log.dir) if out is None else Path(out).parent
+    missing = [folder for folder in [base, *base.parents] if not folder.exists()]
+    try:
+        made = out_dir(out, cfg, config_name)
+    except OSError as e:
+        where = "--out" if out is not None else "log.dir (or --out)"
+        raise UserError(
+            f"cannot write lr_find's results in {base} ({e.strerror}); set {where} to a folder you can write"
+        ) from None
+    try:
+        yield made
+    except BaseException:
+        for folder in [made, *made.parents][: len(missing) + 1]:
+            with contextlib.suppress(OSError):  # not empty: something else is in it, kept
+                folder.rmdir()
+        raise
+
+
 def line(f: Finding, out: Path) -> str:
     """The one line: the suggestion and how it was chosen, and where and why the test stopped."""
     if f.suggestion is None:
@@ -288,8 +310,8 @@ def main(argv=None) -> int:
         cfg = config.load(a.config, a.overrides)
         model = checkpoint.model_from(checkpoint.load(a.checkpoint)) if a.checkpoint else None
         progress = not a.no_progress and sys.stderr.isatty()
-        f = find(cfg, a.min_lr, a.max_lr, a.steps, model, progress)
-        out = out_dir(a.out, cfg, Path(a.config).stem if a.config else "run")
+        with made_first(a.out, cfg, Path(a.config).stem if a.config else "run") as out:
+            f = find(cfg, a.min_lr, a.max_lr, a.steps, model, progress)
         write(f, out)
         print(line(f, out), flush=True)
 

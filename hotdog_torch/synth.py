@@ -106,12 +106,15 @@ def generate(
     from tqdm import tqdm
 
     shows = {}
-    with files.worker_pool(workers) as pool:  # none outlives this process, nor holds its lock
+    pool = files.worker_pool(workers)  # none outlives this process, nor holds its lock
+    try:
         drawn = pool.map(_write_one, jobs, chunksize=64)
         for path, what in tqdm(
             drawn, total=len(jobs), desc="drawing", unit="img", disable=not progress, file=sys.stderr
         ):
             shows[Path(path).relative_to(out).as_posix()] = what
+    finally:
+        pool.shutdown(cancel_futures=True)  # Ctrl-C: the chunks at work end, the others are not drawn
     header = {"seed": seed, "size": size}
     if variation is not None and variation != Variation():  # the seed's manifest stays as it was, byte for byte
         header["variation"] = dataclasses.asdict(variation)
@@ -170,10 +173,11 @@ def main(argv=None):
     def command():
         if min(a.hot_dogs, a.others, a.test_hot_dogs, a.test_others) < 0 or not 8 <= a.size <= 1024:
             raise UserError("counts must be >= 0 and --size between 8 and 1024")
-        generate(a.out, a.hot_dogs, a.others, a.test_hot_dogs, a.test_others, a.size, a.seed, FRAMINGS[a.framing])
+        counts = (a.hot_dogs, a.others, a.test_hot_dogs, a.test_others)
+        generate(a.out, *counts, a.size, a.seed, FRAMINGS[a.framing], progress=sys.stderr.isatty())
         print(f"wrote {a.hot_dogs + a.others} training and {a.test_hot_dogs + a.test_others} test images to {a.out}")
 
-    return cli.exit_code(command, interrupted=f"the images drawn so far are left in {a.out}")
+    return cli.exit_code(command, interrupted=f"{a.out} holds part of the set: draw it again there, or remove it")
 
 
 if __name__ == "__main__":

@@ -204,3 +204,42 @@ def test_arguments_after_a_flag_still_reach_the_command(command, args, tmp_path,
     assert main([missing if a == "MISSING" else a for a in args]) == 2  # the missing file, not "unrecognized arguments"
     err = capsys.readouterr().err
     assert err.startswith("error: ") and missing in err
+
+
+def emptied(tiny_tree, tmp_path, split, leave=None):
+    """A copy of tiny_tree's train/ (and test/) with split/'s class folders there but empty, or holding only the
+    file `leave` (not an image, by its bytes) in each."""
+    root = tmp_path / "tree"
+    shutil.copytree(tiny_tree, root)
+    for cls in ("hot_dog", "not_hot_dog"):
+        folder = root / split / cls
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        if leave:
+            (folder / leave).write_text("not a picture\n")
+    return root
+
+
+@pytest.mark.parametrize("split, leave", [("val", None), ("test", None), ("val", "notes.jpg")])
+def test_an_empty_val_or_test_folder_is_refused_before_anything_is_written(tiny_tree, tmp_path, capfd, split, leave):
+    """An empty validation (or test) set is a mistake, as in Keras or Lightning: one sentence naming the folder,
+    exit 2, no run folder (it trained on with `val accuracy nan%` every epoch)."""
+    root = emptied(tiny_tree, tmp_path, split, leave)
+    args = ["--no-progress", f"data.root={root}", "data.image_size=16", f"data.cache_dir={tmp_path}/c"]
+    args += [f"log.dir={tmp_path}/runs", "train.epochs=1", "model.hidden=[4]", "data.workers=1"]
+    r = in_process(train.main, args, capfd)
+    assert r.returncode == 2, r.stdout[-2000:] + r.stderr[-2000:]
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{root / split}" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_cache_dir_that_cannot_be_written_is_one_sentence_before_any_decode(tiny_tree, tmp_path, capfd):
+    """An existing data.cache_dir nobody may write in: /proc refuses a new file to root too (a chmod'ed folder
+    does not: tests and CI run as root), and it exists, so only the first write can tell."""
+    args = ["--no-progress", f"data.root={tiny_tree}", "data.image_size=16", "data.cache_dir=/proc"]
+    args += [f"log.dir={tmp_path}/runs", "train.epochs=1", "model.hidden=[4]", "data.workers=1"]
+    r = in_process(train.main, args, capfd)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.startswith("error: ") and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "/proc" in r.stderr and "data.cache_dir" in r.stderr and not (tmp_path / "runs").exists()

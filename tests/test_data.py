@@ -99,6 +99,27 @@ def test_a_damaged_cache_entry_is_rebuilt(tmp_path, tiny_tree):
     assert not list((tmp_path / "cache").glob(".*.tmp"))  # no temporary file left behind
 
 
+def test_a_changed_folders_older_entry_is_evicted_and_nothing_else(tmp_path, tiny_tree):
+    """A new entry of a folder takes the folder's older entry at the same image settings away (its files changed:
+    it is never read again); the folder at other settings, other folders' entries and files that are not the
+    cache's own stay."""
+    root, cache_dir, d = copy_tree(tiny_tree / "test", tmp_path / "tree"), tmp_path / "cache", settings(tmp_path)
+    old = cache.cache_key(cache.scan(root)[1], d)
+    data.load_folder(root, d, progress=False)
+    data.load_folder(root, settings(tmp_path, image_size=16), progress=False)
+    data.load_folder(tiny_tree / "train", d, progress=False)
+    (cache_dir / "notes.txt").write_text("mine")
+    np.save(cache_dir / f"{'0' * 32}.npy", np.zeros(3))  # named as an entry is, but no entry's .json says it is one
+    before = {p.name for p in cache_dir.iterdir()}
+    (root / "hot_dog" / "hot_dog_00001.jpg").unlink()
+    _, again, _ = data.load_folder(root, d, progress=False)
+    new = cache.cache_key(cache.scan(root)[1], d)
+    after = {p.name for p in cache_dir.iterdir()}
+    assert before - after == {f"{old}.npy", f"{old}.json", f"{old}.lock"}
+    assert after - before == {f"{new}.npy", f"{new}.json", f"{new}.lock"}
+    assert torch.equal(images_of(again), fresh_decode(again, d))
+
+
 def test_splits_layout_uses_train_and_test_and_a_stratified_val(tmp_path, tiny_tree):
     ds = data.load_dataset(settings(tmp_path, root=str(tiny_tree), val_fraction=0.2), seed=0, progress=False)
     assert ds.layout == "splits" and ds.classes == ["hot_dog", "not_hot_dog"]

@@ -228,6 +228,33 @@ def test_bad_input_is_one_sentence_exit_2_and_nothing_written(small_tree, tmp_pa
     assert r.stdout == "" and sorted(p.name for p in tmp_path.iterdir()) == ["tiny.yaml"]  # no cache, no run
 
 
+@pytest.mark.parametrize("out", ["out-under-a-file", "log-dir-under-a-file"])
+def test_an_out_it_cannot_write_is_one_sentence_before_the_test(small_tree, tmp_path, capsys, out):
+    """--out (or log.dir, where the default --out goes) under a regular file: no one may write there, root neither
+    (a chmod'ed folder would not stop root, who runs the tests in CI).  It said so in a traceback, after the test."""
+    (tmp_path / "file").write_text("a regular file\n")
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_doc(small_tree, tmp_path)))
+    where = ["--out", str(tmp_path / "file" / "found")] if out.startswith("out") else [f"log.dir={tmp_path}/file/runs"]
+    code = lr_find.main(["--config", str(path), "--steps", "5", *where])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1, err
+    assert f"{tmp_path / 'file'}" in err and not (tmp_path / "cache").exists()  # refused before any decode
+
+
+def test_a_test_that_fails_leaves_no_folder_made_for_it(small_tree, tmp_path, capsys):
+    """The results' folder is made before the test; a test refused on its way (here: its cache cannot be written)
+    takes it away again, and the folders made above it, and nothing else."""
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(tiny_doc(small_tree, tmp_path)))
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "mine.txt").write_text("a user's file\n")
+    out = tmp_path / "kept" / "made" / "above" / "found"
+    code = lr_find.main(["--config", str(path), "--steps", "5", "--out", str(out), "data.cache_dir=/proc"])
+    assert code == 2 and "data.cache_dir" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["mine.txt"]
+
+
 @pytest.mark.parametrize("low, high, steps", [(0.0, 1.0, 10), (math.nan, 1.0, 10), (1e-3, math.inf, 10)])
 def test_every_range_is_checked(low, high, steps):
     with pytest.raises(UserError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import numpy as np
 import pytest
 from conftest import config_file
 from PIL import Image
+
+from hotdog_torch import config, data
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,6 +83,30 @@ def test_a_decode_killed_midway_leaves_nothing_behind(tiny_tree, tmp_path):
     out, err = again.communicate(timeout=120)
     assert again.returncode == 0, err[-3000:]
     assert not leftovers(cache) and len(list(cache.glob("*.npy"))) == 2
+
+
+def test_a_killed_decodes_temporary_goes_once_no_process_holds_its_lock(tiny_tree, tmp_path):
+    """A decode killed, then its folder changed: the next run decodes under another key, and the killed one's
+    temporary (a whole decoded folder) was left for ever.  Under an entry's lock its temporaries are a dead
+    process's: the next entry written takes them away, and leaves a decoding process's own alone."""
+    tree, cache, log = tmp_path / "tree", tmp_path / "cache", tmp_path / "log"
+    shutil.copytree(tiny_tree, tree)
+    d = config.Data(root=str(tree), image_size=32, channels=1, cache_dir=str(cache), workers=1)  # config_file's
+    victim = start(log, 30.0, "--config", str(config_file(tree, tmp_path, "killed", train__epochs=1)))
+    try:
+        deadline = time.time() + 60
+        while not list(cache.glob(".*.tmp")):  # the decode has begun: its temporary file is there
+            assert victim.poll() is None and time.time() < deadline, victim.communicate()
+            time.sleep(0.05)
+        decoding = leftovers(cache)
+        data.load_folder(tiny_tree / "test", d, progress=False)  # an entry written while the victim decodes
+        assert leftovers(cache) == decoding  # a live process's: kept
+    finally:
+        victim.kill()
+        victim.communicate()
+    (tree / "train" / "hot_dog" / "hot_dog_00000.jpg").unlink()  # another key for train/
+    data.load_folder(tree / "train", d, progress=False)
+    assert not leftovers(cache)
 
 
 # ---------------------------------------------------------------- a command stopped while its pool decodes
@@ -179,8 +206,8 @@ needs_proc = pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason=
 @needs_proc
 @pytest.mark.parametrize(
     "start, how",
-    [(MODULE, "SIGKILL"), (MODULE, "SIGTERM"), (MODULE, "Ctrl-C"), (MAIN, "SIGKILL")],
-    ids=["prefetch-SIGKILL", "prefetch-SIGTERM", "prefetch-Ctrl-C", "own-pool-SIGKILL"],
+    [(MODULE, "SIGKILL"), (MODULE, "SIGTERM"), (MODULE, "Ctrl-C"), (MAIN, "SIGKILL"), (MAIN, "Ctrl-C")],
+    ids=["prefetch-SIGKILL", "prefetch-SIGTERM", "prefetch-Ctrl-C", "own-pool-SIGKILL", "own-pool-Ctrl-C"],
 )
 def test_a_command_stopped_while_it_decodes_takes_every_process_with_it(slow_tree, tmp_path, start, how):
     """Whatever stops the command, none of the processes it started goes on, and the next run on that cache
@@ -197,6 +224,9 @@ def test_a_command_stopped_while_it_decodes_takes_every_process_with_it(slow_tre
         assert not left, f"left running after {how}: {left}"
     finally:
         kill_marked(token)
+    if how == "Ctrl-C":  # one line, not a traceback of every worker the command forked
+        said = (tmp_path / "stopped.err").read_text()
+        assert p.returncode == 130 and "Traceback" not in said and len(said.strip().splitlines()) == 1, said[-3000:]
     again = command(tmp_path, MODULE, "again", slow_tree)
     try:
         finishes(tmp_path, again, "again", 120)
@@ -217,3 +247,34 @@ def test_a_decoding_process_killed_leaves_no_lock_held(slow_tree, tmp_path):
         assert not left, f"left running: {left}"
     finally:
         kill_marked(token)
+
+
+# ---------------------------------------------------------------- Ctrl-C while the command draws the set
+
+
+@pytest.mark.parametrize("drawn_by", ["train", "synth"])
+def test_ctrl_c_while_the_set_is_drawn_says_one_line_not_the_workers_tracebacks(tmp_path, drawn_by):
+    """The first `make run` draws the synthetic set (data.generate) on a pool of processes: a Ctrl-C in the terminal
+    reaches all of them, and each printed its KeyboardInterrupt's traceback."""
+    if drawn_by == "train":
+        cfg = config_file(tmp_path / "data" / "synth", tmp_path, "first")
+        args = ["-m", "hotdog_torch.train", "--config", str(cfg), "data.generate=true", "--no-progress"]
+        drawing = tmp_path / "data"
+    else:
+        args, drawing = ["-m", "hotdog_torch.synth", "--out", str(tmp_path / "drawn")], tmp_path / "drawn"
+    with open(tmp_path / "err", "w") as err:
+        p = subprocess.Popen(
+            [sys.executable, *args], cwd=REPO, start_new_session=True, stdout=subprocess.DEVNULL, stderr=err
+        )
+    try:
+        deadline = time.time() + 60
+        while not list(drawing.glob("**/*.jpg")):  # the pool draws
+            assert p.poll() is None and time.time() < deadline, (tmp_path / "err").read_text()
+            time.sleep(0.05)
+        os.killpg(p.pid, signal.SIGINT)  # as a terminal does: to the foreground process group
+        p.wait(timeout=60)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    said = (tmp_path / "err").read_text()
+    assert p.returncode == 130 and "Traceback" not in said and len(said.strip().splitlines()) == 1, said[-3000:]

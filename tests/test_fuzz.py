@@ -5,12 +5,15 @@ from __future__ import annotations
 import io
 
 import numpy as np
+import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
-from hotdog_torch import config, drawings, images
-from hotdog_torch.config import UserError
+pytest.importorskip("hypothesis", reason="the test extra: pip install -e '.[test]'")
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from hotdog_torch import config, drawings, images  # noqa: E402
+from hotdog_torch.config import UserError  # noqa: E402
 
 FUZZ = settings(
     max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]

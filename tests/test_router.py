@@ -16,7 +16,6 @@ import yaml
 from conftest import config_file
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_app import chromium, serving, upload
 from test_distributed import close
 from test_resume import assert_same_weights, start
 
@@ -232,6 +231,8 @@ def test_predict_goes_through_its_batches_and_the_router_stays_in_eval_mode(rout
 
 @pytest.fixture(scope="module")
 def routed_server(routed):
+    from test_app import serving  # here, not at the top: without the app's extra only the app's tests skip
+
     yield from serving(routed / "checkpoints" / "best.pt")
 
 
@@ -244,6 +245,8 @@ def photo_of(tree, tmp_path) -> Path:
 
 
 def test_the_app_answers_with_the_box_and_draws_it(routed, routed_server, small_tree, tmp_path, capsys):
+    from test_app import chromium, upload
+
     photo = photo_of(small_tree, tmp_path)
     status, answer = upload(routed_server, photo.read_bytes())
     assert status == 200 and len(answer["box"]) == 4 and answer["judged"].startswith("data:image/png")

@@ -121,9 +121,17 @@ def _on_every_omp_thread(fn) -> None:
     gomp.GOMP_parallel(ctypes.cast(callback, ctypes.c_void_p), None, torch.get_num_threads(), 0)
 
 
+def native_bf16() -> bool:
+    """Does this CPU compute bf16 products natively (AVX-512 BF16 or AMX)?  Elsewhere torch emulates them, and a
+    bf16 product is slower than fp32's."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
 def precision(setting: str, device: torch.device) -> str:
-    """train.precision, auto resolved: bf16 autocast on CUDA, fp32 elsewhere."""
-    return setting if setting != "auto" else "bf16" if device.type == "cuda" else "fp32"
+    """train.precision, auto resolved: bf16 on CUDA and on a CPU that computes it natively, fp32 elsewhere."""
+    if setting != "auto":
+        return setting
+    return "bf16" if device.type == "cuda" or (device.type == "cpu" and native_bf16()) else "fp32"
 
 
 def matmuls(setting: str, device: torch.device) -> str:

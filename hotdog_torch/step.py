@@ -21,6 +21,7 @@ from .config import Config
 from .cost import COSTS
 from .model import FUNCTIONS, linear_layers
 from .optim import describe, make_optimizer
+from .products import FULL, Product, products
 
 DERIVATIVE = {  # the activation's slope, written in terms of its output h
     "sigmoid": lambda h: h * (1 - h),
@@ -62,31 +63,6 @@ class Step:
 # ---------------------------------------------------------------- a layer's gradient, kept as its factors
 
 
-class Product:
-    """A layer's gradient δᵀa (and Σδ for its bias) kept as its two factors: added into a tensor by one GEMM."""
-
-    def __init__(self, delta: torch.Tensor, a: torch.Tensor, n: int | None = None):  # n: layer_gradient's form
-        self.delta, self.a = delta, a
-
-    def into(self, t: torch.Tensor, alpha: float) -> None:
-        t.addmm_(self.delta.t(), self.a, alpha=alpha)  # t <- t + alpha · δᵀa
-
-    def bias_into(self, t: torch.Tensor, alpha: float) -> None:
-        t.add_(self.delta.sum(0), alpha=alpha)
-
-    def scale_(self, c: torch.Tensor) -> None:
-        self.delta = self.delta * c  # δ scaled scales both δᵀa and Σδ
-
-    def sq_norm(self) -> torch.Tensor:
-        """‖δᵀa‖² + ‖Σδ‖²: through the Gram matrices, Σ (δδᵀ ⊙ aaᵀ), when they are the smaller products."""
-        d, a = self.delta, self.a
-        if len(d) * (d.shape[1] + a.shape[1]) < d.shape[1] * a.shape[1]:
-            w = ((d @ d.t()) * (a @ a.t())).sum()
-        else:
-            w = (d.t() @ a).square().sum()
-        return w + d.sum(0).square().sum()
-
-
 class Summed:
     """A layer's gradient materialised on each rank and summed over the ranks (all-reduce)."""
 
@@ -120,13 +96,14 @@ def shares_factors(world: dist.World, sync: str, n: int, n_out: int, n_in: int) 
     return sync == "factors" or (sync == "auto" and sent["factors"] < sent["gradients"])
 
 
-def layer_gradient(world: dist.World, sync: str, delta: torch.Tensor, a: torch.Tensor, n: int) -> Product | Summed:
+def layer_gradient(world: dist.World, sync: str, delta, a, n: int, arithmetic=FULL) -> Product | Summed:
     """The whole batch's gradient of a layer (n rows) from this process's rows: its factors in one process; under
-    torchrun every rank's factors, all-gathered, or the gradients, all-reduced: the same update on every rank."""
+    torchrun every rank's factors, all-gathered, or the gradients, all-reduced (in fp32): the same update on every
+    rank.  arithmetic: what the factors' product runs in (products.py)."""
     if not world.distributed:
-        return Product(delta, a)
+        return arithmetic.product(delta, a)
     if shares_factors(world, sync, n, delta.shape[1], a.shape[1]):
-        return Product(dist.all_rows(world, delta, n), dist.all_rows(world, a, n))
+        return arithmetic.product(dist.all_rows(world, delta, n), dist.all_rows(world, a, n))
     return Summed(world, delta, a)
 
 
@@ -143,7 +120,7 @@ class Backward:
 
 
 @torch.no_grad()
-def backward(layers, x, targets, activation, total, gradient=Product, weights=None, keep=None, z1=None) -> Backward:
+def backward(layers, x, targets, activation, total, gradient=None, weights=None, keep=None, z1=None, mm=FULL):
     """Forward, C = ½·MSE, and backpropagation from the top: for each layer l, δ_l = ∂C/∂z_l and its input a_l.
 
         C       = ½ · Σ_rows Σ_outputs w·(a_L − y)² / batch       (w: the row's class weight, or 1)
@@ -152,18 +129,20 @@ def backward(layers, x, targets, activation, total, gradient=Product, weights=No
         ∂C/∂W_l = δ_lᵀ a_l,  ∂C/∂b_l = Σ δ_l
 
     The batch has `total` rows, x this process's.  gradient(δ, a, total): the layer's gradient of the whole batch;
-    keep(h): dropout's mask for a hidden output h; z1: the first layer's pre-activation, when already computed."""
+    keep(h): dropout's mask for a hidden output h; z1: the first layer's pre-activation, when already computed;
+    mm: what the products run in (products.py: FP32 or BF16Products), everything else is in x's dtype."""
     act, slope = FUNCTIONS[activation], DERIVATIVE[activation]
+    gradient = gradient or (lambda delta, a, total: mm.product(delta, a))
     a, hs, masks, inputs = x, [], [], [x]
     for i, layer in enumerate(layers[:-1]):
-        h = act(z1 if i == 0 and z1 is not None else torch.addmm(layer.bias, a, layer.weight.t()))
+        h = act(z1 if i == 0 and z1 is not None else mm.linear(a, layer))
         m = keep(h) if keep else None
         a = h if m is None else h * m
         hs.append(h)
         masks.append(m)
         inputs.append(a)
-    z = z1 if len(layers) == 1 and z1 is not None else torch.addmm(layers[-1].bias, a, layers[-1].weight.t())
-    out = torch.sigmoid(z)
+    z = z1 if len(layers) == 1 and z1 is not None else mm.linear(a, layers[-1])
+    out = torch.sigmoid(z)  # in fp32 whatever the products ran in
     diff = out - targets
     if weights is None:
         cost, delta = (diff * diff).sum() * (0.5 / total), diff * out * (1 - out) / total
@@ -174,7 +153,7 @@ def backward(layers, x, targets, activation, total, gradient=Product, weights=No
     for i in range(len(layers) - 1, -1, -1):
         below = None
         if i > 0:
-            below = (delta @ layers[i].weight) * slope(hs[i - 1])
+            below = mm.mm(delta, layers[i].weight) * slope(hs[i - 1])
             below = below if masks[i - 1] is None else below * masks[i - 1]
         grads[i], delta = gradient(delta, inputs[i], total), below
     return Backward(cost, out, grads)
@@ -269,9 +248,9 @@ def materialise(layers, grads: list[Product]) -> None:
 # ---------------------------------------------------------------- the steps
 
 
-def fused_step(model, optimizer, cfg: Config, world: dist.World) -> Callable:
+def fused_step(model, optimizer, cfg: Config, world: dist.World, mm=FULL) -> Callable:
     """Backpropagation written out, the gradient clipped (optim.clip_grad_norm), the update: FusedSGD's from the
-    factors, AdamW/Adam's from .grad."""
+    factors, AdamW/Adam's from .grad; the products in mm's precision (products.py)."""
     layers, activation, p, clip = (
         linear_layers(model),
         cfg.model.activation,
@@ -281,15 +260,14 @@ def fused_step(model, optimizer, cfg: Config, world: dist.World) -> Callable:
     dist.broadcast_weights(world, model)  # every rank from rank 0's start, as DistributedDataParallel does
 
     def gradient(delta, a, total):
-        return layer_gradient(world, cfg.train.ddp_sync, delta, a, total)
+        return layer_gradient(world, cfg.train.ddp_sync, delta, a, total, mm)
 
     def keep(h):  # dropout: each hidden unit kept with probability 1 − p, scaled by 1/(1 − p) as nn.Dropout does
         return torch.empty_like(h).bernoulli_(1 - p).div_(1 - p)
 
     def take(b: Batch):
-        out = backward(
-            layers, b.x.flatten(1), b.targets, activation, b.sizes[0], gradient, b.weights, keep if p else None
-        )
+        x, dropout = b.x.flatten(1), keep if p else None
+        out = backward(layers, x, b.targets, activation, b.sizes[0], gradient, b.weights, dropout, mm=mm)
         if clip:
             scale = clip_scale(out.grads, clip)
             for g in out.grads:
@@ -305,28 +283,29 @@ def fused_step(model, optimizer, cfg: Config, world: dist.World) -> Callable:
 
 
 @torch.no_grad()
-def sgd_window(layers, optimizer: FusedSGD, activation: str, b: Batch) -> list:
+def sgd_window(layers, optimizer: FusedSGD, activation: str, b: Batch, mm=FULL) -> list:
     """Plain SGD over k consecutive batches, the first layer's k updates deferred to one GEMM: the same k steps.
     With W the first layer's weights at the window's start and δ_s step s's ∂C/∂z, step j's first-layer input is
         z_j = x_j W_jᵀ + b_j = x_j Wᵀ − lr Σ_{s<j} (x_j x_sᵀ) δ_s + b_j,
     so every x_j Wᵀ is one (k·B)-row GEMM, and after the window W <- W − lr Dᵀ X is one GEMM of inner size k·B,
-    nearer the CPU's peak than k 64-row ones (docs/BENCHMARKS.md).  Upper layers and biases update every step."""
+    nearer the CPU's peak than k 64-row ones (docs/BENCHMARKS.md).  Upper layers and biases update every step; the
+    products in mm's precision (products.py)."""
     lr, first, X = optimizer.param_groups[0]["lr"], layers[0], b.x.flatten(1)
-    Z0 = X @ first.weight.t()  # every batch of the window against the window's starting weights
+    Z0 = mm.mm(X, first.weight.t())  # every batch of the window against the window's starting weights
     D = torch.empty(len(X), first.out_features, dtype=X.dtype, device=X.device)  # the δ_s, row-aligned with X
     results, o = [], 0
     for n in b.rows:
         z = Z0[o : o + n] + first.bias
         if o:  # the updates of this window's earlier steps, not yet applied to W
-            z.addmm_(X[o : o + n] @ X[:o].t(), D[:o], alpha=-lr)
+            z.addmm_(mm.mm(X[o : o + n], X[:o].t()), D[:o], alpha=-lr)
         w = None if b.weights is None else b.weights[o : o + n]
-        out = backward(layers, X[o : o + n], b.targets[o : o + n], activation, n, weights=w, z1=z)
+        out = backward(layers, X[o : o + n], b.targets[o : o + n], activation, n, weights=w, z1=z, mm=mm)
         optimizer.step(layers[1:], out.grads[1:])
         out.grads[0].bias_into(first.bias, -lr)
         D[o : o + n] = out.grads[0].delta
         results.append((out.cost, out.outputs))
         o += n
-    first.weight.addmm_(D.t(), X, alpha=-lr)  # the window's first-layer updates in one GEMM: W <- W − lr Σ_s δ_sᵀ x_s
+    mm.product(D, X).into(first.weight, -lr)  # the window's first-layer updates in one GEMM: W <- W − lr Σ_s δ_sᵀ x_s
     return results
 
 
@@ -362,10 +341,9 @@ def autograd_step(model, optimizer, cfg: Config, device: torch.device, world: di
 
 
 def fuses(cfg: Config, device: torch.device, world: dist.World = dist.SINGLE) -> bool:
-    """The fused path: fp32 on ½·MSE, not compiled; dropout in one process only."""
+    """The fused path (fp32 or bf16): ½·MSE, not compiled; dropout in one process only."""
     o = cfg.optim
-    plain = runtime.precision(cfg.train.precision, device) == "fp32" and not cfg.train.compile and o.cost == "half_mse"
-    return o.fused and plain and not (cfg.model.dropout and world.distributed)
+    return o.fused and o.cost == "half_mse" and not cfg.train.compile and not (cfg.model.dropout and world.distributed)
 
 
 def windowed(cfg: Config, world: dist.World = dist.SINGLE) -> bool:
@@ -382,9 +360,10 @@ def make_step(model, cfg: Config, device: torch.device, world: dist.World = dist
     optimizer = optimizer or make_optimizer(model, cfg, FusedSGD if fused else None)
     window = cfg.optim.fused_window if fused and windowed(cfg, world) else 1
     name = describe(cfg, optimizer, fused, window, runtime.matmuls(cfg.train.precision, device), world.size)
+    mm = products(runtime.precision(cfg.train.precision, device))
     if window > 1:
         layers, activation = linear_layers(model), cfg.model.activation
-        return Step(lambda b: sgd_window(layers, optimizer, activation, b), window, name, optimizer)
+        return Step(lambda b: sgd_window(layers, optimizer, activation, b, mm), window, name, optimizer)
     if fused:
-        return Step(fused_step(model, optimizer, cfg, world), 1, name, optimizer)
+        return Step(fused_step(model, optimizer, cfg, world, mm), 1, name, optimizer)
     return Step(autograd_step(model, optimizer, cfg, device, world), 1, name, optimizer)

@@ -103,7 +103,7 @@ def tiny_doc(root, tmp_path) -> dict:
         },
         "model": {"hidden": [16], "activation": "sigmoid"},
         "optim": {"lr": 0.5, "batch_size": 16, "momentum": 0.9},
-        "train": {"epochs": 3, "target_accuracy": None},
+        "train": {"epochs": 3, "target_accuracy": None, "precision": "fp32"},  # pinned: auto is bf16 on some CPUs
         "log": {"dir": str(tmp_path / "runs"), "run_name": "tiny"},
         "device": "cpu",
     }

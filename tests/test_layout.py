@@ -26,6 +26,7 @@ LAYERS = [
         "optim",
         "schedule",
         "router",
+        "products",
     ],
     ["synth", "step", "stopping", "checkpoint", "cache"],
     ["data", "report"],

@@ -15,7 +15,7 @@ from hotdog_torch.model import build_model
 
 def pair(name, *overrides, hidden=(7, 5), dropout=0.0):
     """The same float64 network twice: one on the fused path, one on autograd, each with its own optimiser."""
-    plain = [f"optim.name={name}", "optim.lr=0.05", "optim.momentum=0", "optim.fused_window=1"]  # unless overridden
+    plain = [f"optim.name={name}", "optim.lr=0.05", "optim.momentum=0", "optim.fused_window=1", "train.precision=fp32"]
     common = [*plain, f"model.dropout={dropout}", *overrides]
     cfgs = [config.load(None, common), config.load(None, [*common, "optim.fused=false"])]
     torch.manual_seed(0)

@@ -137,7 +137,9 @@ class Optim:
 class Train:
     epochs: int = rng(40, ">= 1")  # at most this many passes over the training set
     target_accuracy: float | None = rng(0.99, "(0, 1]")  # stop once validation accuracy reaches it; null = every epoch
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto = bf16 on CUDA and on a CPU with native bf16, else fp32
+    precision: Literal["auto", "fp32", "bf16"] = (
+        "auto"  # auto: bf16 for the fused step on a native-bf16 CPU, else fp32
+    )
     compile: bool = False  # torch.compile the network (autograd path)
     # under torchrun, how the fused step shares a layer's gradient: "factors" (all-gather each rank's δ and input
     # rows), "gradients" (all-reduce the gradient), or "auto" (per layer, the fewer bytes received)

@@ -127,14 +127,16 @@ def native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def precision(setting: str, device: torch.device) -> str:
-    """train.precision, auto resolved: bf16 on CUDA and on a CPU that computes it natively, fp32 elsewhere."""
+def precision(setting: str, device: torch.device, fused: bool = True) -> str:
+    """train.precision, auto resolved: bf16 for the fused step on a CPU that computes bf16 natively, fp32 elsewhere.
+    On CUDA auto keeps the fused step in fp32 (TF32 products) until a GPU has measured bf16 beside it; the autograd
+    step keeps fp32 too, since autocast would round its last sigmoid to bf16 before the cost."""
     if setting != "auto":
         return setting
-    return "bf16" if device.type == "cuda" or (device.type == "cpu" and native_bf16()) else "fp32"
+    return "bf16" if fused and device.type == "cpu" and native_bf16() else "fp32"
 
 
-def matmuls(setting: str, device: torch.device) -> str:
+def matmuls(setting: str, device: torch.device, fused: bool = True) -> str:
     """What the matmuls run in, for the step line: bf16, TF32 (fp32 on a CUDA GPU that allows it), or fp32."""
-    p = precision(setting, device)
+    p = precision(setting, device, fused)
     return "tf32" if p == "fp32" and device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32 else p

@@ -55,6 +55,7 @@ class Step:
     window: int
     name: str
     optimizer: torch.optim.Optimizer
+    precision: str = "fp32"  # what its matrix products run in: fp32, tf32 or bf16 (the step line, metrics.json)
 
     def __call__(self, batch: Batch) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return self.take(batch)
@@ -320,7 +321,7 @@ def autograd_step(model, optimizer, cfg: Config, device: torch.device, world: di
     cost_fn, clip, bf16 = (
         COSTS[cfg.optim.cost],
         cfg.optim.clip_grad_norm,
-        runtime.precision(cfg.train.precision, device) == "bf16",
+        runtime.precision(cfg.train.precision, device, fused=False) == "bf16",
     )
 
     def take(b: Batch):
@@ -359,11 +360,12 @@ def make_step(model, cfg: Config, device: torch.device, world: dist.World = dist
     fused = fuses(cfg, device, world)
     optimizer = optimizer or make_optimizer(model, cfg, FusedSGD if fused else None)
     window = cfg.optim.fused_window if fused and windowed(cfg, world) else 1
-    name = describe(cfg, optimizer, fused, window, runtime.matmuls(cfg.train.precision, device), world.size)
-    mm = products(runtime.precision(cfg.train.precision, device))
+    how = (cfg.train.precision, device, fused)
+    matmuls = runtime.matmuls(*how)
+    name, mm = describe(cfg, optimizer, fused, window, matmuls, world.size), products(runtime.precision(*how))
     if window > 1:
         layers, activation = linear_layers(model), cfg.model.activation
-        return Step(lambda b: sgd_window(layers, optimizer, activation, b, mm), window, name, optimizer)
+        return Step(lambda b: sgd_window(layers, optimizer, activation, b, mm), window, name, optimizer, matmuls)
     if fused:
-        return Step(fused_step(model, optimizer, cfg, world, mm), 1, name, optimizer)
-    return Step(autograd_step(model, optimizer, cfg, device, world), 1, name, optimizer)
+        return Step(fused_step(model, optimizer, cfg, world, mm), 1, name, optimizer, matmuls)
+    return Step(autograd_step(model, optimizer, cfg, device, world), 1, name, optimizer, matmuls)

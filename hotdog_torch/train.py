@@ -119,7 +119,7 @@ def finish(r: Run, state: RunState, tb: board.Board, step_name: str | None = Non
         state, router, peak_memory_bytes=runtime.peak_memory_bytes(device), step=step_name or r.step.name
     )
     m |= {"stopped_because": state.stopped_because, "device": str(device), "classes": r.ds.classes}
-    m["precision"] = runtime.matmuls(r.cfg.train.precision, device)  # what the products ran in
+    m["precision"] = r.step.precision  # what the products ran in
     m["skipped_files"] = len(r.ds.skipped)
     if r.ds.test is not None:
         test = r.evaluate(r.ds.test, checkpoint.model_from(checkpoint.load(r.dir / "checkpoints/best.pt")).to(device))

@@ -153,9 +153,11 @@ def test_a_compiled_network_trains_on_the_cpu_as_the_eager_one_does(small_tree, 
     [
         ("cuda", ["train.precision=fp32"], "(tf32"),  # the fused step, its matmuls in TF32 (runtime.use_tf32)
         ("cuda", ["train.precision=fp32", "optim.fused=false"], "(tf32"),
-        ("cuda", ["train.precision=auto"], "(bf16"),  # CUDA's default: the fused step, its products in bf16
+        ("cuda", ["train.precision=auto"], "(tf32"),  # CUDA's default until a GPU measured bf16: the fused TF32 step
+        ("cuda", ["train.precision=bf16"], "(bf16"),  # the fused step, its products in bf16
         ("cpu", [], "(fp32"),  # the tests' configs pin fp32 (auto is bf16 on a CPU with native bf16)
         ("cpu", ["train.precision=bf16"], "(bf16"),
+        ("cpu", ["train.precision=auto", "optim.cost=cross_entropy"], "(fp32"),  # autograd: no autocast under auto
     ],
 )
 def test_the_step_line_names_the_precision_the_matmuls_take(tiny_tree, make_config, device, extra, says):

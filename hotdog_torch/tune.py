@@ -102,14 +102,14 @@ def dimension(cfg: Config, key: str, spec) -> tuple[str, list]:
             raise UserError(
                 f"tune.space {key}: {kind} takes [low, high] of{whole} numbers, low below high, got {values}"
             )
-        if kind == "log" and ends[0] <= 0:
-            raise UserError(f"tune.space {key}: log takes a low above 0, got {values}")
         values = ends
     for v in values:  # the key's own range and checks, through the schema: one source of truth
         try:
             config.from_dict(config.to_dict(cfg), [f"{key}={json.dumps(v)}"])
         except UserError as e:
             raise UserError(f"tune.space {key}: {e}") from None
+    if kind == "log" and values[0] <= 0:
+        raise UserError(f"tune.space {key}: log takes a low above 0, got {values}")
     return kind, values
 
 
@@ -139,10 +139,14 @@ def check(cfg: Config, args, argv: list[str]) -> Search:
 def storage_of(s: Search) -> optuna.storages.RDBStorage:
     url = s.storage or f"sqlite:///{s.study_dir / 'study.db'}"
     waits = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}  # processes take turns to write
-    try:
-        return optuna.storages.RDBStorage(url, waits, heartbeat_interval=HEARTBEAT, grace_period=GRACE)
-    except Exception as e:  # a URL Optuna's database layer cannot reach: the user's to fix
-        raise UserError(f"--storage {url} cannot be opened ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+    for attempt in range(3):  # processes that start together on a new database race to make its tables: again
+        try:
+            return optuna.storages.RDBStorage(url, waits, heartbeat_interval=HEARTBEAT, grace_period=GRACE)
+        except Exception as e:  # a URL Optuna's database layer cannot reach: the user's to fix
+            said = f"--storage {url} cannot be opened ({type(e).__name__}: {str(e).splitlines()[0]})"
+            if attempt < 2:
+                time.sleep(1 + attempt)
+    raise UserError(said)
 
 
 def open_study(s: Search) -> optuna.Study:
@@ -200,6 +204,10 @@ def config_of(s: Search, values: dict, **log) -> Config:
 def objective(trial: optuna.Trial, s: Search, asked) -> float:
     """One trial: its values, then an ordinary training run, its epochs reported to the pruner."""
     asked()  # the trial is in the study: another process may ask for the next
+    ahead = trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
+    if sum(t.number < trial.number for t in ahead) >= s.trials:  # a process on another machine asked at the same time
+        trial.set_user_attr("error", "not run: the trials before it finish the study")
+        return math.nan
     values = {key: suggest(trial, key, *dim) for key, dim in s.space.items()}
     try:
         cfg = config_of(s, values, dir=str(s.study_dir / "trials"), run_name=str(trial.number))

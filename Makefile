@@ -20,7 +20,7 @@ $(BIN)/python:
 # on this machine (torch, torchvision and the trainer import in 20 s of CPU without it, 6 with it).  Left out: torch's
 # one file for Python 3.12 only.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install -q --no-compile $(TORCH) -e '.[test,app,export,heif]'
+	$(BIN)/pip install -q --no-compile $(TORCH) -e '.[test,app,export,heif,tune]'
 	$(BIN)/python -m compileall -q -j 0 -x py312_intrinsics $(VENV)/lib >/dev/null
 	touch $@
 

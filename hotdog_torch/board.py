@@ -132,12 +132,13 @@ class Board:
         image = Summary.Image(**size, encoded_image_string=buffer.getvalue())
         self.writer.file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
 
-    def hparams(self, cfg: Config, metrics: dict) -> None:
-        """The HParams dashboard: this run's knobs against its final metrics, in this run's own event file."""
+    def hparams(self, cfg: Config, metrics: dict, knobs: dict | None = None) -> None:
+        """The HParams dashboard: this run's knobs (or those a tuner's trial drew) against its final metrics, in this
+        run's own event file."""
         if not self.enabled:
             return
         metrics = {f"hparam/{k}": float(v) for k, v in metrics.items() if v is not None}
-        for summary in hparams_summary(hparams(cfg), metrics):
+        for summary in hparams_summary(knobs or hparams(cfg), metrics):
             self.writer.file_writer.add_summary(summary)
         self.scalars(0, metrics)
 

@@ -5,10 +5,8 @@ below: the defaults are the default run, which configs/hotdog.yaml lists key by 
 
     python -m hotdog_torch.train --config configs/hotdog.yaml optim.lr=0.5 model.hidden=[256,64]
 
-An override is `section.key=value`, the value parsed as YAML.  Anything a user
-can get wrong (a YAML syntax error, an unknown key, a wrong type, a value out of
-range) raises UserError with one plain sentence; the command line turns that
-into exit code 2.
+An override is `section.key=value`, the value parsed as YAML.  Anything a user can get wrong (a YAML syntax error,
+an unknown key, a wrong type, a value out of range) raises UserError with one plain sentence: exit code 2.
 """
 
 from __future__ import annotations
@@ -137,9 +135,7 @@ class Optim:
 class Train:
     epochs: int = rng(40, ">= 1")  # at most this many passes over the training set
     target_accuracy: float | None = rng(0.99, "(0, 1]")  # stop once validation accuracy reaches it; null = every epoch
-    precision: Literal["auto", "fp32", "bf16"] = (
-        "auto"  # auto: bf16 for the fused step on a native-bf16 CPU, else fp32
-    )
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 for the fused step on a native-bf16 CPU, else fp32
     compile: bool = False  # torch.compile the network (autograd path)
     # under torchrun, how the fused step shares a layer's gradient: "factors" (all-gather each rank's δ and input
     # rows), "gradients" (all-reduce the gradient), or "auto" (per layer, the fewer bytes received)
@@ -176,22 +172,28 @@ class Log:
 
 
 @dataclass
+class Tune:  # python -m hotdog_torch.tune: Optuna's search over the keys of `space` (tune.py); train ignores it
+    trials: int = rng(20, ">= 1")  # the study ends with this many finished trials (complete or pruned)
+    # maximised: val_accuracy; minimised: val_cost, epochs_to_target (epochs to train.target_accuracy)
+    objective: Literal["val_accuracy", "val_cost", "epochs_to_target"] = "val_accuracy"
+    pruner: Literal["none", "median", "hyperband"] = "median"  # a trial reports every epoch and may stop early
+    # dotted key: {log: [low, high]}, {uniform: [low, high]}, {int: [low, high]} or {choice: [a, b, ...]}
+    space: dict = field(default_factory=dict)
+
+
+@dataclass
 class Config:
     data: Data = field(default_factory=Data)
     model: Model = field(default_factory=Model)
     optim: Optim = field(default_factory=Optim)
     train: Train = field(default_factory=Train)
     log: Log = field(default_factory=Log)
+    tune: Tune = field(default_factory=Tune)
     seed: int = 0  # seeds torch, the split and the batch order: a seeded CPU run is reproducible
     device: str = "auto"  # auto (cuda when there is one, else cpu) | cpu | cuda | cuda:N
 
 
 UNIONS = (typing.Union, types.UnionType)  # Optional[int] and int | None
-
-
-def _sections() -> dict[str, type]:
-    hints = typing.get_type_hints(Config)
-    return {name: t for name, t in hints.items() if dataclasses.is_dataclass(t)}
 
 
 def valid_keys(schema: type | None = None, prefix: str = "") -> list[str]:
@@ -204,7 +206,8 @@ def valid_keys(schema: type | None = None, prefix: str = "") -> list[str]:
 
 def _unknown(key: str) -> UserError:
     optional = [f"model.router.{k}" for k in typing.get_type_hints(Router)]  # the keys of a section that may be null
-    return UserError(f"unknown config key {key!r}{did_you_mean(key, valid_keys() + optional + list(_sections()))}")
+    sections = [name for name, t in typing.get_type_hints(Config).items() if dataclasses.is_dataclass(t)]
+    return UserError(f"unknown config key {key!r}{did_you_mean(key, valid_keys() + optional + sections)}")
 
 
 def _type_name(t) -> str:
@@ -215,7 +218,8 @@ def _type_name(t) -> str:
         return "one of " + ", ".join(repr(a) for a in args)
     if origin is list:
         return f"a list of {_type_name(args[0])}"
-    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(t, str(t))
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", dict: "a mapping"}
+    return names.get(t, str(t))
 
 
 _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
@@ -243,12 +247,8 @@ def _coerce(value, t):
         if not isinstance(value, list):
             raise TypeError
         return [_coerce(v, args[0]) for v in value]
-    if t is bool:
-        if isinstance(value, bool):
-            return value
-        raise TypeError
-    if t is int:
-        if isinstance(value, int) and not isinstance(value, bool):
+    if t in (bool, int, str, dict):  # dict: tune.space, whose distributions tune.py checks
+        if isinstance(value, t) and not (t is int and isinstance(value, bool)):  # True is an int to Python
             return value
         raise TypeError
     if t is float:
@@ -256,10 +256,6 @@ def _coerce(value, t):
             return float(value)
         if isinstance(value, str) and _NUMBER.fullmatch(value.strip()):  # YAML 1.1 reads 1e-3 (no dot) as a string
             return float(value)
-        raise TypeError
-    if t is str:
-        if isinstance(value, str):
-            return value
         raise TypeError
     raise AssertionError(f"schema type {t} has no coercion")
 

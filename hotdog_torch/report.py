@@ -50,6 +50,7 @@ def print_end(cfg: Config, state: RunState, m: dict, run_dir: Path) -> None:
     why = {
         "target_accuracy": f"reached the target validation accuracy {cfg.train.target_accuracy or 0:.2%} at epoch {n}",
         "diverged": f"diverged at epoch {n}",
+        "pruned": f"pruned by the tuner at epoch {n}",
         "no_improvement": (
             f"no improvement of {cfg.train.monitor} for {cfg.train.patience} epochs: the best epoch's weights "
             f"({best['epoch']}) are the run's, in best.pt, and metrics.json and the test figures are theirs"

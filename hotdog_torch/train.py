@@ -24,12 +24,15 @@ from .cost import COSTS, confusion_matrix, per_class
 from .router_training import run_phase
 from .setup import Run, set_up
 
-STOPS = ("target_accuracy", "diverged", "no_improvement")  # verdicts that end a run before its last epoch
+STOPS = ("target_accuracy", "diverged", "no_improvement", "pruned")  # verdicts that end a run before its last epoch
 
 
 @runtime.keeps_float_mode  # flush_denormal is the run's, not the caller's
-def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir: str | Path | None = None) -> Path:
-    """Train one run from a checked config, or continue the run in resume_dir; returns its folder."""
+def run(
+    cfg: Config, config_name: str = "run", progress: bool = True, resume_dir: str | Path | None = None, pruned=None
+) -> Path:
+    """Train one run from a checked config, or continue the run in resume_dir; returns its folder.  pruned(metrics),
+    a tuner's, after each epoch's: true ends the run there (stopped_because "pruned")."""
     r, state, resumed = set_up(cfg, config_name, progress, resume_dir)
     finished = state.stopped_because is not None  # nothing to train; finish() again if a stop kept it from its end
     if finished and dist.broadcast(r.world, r.files.has_metrics()):
@@ -51,6 +54,8 @@ def run(cfg: Config, config_name: str = "run", progress: bool = True, resume_dir
                 stopping.interrupt(r, state, result, before, epoch, request.signal or signal.SIGTERM)
             m = end_epoch(r, state, tb, epoch, result, before, t0)
             r.files.keep(r, state, m, stopping.keep(state, m, cfg.train))  # last.pt, then best.pt and k best
+            if pruned is not None and pruned(m) and not state.stopped_because:  # the tuner's pruner (tune.py)
+                state.stopped_because = "pruned"
             if state.stopped_because in STOPS:
                 break
         finish(r, state, tb)

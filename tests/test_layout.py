@@ -34,7 +34,7 @@ LAYERS = [
     ["board", "router_training"],
     ["setup"],
     ["train", "search"],
-    ["evaluate", "predict", "baselines", "two_weights", "export", "lr_find"],
+    ["evaluate", "predict", "baselines", "two_weights", "export", "lr_find", "tune"],
     ["lessons", "serve"],
 ]
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}

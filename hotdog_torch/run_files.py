@@ -31,12 +31,22 @@ from .config import Config, UserError
 TEMPORARY = re.compile(r"^\.(last\.pt|best(-\d+)?\.pt|config\.yaml|metrics\.json)\.(\d+)\.tmp$")  # atomic_write's
 
 
+def own_files(resumed: dict | None) -> set[str]:
+    """The k-best files a resumed run wrote: as its last.pt records them, or, in a last.pt from before that record,
+    those of its k best epochs (exactly what it wrote and kept)."""
+    if resumed is None:
+        return set()
+    if resumed.get("run_files") is not None:
+        return set(resumed["run_files"].get("files", []))
+    return {f"best-{m['epoch']}.pt" for m in (resumed.get("state") or {}).get("top_k", [])}
+
+
 class RunFiles:
     """The run folder's files, written by rank 0 alone (every rank calls save_last: the rng state is a collective)."""
 
     def __init__(self, folder, world: dist.World = dist.SINGLE, resumed: dict | None = None, fingerprint=None):
         self.dir, self.world, self.fingerprint = Path(folder), world, fingerprint
-        self.kept = set((resumed or {}).get("run_files", {}).get("files", []))  # the best-<epoch>.pt it wrote
+        self.kept = own_files(resumed)  # the best-<epoch>.pt it wrote
 
     @classmethod
     def new(cls, cfg: Config, config_name: str, world: dist.World, fingerprint: dict, ds, device) -> RunFiles:

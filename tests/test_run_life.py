@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from test_resume import REPO, snapshot, stop_at_call
 
@@ -189,3 +190,14 @@ def test_an_unwritable_log_dir_is_one_sentence(tiny_tree, make_config, tmp_path,
     with pytest.raises(config.UserError, match="log.dir") as e:
         train.run(cfg, progress=False)
     assert "\n" not in str(e.value)
+
+
+def test_a_resume_of_an_older_last_pt_still_drops_the_k_best_files_it_wrote(tiny_tree, make_config, capsys):
+    common = ("train.keep_top_k=1", "train.monitor=val_cost")
+    run_dir = train.run(make_config(tiny_tree, "train.epochs=3", *common), progress=False)
+    last = run_dir / "checkpoints" / "last.pt"
+    ckpt = torch.load(last, weights_only=True)
+    del ckpt["run_files"]  # as a last.pt written before the run recorded its own files
+    torch.save(ckpt, last)
+    assert resume(run_dir, capsys, "train.epochs=6")[0] == 0
+    assert len(list((run_dir / "checkpoints").glob("best-*.pt"))) == 1  # keep_top_k=1: the older one dropped

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 
 import torch
 
@@ -35,6 +36,14 @@ def use_tf32(device: torch.device) -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+
+
+def clock(device: torch.device) -> float:
+    """time.perf_counter() once the device's queued work is done: CUDA runs kernels asynchronously, so a clock
+    read without waiting would time their launches, not the work."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def peak_memory_bytes(device: torch.device) -> int:

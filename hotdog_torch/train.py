@@ -45,7 +45,7 @@ def run(
             stopping.saved_and_stopped(r.dir, where, request.signal or signal.SIGTERM)
         tb.watch(r.model, r.loader, COSTS[cfg.optim.cost], r.network)
         for epoch in range(state.epoch + 1, (state.epoch if finished else cfg.train.epochs) + 1):
-            t0, tb.seconds = time.perf_counter(), 0.0
+            t0, tb.seconds = runtime.clock(r.loader.device), 0.0
             before = state.global_step - (state.epoch_progress or {}).get("next", 0)  # also when resumed mid-epoch
             order = loop.epoch_order(r.loader, r.generator, epoch, state.epoch_progress)
             result = loop.train_one_epoch(r.step, r.loader, order, r.schedule, stop, norms_due(r, tb, before))
@@ -87,7 +87,7 @@ def norms_due(r: Run, tb: board.Board, before: int):
 
 def end_epoch(r: Run, state: RunState, tb: board.Board, epoch: int, result, before: int, t0: float) -> dict:
     """Evaluate on validation, log the epoch, judge it; returns the epoch's metrics."""
-    seconds = time.perf_counter() - t0
+    seconds = runtime.clock(r.loader.device) - t0  # the training alone, its queued GPU work finished
     images = r.loader.images_in(state.global_step - before, result.next)  # a resumed epoch: its own batches
     if epoch > 1 or r.cfg.train.epochs == 1:  # steady state: the first epoch pays for warm-up
         state.count(seconds, images)

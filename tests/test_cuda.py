@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from hotdog_torch import checkpoint, data, loop, schedule, step, train
+from hotdog_torch import checkpoint, data, loop, runtime, schedule, step, train
 from hotdog_torch.model import build_model
 
 pytestmark = pytest.mark.cuda
@@ -18,6 +18,15 @@ def test_data_lives_on_the_gpu_as_uint8(small_tree, make_config):
     ds = data.load_dataset(cfg.data, cfg.seed, progress=False).to(torch.device("cuda"))
     assert ds.train.images.device.type == "cuda" and ds.train.images.dtype == torch.uint8
     assert ds.train.images is ds.val.images  # one pool, moved once
+
+
+def test_the_epochs_clock_waits_for_the_gpus_queued_work():
+    device = torch.device("cuda")
+    x = torch.randn(4096, 4096, device=device)
+    for _ in range(20):  # a second or so of products, queued: the launches return at once
+        x = torch.tanh(x @ x)
+    runtime.clock(device)  # what train.py reads an epoch's seconds and images/s with
+    assert torch.cuda.current_stream(device).query()  # nothing left running: the clock timed the work
 
 
 @pytest.mark.parametrize(

@@ -123,11 +123,18 @@ def worker_pool(workers: int) -> ProcessPoolExecutor:
     SIGINT: a terminal's Ctrl-C reaches the whole process group, and this process, their parent, handles it (each
     worker printed its KeyboardInterrupt's traceback); its caller ends the pool with cancel_futures."""
     fork = multiprocessing.get_context("fork")  # the workers' parent is this process (not a forkserver)
-    return ProcessPoolExecutor(workers, mp_context=fork, initializer=_worker, initargs=(os.getpid(),))
+    pool = ProcessPoolExecutor(workers, mp_context=fork, initializer=_worker, initargs=(os.getpid(),))
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})  # a Ctrl-C between fork and _worker waits
+    try:
+        pool.submit(int).result()  # the fork context forks every worker at the first job: now, SIGINT blocked
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)  # a Ctrl-C that came meanwhile reaches this process now
+    return pool
 
 
 def _worker(parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # one pending since the fork is ignored
     exit_with(parent)
 
 
